@@ -1,0 +1,1 @@
+"""Helpers for testing code built on rpcstream."""
