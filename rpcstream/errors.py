@@ -89,12 +89,12 @@ class RemoteError(RpcStreamError):
 
     code_default: ClassVar[int] = ErrorCode.INTERNAL_ERROR
     # Filled by __init_subclass__: code -> the subclass that owns it.
-    _by_code: ClassVar[dict[int, type[RemoteError]]] = {}
+    _by_code: ClassVar[dict[int, type[_Coded]]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if "code_default" in cls.__dict__ and not cls.__name__.startswith("_"):
-            RemoteError._by_code.setdefault(int(cls.code_default), cls)
+            RemoteError._by_code.setdefault(int(cls.code_default), cls)  # type: ignore[arg-type]
 
     def __init__(self, code: int, message: str = "", data: Any = None) -> None:
         self.code: int = int(code)

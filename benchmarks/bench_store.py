@@ -1,0 +1,202 @@
+"""Event-store throughput: appends, concurrent appends, and replay by one follower.
+
+Prints one JSON line per measurement::
+
+    python benchmarks/bench_store.py                      # the full run (a minute or two)
+    python benchmarks/bench_store.py --events 2000 --runs 10 --events-per-run 100 \\
+        --replay-events 5000                              # a smoke run, a few seconds
+
+Measurements, for each store and event loop:
+
+* ``append_one_run``: one task appends ``--events`` events to one run, one at a time.
+* ``append_concurrent_runs``: ``--runs`` tasks each append ``--events-per-run`` events
+  to their own run, all at once (the figure is total events per second).
+* ``build_replay_run``: ``--writers`` tasks append ``--replay-events`` events to ONE run
+  concurrently (how the replay run is built; for SQLite it is built once and reused).
+* ``replay``: one follower reads the finished ``--replay-events`` run from the start.
+
+Each event carries the same small JSON payload (about 40 bytes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from contextlib import aclosing
+from pathlib import Path
+from typing import Any
+
+import anyio
+import msgspec
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from rpcstream.store.base import EventStore
+from rpcstream.store.memory import MemoryStore
+from rpcstream.store.sqlite import SQLiteStore
+
+PAYLOAD = msgspec.json.encode({"token": "hello", "index": 123456, "p": 0.5})
+
+
+def emit(bench: str, store: str, backend: str, events: int, seconds: float, **extra: Any) -> None:
+    record = {
+        "bench": bench,
+        "store": store,
+        "backend": backend,
+        "events": events,
+        "seconds": round(seconds, 3),
+        "events_per_s": round(events / seconds) if seconds else None,
+        **extra,
+    }
+    print(json.dumps(record), flush=True)
+
+
+def group_stats(store: EventStore, before: tuple[int, int]) -> dict[str, Any]:
+    """Average appends per SQLite transaction since ``before`` (empty for other stores)."""
+    if not isinstance(store, SQLiteStore):
+        return {}
+    commits = store._commits - before[0]
+    appends = store._committed - before[1]
+    return {"commits": commits, "appends_per_commit": round(appends / commits, 1)}
+
+
+def counters(store: EventStore) -> tuple[int, int]:
+    if isinstance(store, SQLiteStore):
+        return store._commits, store._committed
+    return 0, 0
+
+
+async def append_one_run(store: EventStore, name: str, backend: str, events: int) -> None:
+    await store.create_run("one", "bench")
+    before = counters(store)
+    start = time.perf_counter()
+    for _ in range(events):
+        await store.append("one", "token", PAYLOAD)
+    seconds = time.perf_counter() - start
+    emit("append_one_run", name, backend, events, seconds, **group_stats(store, before))
+
+
+async def append_concurrent_runs(
+    store: EventStore, name: str, backend: str, runs: int, each: int
+) -> None:
+    for index in range(runs):
+        await store.create_run(f"concurrent-{index}", "bench")
+
+    async def write(run_id: str) -> None:
+        for _ in range(each):
+            await store.append(run_id, "token", PAYLOAD)
+
+    before = counters(store)
+    start = time.perf_counter()
+    async with anyio.create_task_group() as tg:
+        for index in range(runs):
+            tg.start_soon(write, f"concurrent-{index}")
+    seconds = time.perf_counter() - start
+    emit(
+        "append_concurrent_runs",
+        name,
+        backend,
+        runs * each,
+        seconds,
+        runs=runs,
+        **group_stats(store, before),
+    )
+
+
+async def build_replay_run(
+    store: EventStore, name: str, backend: str, events: int, writers: int
+) -> None:
+    await store.create_run(f"replay-{events}", "bench")
+    remaining = events - 1  # the last one is the terminal event
+
+    async def write() -> None:
+        nonlocal remaining
+        while remaining > 0:
+            remaining -= 1
+            await store.append(f"replay-{events}", "token", PAYLOAD)
+
+    before = counters(store)
+    start = time.perf_counter()
+    async with anyio.create_task_group() as tg:
+        for _ in range(writers):
+            tg.start_soon(write)
+    await store.append(f"replay-{events}", "complete", b"null", terminal=True)
+    seconds = time.perf_counter() - start
+    emit(
+        "build_replay_run",
+        name,
+        backend,
+        events,
+        seconds,
+        writers=writers,
+        **group_stats(store, before),
+    )
+
+
+async def replay(store: EventStore, name: str, backend: str, events: int) -> None:
+    count = 0
+    start = time.perf_counter()
+    async with aclosing(store.follow(f"replay-{events}")) as stream:
+        async for _ in stream:
+            count += 1
+    seconds = time.perf_counter() - start
+    assert count == events, (count, events)
+    emit("replay", name, backend, events, seconds)
+
+
+async def bench_store(
+    name: str, make: Callable[[str], EventStore], backend: str, args: argparse.Namespace
+) -> None:
+    async with make("append") as store:
+        await append_one_run(store, name, backend, args.events)
+        await append_concurrent_runs(store, name, backend, args.runs, args.events_per_run)
+    async with make("replay") as store:
+        # A SQLite replay run left by an earlier event loop is reused: building it is slow.
+        try:
+            await store.info(f"replay-{args.replay_events}")
+        except LookupError:
+            await build_replay_run(store, name, backend, args.replay_events, args.writers)
+        await replay(store, name, backend, args.replay_events)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--stores", default="memory,sqlite", help="comma-separated")
+    parser.add_argument("--backends", default="asyncio,trio", help="comma-separated")
+    parser.add_argument("--events", type=int, default=20_000, help="appends to one run")
+    parser.add_argument("--runs", type=int, default=100, help="concurrent runs")
+    parser.add_argument("--events-per-run", type=int, default=500, help="appends per run")
+    parser.add_argument("--replay-events", type=int, default=1_000_000, help="replay run size")
+    parser.add_argument("--writers", type=int, default=64, help="tasks building the replay run")
+    parser.add_argument("--dir", type=Path, default=None, help="where SQLite files go")
+    args = parser.parse_args()
+
+    directory = args.dir or Path(tempfile.mkdtemp(prefix="bench-store-"))
+    directory.mkdir(parents=True, exist_ok=True)
+    for backend in args.backends.split(","):
+        for name in args.stores.split(","):
+            if name == "memory":
+
+                def make(purpose: str) -> EventStore:
+                    return MemoryStore()
+
+            elif name == "sqlite":
+
+                def make(purpose: str) -> EventStore:
+                    path = directory / f"{purpose}.sqlite"
+                    if purpose == "append":
+                        for suffix in ("", "-wal", "-shm"):
+                            Path(f"{path}{suffix}").unlink(missing_ok=True)
+                    return SQLiteStore(path)
+
+            else:
+                parser.error(f"unknown store {name!r}")
+            anyio.run(bench_store, name, make, backend, args, backend=backend)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,75 @@
+"""connect(): open a WebSocket to an rpcstream server and run an RpcPeer on it."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+from ._backend import is_trio
+from .errors import ConnectionClosed
+from .messages import JSON, MSGPACK, Codec
+from .peer import RpcPeer
+from .protocol import Side
+from .router import Router
+from .transport.websocket import WebSocketTransport
+
+__all__ = ["connect"]
+
+
+@contextlib.asynccontextmanager
+async def connect(
+    url: str,
+    *,
+    router: Router | None = None,
+    codec: str | Codec = "msgpack",
+    token: str | None = None,
+    headers: dict[str, str] | Sequence[tuple[str, str]] | None = None,
+    max_message_size: int = 4 * 1024 * 1024,
+    ping_interval: float | None = 20.0,
+    ping_timeout: float | None = 20.0,
+    open_timeout: float | None = 10.0,
+    compression: str | None = None,
+    **peer_options: Any,
+) -> AsyncIterator[RpcPeer]:
+    """Connect to ``url`` (``ws://host:port``) and yield the :class:`RpcPeer`.
+
+    ``router`` holds the methods the server may call back. ``codec`` is
+    ``"msgpack"`` (binary, the default) or ``"json"`` (text). ``token`` is sent
+    as ``Authorization: Bearer <token>``. The connection closes when the block
+    ends; if it drops earlier, pending calls raise :class:`ConnectionClosed`.
+    """
+    if isinstance(codec, str):
+        codec = {"msgpack": MSGPACK, "json": JSON}[codec]
+    extra: list[tuple[str, str]] = list(
+        headers.items() if isinstance(headers, dict) else headers or []
+    )
+    if token is not None:
+        extra.append(("Authorization", f"Bearer {token}"))
+    options: dict[str, Any] = {
+        "subprotocols": [codec.subprotocol],
+        "compression": compression,
+        "max_size": max_message_size,
+        "ping_interval": ping_interval,
+        "ping_timeout": ping_timeout,
+        "open_timeout": open_timeout,
+        "additional_headers": extra or None,
+    }
+    if is_trio():
+        from websockets.trio.client import connect as ws_connect
+    else:
+        from websockets.asyncio.client import connect as ws_connect  # type: ignore[assignment]
+    try:
+        cm = ws_connect(url, **options)
+        ws = await cm.__aenter__()
+    except OSError as exc:
+        raise ConnectionClosed(1006, f"cannot connect to {url}: {exc}") from exc
+    try:
+        if ws.subprotocol != codec.subprotocol:
+            raise ConnectionClosed(1002, f"server did not accept {codec.subprotocol}")
+        async with RpcPeer(
+            WebSocketTransport(ws), router=router, codec=codec, side=Side.CONNECTING, **peer_options
+        ) as peer:
+            yield peer
+    finally:
+        await cm.__aexit__(None, None, None)

@@ -1,0 +1,562 @@
+"""Sans-I/O connection state: messages in, events and messages out. No anyio, no sockets.
+
+Theory of operation
+-------------------
+A :class:`Protocol` is one side of one connection. The I/O layer (``peer.py``)
+feeds it every received message with :meth:`Protocol.receive_message` and gets
+back a list of *events* (the frames it must act on, plus :class:`StreamReadable`,
+:class:`StreamWritable` and :class:`StreamCancelled` for the streams whose state
+changed). Whatever the protocol wants to send (answers it generates itself, such
+as ``Credit`` or ``Fault`` frames, and everything the I/O layer queued with the
+``send_*`` methods) comes out of :meth:`Protocol.data_to_send` as whole messages.
+
+Streams and credit. A stream has one sender and one receiver. The receiver opens
+it by granting credit (``Credit(items, bytes)``); the sender may send while it
+holds at least one item and one byte of credit, and each ``StreamData`` costs one
+item and its payload's length. So the receiver's buffer is bounded by its window
+(plus one item), whatever the sender has to send. As the consumer takes items,
+the receiver grants what was consumed back, once half a window has been consumed
+(like HTTP/2's WINDOW_UPDATE, batched so credit frames stay rare).
+
+Two outgoing queues. Control frames (calls, answers, credit, cancels) go ahead
+of stream data, so bulk data never starves a call. ``StreamEnd``/``StreamError``
+ride in the data queue behind their stream's items, because they must not
+overtake them. ``queued_bytes`` counts what both queues hold: the I/O layer adds
+what the transport holds and exposes the sum as ``buffered_amount``.
+
+Ids. Call ids are per direction (an answer always refers to the receiver's own
+call). Stream ids are shared by both directions, so the connecting side allocates
+odd ids and the accepting side even ones, as in HTTP/2.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from collections.abc import Callable
+from typing import Any, Final, NamedTuple
+
+import msgspec
+
+from .errors import (
+    ErrorCode,
+    InvalidParams,
+    LocalProtocolError,
+    Overloaded,
+    ProtocolViolation,
+    RemoteError,
+)
+from .messages import (
+    FRAME_OVERHEAD,
+    Call,
+    Cancel,
+    Codec,
+    Credit,
+    Error,
+    Fault,
+    Frame,
+    Notify,
+    Result,
+    StreamCall,
+    StreamCancel,
+    StreamData,
+    StreamEnd,
+    StreamError,
+    StreamId,
+)
+
+__all__ = [
+    "Event",
+    "Protocol",
+    "Side",
+    "StreamCancelled",
+    "StreamReadable",
+    "StreamWritable",
+]
+
+MAX_CREDIT: Final = 2**31  # credit beyond this is a protocol violation (overflow guard)
+
+
+class Side(enum.IntEnum):
+    """Which end of the connection: it fixes the parity of the stream ids we allocate."""
+
+    ACCEPTING = 0  # even stream ids
+    CONNECTING = 1  # odd stream ids
+
+
+class StreamReadable(NamedTuple):
+    """Items, an end or an error arrived for an incoming stream whose buffer was empty."""
+
+    stream_id: StreamId
+
+
+class StreamWritable(NamedTuple):
+    """Credit arrived for an outgoing stream that had none."""
+
+    stream_id: StreamId
+
+
+class StreamCancelled(NamedTuple):
+    """The receiver of an outgoing stream stopped reading: close the sender's iterator."""
+
+    stream_id: StreamId
+
+
+Event = (
+    Call
+    | Notify
+    | StreamCall
+    | Result
+    | Error
+    | Cancel
+    | Fault
+    | StreamReadable
+    | StreamWritable
+    | StreamCancelled
+)
+
+
+class Empty(Exception):
+    """:meth:`Protocol.pop_item` found no item yet; wait for :class:`StreamReadable`."""
+
+
+class Finished(Exception):
+    """:meth:`Protocol.pop_item` found the stream ended cleanly."""
+
+
+class _Incoming:
+    """A stream we receive: its buffer and the credit we granted."""
+
+    __slots__ = (
+        "consumed_bytes",
+        "consumed_items",
+        "credit_bytes",
+        "credit_items",
+        "decode",
+        "done",
+        "error",
+        "items",
+        "window_bytes",
+        "window_items",
+    )
+
+    def __init__(self, decode: Callable[[Any], Any], window_items: int, window_bytes: int):
+        self.decode = decode
+        self.items: deque[tuple[Any, int]] = deque()
+        self.window_items = window_items
+        self.window_bytes = window_bytes
+        self.credit_items = window_items
+        self.credit_bytes = window_bytes
+        self.consumed_items = 0
+        self.consumed_bytes = 0
+        self.done = False  # no more frames will be accepted
+        # A RemoteError from the sender, or ConnectionClosed from the I/O layer.
+        self.error: BaseException | None = None
+
+
+class _Outgoing:
+    """A stream we send: the credit the receiver granted us."""
+
+    __slots__ = ("cancelled", "credit_bytes", "credit_items", "finished")
+
+    def __init__(self) -> None:
+        self.credit_items = 0
+        self.credit_bytes = 0
+        self.cancelled = False
+        self.finished = False
+
+
+class Protocol:
+    """The state of one side of an rpcstream connection (see the module docstring)."""
+
+    def __init__(
+        self,
+        codec: Codec,
+        side: Side,
+        *,
+        window_items: int = 256,
+        window_bytes: int = 256 * 1024,
+        max_streams: int = 4096,
+        max_message_bytes: int = 256 * 1024,
+        on_data: Callable[[], None] | None = None,
+    ) -> None:
+        if window_items < 1 or window_bytes < 1:
+            raise ValueError("stream windows must allow at least one item and one byte")
+        self.codec = codec
+        self.side = side
+        self.window_items = window_items
+        self.window_bytes = window_bytes
+        self.max_streams = max_streams
+        # A batch stops growing at this many payload bytes (a single larger
+        # frame still goes out, alone).
+        self.max_message_bytes = max_message_bytes
+        self._next_call_id = 1
+        self._next_stream_id = 2 if side is Side.ACCEPTING else 1
+        self._incoming: dict[int, _Incoming] = {}
+        self._outgoing: dict[int, _Outgoing] = {}
+        # Credit and cancels that arrive for a peer-allocated stream id before we
+        # registered it as outgoing (the receiver allocated the id and told us by
+        # a call). Bounded by max_streams.
+        self._early: dict[int, _Outgoing] = {}
+        self._control: deque[Frame] = deque()
+        self._data: deque[Frame] = deque()
+        self.queued_bytes = 0
+        # Called whenever a frame is queued, so the I/O layer can wake its writer.
+        self._on_data = on_data or _nothing
+        self.faults_received = 0
+        self.faults_sent = 0
+
+    # -- ids -------------------------------------------------------------------------
+
+    def next_call_id(self) -> int:
+        """Allocate the id of a call we make."""
+        cid = self._next_call_id
+        self._next_call_id += 1
+        return cid
+
+    def next_stream_id(self) -> StreamId:
+        """Allocate a stream id of our parity."""
+        sid = self._next_stream_id
+        self._next_stream_id += 2
+        return StreamId(sid)
+
+    def _is_ours(self, stream_id: int) -> bool:
+        return stream_id % 2 == self.side
+
+    @property
+    def stream_count(self) -> int:
+        """Streams open in either direction."""
+        return len(self._incoming) + len(self._outgoing)
+
+    # -- sending: control --------------------------------------------------------------
+
+    def send(self, frame: Frame) -> None:
+        """Queue a control frame (calls, answers, cancels): it goes ahead of stream data."""
+        self._control.append(frame)
+        self.queued_bytes += FRAME_OVERHEAD + _payload_size(frame)
+        self._on_data()
+
+    # -- incoming streams --------------------------------------------------------------
+
+    def open_incoming(
+        self,
+        stream_id: int,
+        decode: Callable[[Any], Any],
+        *,
+        window_items: int | None = None,
+        window_bytes: int | None = None,
+    ) -> None:
+        """Register a stream we receive and grant its first credit.
+
+        ``decode`` converts each payload (``msgspec.Raw``) to an item.
+        """
+        if stream_id in self._incoming or stream_id in self._outgoing:
+            raise LocalProtocolError(f"stream {stream_id} is already open")
+        if self.stream_count >= self.max_streams:
+            raise LocalProtocolError(f"too many open streams (max_streams={self.max_streams})")
+        st = _Incoming(
+            decode,
+            window_items or self.window_items,
+            window_bytes or self.window_bytes,
+        )
+        self._incoming[stream_id] = st
+        self.send(Credit(stream_id, st.window_items, st.window_bytes))
+
+    def pop_item(self, stream_id: int) -> Any:
+        """Take the next item of an incoming stream.
+
+        Raises :class:`Empty` when none is buffered yet, :class:`Finished` when the
+        stream ended, or the stream's :class:`RemoteError`.
+        """
+        st = self._incoming[stream_id]
+        if st.items:
+            item, size = st.items.popleft()
+            if not st.done:
+                st.consumed_items += 1
+                st.consumed_bytes += size
+                if (
+                    st.consumed_items * 2 >= st.window_items
+                    or st.consumed_bytes * 2 >= st.window_bytes
+                ):
+                    st.credit_items += st.consumed_items
+                    st.credit_bytes += st.consumed_bytes
+                    self.send(Credit(stream_id, st.consumed_items, st.consumed_bytes))
+                    st.consumed_items = st.consumed_bytes = 0
+            return item
+        if st.done:
+            if st.error is not None:
+                raise st.error
+            raise Finished
+        raise Empty
+
+    def buffered_items(self, stream_id: int) -> int:
+        """How many items an incoming stream holds, not yet taken."""
+        return len(self._incoming[stream_id].items)
+
+    def close_incoming(self, stream_id: int) -> None:
+        """Forget an incoming stream; if its sender may still send, tell it to stop."""
+        st = self._incoming.pop(stream_id, None)
+        if st is not None and not st.done:
+            self.send(StreamCancel(stream_id))
+
+    def _fail_incoming(self, stream_id: int, st: _Incoming, error: RemoteError) -> None:
+        # Keep the items that arrived before the failure: they were sent before it.
+        st.done = True
+        st.error = error
+        self.send(StreamCancel(stream_id))
+
+    # -- outgoing streams --------------------------------------------------------------
+
+    def open_outgoing(self, stream_id: int) -> None:
+        """Register a stream we send. Nothing may be sent on it before its first credit."""
+        if stream_id in self._outgoing or stream_id in self._incoming:
+            raise LocalProtocolError(f"stream {stream_id} is already open")
+        if self.stream_count >= self.max_streams:
+            raise LocalProtocolError(f"too many open streams (max_streams={self.max_streams})")
+        self._outgoing[stream_id] = self._take_early(stream_id)
+
+    def can_send(self, stream_id: int) -> bool:
+        """Whether the receiver's credit allows one more item now."""
+        st = self._outgoing[stream_id]
+        return st.credit_items > 0 and st.credit_bytes > 0 and not st.cancelled
+
+    def is_cancelled(self, stream_id: int) -> bool:
+        """Whether the receiver stopped the stream (or it is gone)."""
+        st = self._outgoing.get(stream_id)
+        return st is None or st.cancelled
+
+    def send_item(self, stream_id: int, payload: msgspec.Raw) -> None:
+        """Queue one item of an outgoing stream; requires :meth:`can_send`."""
+        st = self._outgoing[stream_id]
+        if st.credit_items <= 0 or st.credit_bytes <= 0 or st.cancelled or st.finished:
+            raise LocalProtocolError(f"stream {stream_id} has no credit")
+        size = len(payload)
+        st.credit_items -= 1
+        st.credit_bytes -= size
+        self._data.append(StreamData(stream_id, payload))
+        self.queued_bytes += FRAME_OVERHEAD + size
+        self._on_data()
+
+    def end_outgoing(self, stream_id: int, error: RemoteError | None = None) -> None:
+        """Finish an outgoing stream, cleanly or with ``error``, and forget it.
+
+        Nothing is sent when the receiver already cancelled the stream.
+        """
+        st = self._outgoing.pop(stream_id, None)
+        if st is None or st.cancelled or st.finished:
+            return
+        st.finished = True
+        if error is None:
+            frame: Frame = StreamEnd(stream_id)
+        else:
+            frame = StreamError(stream_id, error.code, error.message, _raw_or_none(self, error))
+        self._data.append(frame)
+        self.queued_bytes += FRAME_OVERHEAD
+        self._on_data()
+
+    # -- receiving ---------------------------------------------------------------------
+
+    def receive_message(self, data: bytes | str) -> list[Event]:
+        """Process one received message; return the events the I/O layer must act on."""
+        try:
+            frames = self.codec.decode_batch(data)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            self._fault(f"undecodable message: {exc}")
+            return []
+        events: list[Event] = []
+        for frame in frames:
+            if type(frame) is StreamData:  # the hot path first
+                self._receive_data(frame, events)
+            else:
+                self._receive_other(frame, events)
+        return events
+
+    def _receive_data(self, frame: StreamData, events: list[Event]) -> None:
+        sid = frame.stream_id
+        st = self._incoming.get(sid)
+        if st is None:
+            # Data for a stream we closed (it was in flight) or never opened:
+            # tell the sender to stop, and drop the item.
+            self.send(StreamCancel(sid))
+            return
+        if st.done:
+            return
+        payload = frame.payload
+        size = len(payload)
+        if st.credit_items <= 0 or st.credit_bytes <= 0:
+            self._fail_incoming(
+                sid, st, ProtocolViolation(f"stream {sid}: data sent beyond the credit granted")
+            )
+            events.append(StreamReadable(StreamId(sid)))
+            return
+        st.credit_items -= 1
+        st.credit_bytes -= size
+        try:
+            item = st.decode(payload)
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            self._fail_incoming(sid, st, InvalidParams(f"stream {sid}: {exc}"))
+            events.append(StreamReadable(StreamId(sid)))
+            return
+        st.items.append((item, size))
+        if len(st.items) == 1:
+            events.append(StreamReadable(StreamId(sid)))
+
+    def _receive_other(self, frame: Frame, events: list[Event]) -> None:
+        t = type(frame)
+        if t is StreamEnd or t is StreamError:
+            sid = frame.stream_id  # type: ignore[union-attr]
+            st = self._incoming.get(sid)
+            if st is None or st.done:
+                return
+            st.done = True
+            if t is StreamError:
+                assert isinstance(frame, StreamError)
+                st.error = RemoteError.from_wire(
+                    frame.code, frame.message, self._decode_data(frame.data)
+                )
+            events.append(StreamReadable(StreamId(sid)))
+        elif t is Credit:
+            assert isinstance(frame, Credit)
+            self._receive_credit(frame, events)
+        elif t is StreamCancel:
+            assert isinstance(frame, StreamCancel)
+            sid = frame.stream_id
+            out = self._outgoing.get(sid) or self._early_outgoing(sid)
+            if out is not None and not out.cancelled:
+                out.cancelled = True
+                events.append(StreamCancelled(StreamId(sid)))
+        elif t is StreamCall:
+            assert isinstance(frame, StreamCall)
+            sid = frame.stream_id
+            # The caller allocates the id of the stream it will receive.
+            if self._is_ours(sid) or sid in self._outgoing or sid <= 0:
+                self._fault(f"StreamCall with a stream id of the wrong side or in use: {sid}")
+                return
+            if self.stream_count >= self.max_streams:
+                self._outgoing[sid] = _Outgoing()
+                self.end_outgoing(sid, _overloaded_streams(self.max_streams))
+                return
+            self._outgoing[sid] = self._take_early(sid)
+            events.append(frame)
+        elif t is Fault:
+            self.faults_received += 1
+            events.append(frame)  # type: ignore[arg-type]
+        else:
+            events.append(frame)  # type: ignore[arg-type]
+
+    def _receive_credit(self, frame: Credit, events: list[Event]) -> None:
+        sid = frame.stream_id
+        if frame.items < 0 or frame.bytes < 0:
+            self._fault(f"negative credit for stream {sid}")
+            return
+        st = self._outgoing.get(sid) or self._early_outgoing(sid)
+        if st is None:
+            return  # a stream that already finished: late credit is harmless
+        was_blocked = st.credit_items <= 0 or st.credit_bytes <= 0
+        st.credit_items += frame.items
+        st.credit_bytes += frame.bytes
+        if st.credit_items > MAX_CREDIT or st.credit_bytes > MAX_CREDIT:
+            self._fault(f"credit overflow for stream {sid}")
+            st.credit_items = min(st.credit_items, MAX_CREDIT)
+            st.credit_bytes = min(st.credit_bytes, MAX_CREDIT)
+        if was_blocked and st.credit_items > 0 and st.credit_bytes > 0 and sid in self._outgoing:
+            events.append(StreamWritable(StreamId(sid)))
+
+    def _take_early(self, sid: int) -> _Outgoing:
+        st = self._early.pop(sid, None)
+        return _Outgoing() if st is None else st
+
+    def _early_outgoing(self, sid: int) -> _Outgoing | None:
+        # Only the peer's own ids can be announced before we register them.
+        if self._is_ours(sid) or sid <= 0:
+            return None
+        st = self._early.get(sid)
+        if st is None:
+            if len(self._early) >= self.max_streams:
+                self._fault("too many streams announced but never opened")
+                return None
+            st = self._early[sid] = _Outgoing()
+        return st
+
+    def _decode_data(self, data: msgspec.Raw | None) -> Any:
+        if data is None:
+            return None
+        try:
+            return self.codec.decode(data)
+        except msgspec.DecodeError:
+            return None
+
+    def _fault(self, message: str) -> None:
+        self.faults_sent += 1
+        self.send(Fault(ErrorCode.PROTOCOL_ERROR, message))
+
+    # -- output ------------------------------------------------------------------------
+
+    def has_data(self) -> bool:
+        """Whether :meth:`data_to_send` would return anything."""
+        return bool(self._control or self._data)
+
+    def data_to_send(self) -> bytes | None:
+        """Take the next message to send: every queued control frame, then stream data
+        up to ``max_message_bytes``. ``None`` when nothing is queued."""
+        control, data = self._control, self._data
+        if not control and not data:
+            return None
+        batch: list[Frame] = list(control)
+        size = sum(FRAME_OVERHEAD + _payload_size(f) for f in control) if control else 0
+        control.clear()
+        limit = self.max_message_bytes
+        while data and size < limit:
+            frame = data.popleft()
+            if type(frame) is StreamData:
+                size += FRAME_OVERHEAD + len(frame.payload)
+            else:
+                size += FRAME_OVERHEAD
+            batch.append(frame)
+        self.queued_bytes -= size
+        return self.codec.encode_batch(batch)
+
+    def cancel_all_outgoing(self) -> list[StreamId]:
+        """Mark every outgoing stream cancelled (the connection closed); return their ids."""
+        ids = [StreamId(s) for s in self._outgoing]
+        for st in self._outgoing.values():
+            st.cancelled = True
+        return ids
+
+    def fail_all_incoming(self, error: RemoteError | BaseException) -> list[StreamId]:
+        """Fail every incoming stream that has not ended (the connection closed)."""
+        ids = []
+        for sid, st in self._incoming.items():
+            if not st.done:
+                st.done = True
+                st.error = error
+                ids.append(StreamId(sid))
+        return ids
+
+
+def _nothing() -> None:
+    pass
+
+
+def _payload_size(frame: Frame) -> int:
+    t = type(frame)
+    if t is Call or t is Notify or t is StreamCall:
+        return len(frame.args) + len(frame.kwargs)  # type: ignore[union-attr]
+    if t is Result:
+        return len(frame.value)  # type: ignore[union-attr]
+    if t is StreamData:
+        return len(frame.payload)  # type: ignore[union-attr]
+    return 0
+
+
+def _raw_or_none(proto: Protocol, error: RemoteError) -> msgspec.Raw | None:
+    if error.data is None:
+        return None
+    try:
+        return proto.codec.encode_raw(error.data)
+    except TypeError:
+        return None
+
+
+def _overloaded_streams(limit: int) -> RemoteError:
+    return Overloaded(f"too many open streams on this connection (max_streams={limit})")

@@ -1,0 +1,177 @@
+"""serve(): accept WebSocket connections and run an RpcPeer on each.
+
+One code path for both event loops: websockets' ``asyncio`` or ``trio`` server
+does the handshake, ping/pong and closing; each accepted connection becomes a
+:class:`WebSocketTransport` under an :class:`RpcPeer` that lives as long as it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import AsyncIterator, Sequence
+from typing import Any, Protocol, runtime_checkable
+
+import anyio
+
+from ._backend import is_trio
+from .messages import CODECS, Codec
+from .peer import RpcPeer
+from .protocol import Side
+from .router import Router
+from .transport.websocket import WebSocketTransport
+
+__all__ = ["App", "Server", "serve"]
+
+
+@runtime_checkable
+class App(Protocol):
+    """Anything that serves like a :class:`Router`: it has a ``router``, and may
+    want to know when connections come and go (``RunServer`` does)."""
+
+    @property
+    def router(self) -> Router:
+        """The methods served."""
+        ...
+
+
+class Server:
+    """A running server: its address and its live connections."""
+
+    def __init__(self, router: Router, host: str) -> None:
+        self.router = router
+        self.host = host
+        self.port = 0
+        self.peers: set[RpcPeer] = set()
+        self.connections_accepted = 0
+        self._idle = anyio.Event()
+        self._idle.set()
+
+    @property
+    def url(self) -> str:
+        """``ws://host:port`` to connect to."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"ws://{host}:{self.port}"
+
+    async def wait_idle(self) -> None:
+        """Wait until no connection is open (every handler finished its clean-up)."""
+        await self._idle.wait()
+
+    def _add(self, peer: RpcPeer) -> None:
+        if not self.peers:
+            self._idle = anyio.Event()
+        self.peers.add(peer)
+
+    def _remove(self, peer: RpcPeer) -> None:
+        self.peers.discard(peer)
+        if not self.peers:
+            self._idle.set()
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """Live connections, and the sum of their peers' counts."""
+        totals = {"connections": len(self.peers)}
+        for peer in list(self.peers):
+            for k, v in peer.stats.items():
+                totals[k] = totals.get(k, 0) + v
+        return totals
+
+
+def _router_of(app: Router | App) -> Router:
+    if isinstance(app, Router):
+        return app
+    return app.router
+
+
+@contextlib.asynccontextmanager
+async def serve(
+    app: Router | App,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    *,
+    codecs: Sequence[Codec] | None = None,
+    max_message_size: int = 4 * 1024 * 1024,
+    ping_interval: float | None = 20.0,
+    ping_timeout: float | None = 20.0,
+    open_timeout: float | None = 10.0,
+    compression: str | None = None,
+    **peer_options: Any,
+) -> AsyncIterator[Server]:
+    """Serve ``app`` (a :class:`Router`, or a ``RunServer``) on ``host:port``.
+
+    ``port=0`` picks a free port (``server.port``, ``server.url``). Leaving the
+    ``async with`` block closes every connection. ``peer_options`` go to each
+    :class:`RpcPeer` (``max_concurrent_handlers``, windows, ...).
+    Compression stays off unless ``compression="deflate"``: it costs far more
+    CPU than it saves on a LAN.
+    """
+    router = _router_of(app)
+    server = Server(router, host)
+    offered = list(codecs) if codecs else list(CODECS.values())
+    subprotocols = [c.subprotocol for c in offered]
+    by_name = {c.subprotocol: c for c in offered}
+
+    async def handler(ws: Any) -> None:
+        codec = by_name.get(ws.subprotocol) if ws.subprotocol else None
+        if codec is None:
+            await ws.close(1002, f"no rpcstream subprotocol; offer one of {subprotocols}")
+            return
+        server.connections_accepted += 1
+        peer = RpcPeer(
+            WebSocketTransport(ws),
+            router=router,
+            codec=codec,
+            side=Side.ACCEPTING,
+            **peer_options,
+        )
+        server._add(peer)
+        try:
+            async with peer:
+                await peer.wait_closed()
+        finally:
+            server._remove(peer)
+
+    def select_subprotocol(connection: Any, offered_by_client: Sequence[str]) -> str | None:
+        for name in offered_by_client:
+            if name in by_name:
+                return name
+        return None
+
+    options: dict[str, Any] = {
+        "subprotocols": subprotocols,
+        "select_subprotocol": select_subprotocol,
+        "compression": compression,
+        "max_size": max_message_size,
+        "ping_interval": ping_interval,
+        "ping_timeout": ping_timeout,
+        "open_timeout": open_timeout,
+    }
+    if is_trio():
+        from websockets.trio.server import serve as trio_serve
+
+        async def trio_handler(ws: Any) -> None:
+            ws.close = ws.aclose  # the same name on both loops, for handler()
+            await handler(ws)
+
+        async with anyio.create_task_group() as tg:
+            ws_server = await tg.start(
+                functools.partial(trio_serve, trio_handler, port, host=host, **options)
+            )
+            server.port = ws_server.listeners[0].socket.getsockname()[1]
+            try:
+                yield server
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await ws_server.aclose()
+                tg.cancel_scope.cancel()
+    else:
+        from websockets.asyncio.server import serve as asyncio_serve
+
+        async with asyncio_serve(handler, host, port, **options) as ws_server:
+            server.port = ws_server.sockets[0].getsockname()[1]
+            try:
+                yield server
+            finally:
+                ws_server.close()
+                with anyio.CancelScope(shield=True):
+                    await ws_server.wait_closed()

@@ -1,0 +1,416 @@
+"""The event-store contract, and the follow loop every backend shares.
+
+Theory of operation
+-------------------
+A *run* is an append-only log of events. Each event gets the next id of its
+run, contiguous from 1, so a subscriber that remembers the last id it saw can
+prove it missed nothing (as Centrifugo's per-channel offsets do). The last
+event of a run is its *terminal* event (one of :data:`TERMINAL_TYPES`); it
+marks the run finished, and ``expire_after`` seconds later retention removes
+the run's events, leaving a small *tombstone* so that late readers learn
+:class:`~rpcstream.errors.RunExpired` rather than
+:class:`~rpcstream.errors.RunNotFound`.
+
+:class:`EventStore` splits the work in two:
+
+* Backends implement five storage primitives (``_create_run``, ``_append``,
+  ``_read``, ``_info``, ``_sweep``) and call :meth:`EventStore._publish` with
+  every event once it is stored, in id order per run.
+* This module owns argument checking, open/close state, and :meth:`EventStore.follow`.
+
+``follow`` serves live followers without touching storage. While a run has at
+least one follower, the store keeps a *live* record for it: a bounded deque of
+the most recently published events and ONE :class:`anyio.Event`, set and
+replaced on every publish. Each follower loops:
+
+1. take the run's current wake-up event (this is its registration);
+2. take the events after its position from the live deque, or, when the deque
+   cannot answer (empty, or the follower is behind it), from ``read``;
+3. yield them, ending right after the terminal event;
+4. when there was nothing new, wait on the event taken in step 1.
+
+Because step 1 comes before step 2, an event published after the follower
+looked sets the very event it waits on, so nothing is missed. A publish costs
+one ``set()`` however many follow the run, and each follower then slices the
+deque: no storage query per follower per event. Followers that fall more than
+the deque's length behind read from storage, where trimming raises
+:class:`~rpcstream.errors.EventsTrimmed` instead of skipping silently.
+
+The live deque only sees events published by this process: a backend shared by
+several processes must publish the events other processes append (Redis can
+use pub/sub for this).
+"""
+
+from __future__ import annotations
+
+import abc
+import time
+from collections import deque
+from collections.abc import AsyncGenerator, Callable, Iterable
+from itertools import islice
+from types import TracebackType
+from typing import Final, NewType, Self
+
+import anyio
+import msgspec
+
+from ..errors import EventsTrimmed, RunExpired, RunFinished, RunNotFound
+
+__all__ = [
+    "RUNNING",
+    "TERMINAL_TYPES",
+    "EventStore",
+    "RunId",
+    "RunInfo",
+    "StoredEvent",
+]
+
+RunId = NewType("RunId", str)
+"""The id of one run: chosen by whoever creates it, unique in its store."""
+
+RUNNING: Final = "running"
+"""The :attr:`RunInfo.status` of a run that has no terminal event yet."""
+
+TERMINAL_TYPES: Final[frozenset[str]] = frozenset({"complete", "error", "cancelled"})
+"""Event types that end a run; a run's status becomes its terminal event's type."""
+
+
+class StoredEvent(msgspec.Struct, frozen=True, array_like=True):
+    """One event of a run, as stored.
+
+    ``array_like`` keeps it compact when a backend (or the wire) encodes it.
+    """
+
+    id: int
+    """Contiguous per run, from 1."""
+    type: str
+    """What happened; a type in :data:`TERMINAL_TYPES` ends the run."""
+    data: bytes
+    """The event's data, JSON-encoded by msgspec; stores never decode it."""
+    timestamp: float
+    """When it was appended, in unix seconds from the store's clock."""
+
+
+class RunInfo(msgspec.Struct, frozen=True):
+    """A snapshot of one run's metadata."""
+
+    run_id: str
+    flow: str
+    """The name of the flow the run executes."""
+    owner: str | None
+    """Who may see the run (the store records it; it does not enforce it)."""
+    status: str
+    """:data:`RUNNING`, or the type of the terminal event."""
+    created: float
+    finished: float | None
+    """When the terminal event was appended; ``None`` while running."""
+    last_id: int
+    """The id of the newest event; 0 when there is none."""
+    first_id: int
+    """The first id still stored: 1 until trimming, ``last_id + 1`` when all are trimmed."""
+    expires: float | None
+    """When retention removes the run (``finished + expire_after``); ``None`` while running."""
+
+
+class _Live:
+    """What the followers of one run share: recent events and one wake-up event."""
+
+    __slots__ = ("events", "expires", "final_id", "followers", "wake")
+
+    def __init__(self, size: int) -> None:
+        # Always contiguous ids, oldest first; bounded by ``size``.
+        self.events: deque[StoredEvent] = deque(maxlen=size)
+        self.wake = anyio.Event()
+        self.followers = 0
+        self.final_id: int | None = None
+        self.expires: float | None = None
+
+    def push(self, events: Iterable[StoredEvent], expires: float | None) -> None:
+        """Add published events (ascending ids) and wake every follower once."""
+        cached = self.events
+        for event in events:
+            if cached:
+                last = cached[-1].id
+                if event.id <= last:
+                    continue  # already cached; a late duplicate must not reorder the deque
+                if event.id != last + 1:
+                    # A gap: the deque may only answer for ranges it holds entirely.
+                    cached.clear()
+            cached.append(event)
+            if event.type in TERMINAL_TYPES:
+                self.final_id = event.id
+                self.expires = expires
+        self.notify()
+
+    def notify(self) -> None:
+        """Wake everyone waiting now; later waiters get a fresh event."""
+        self.wake.set()
+        self.wake = anyio.Event()
+
+    def after(self, position: int, limit: int, now: float) -> list[StoredEvent] | None:
+        """Cached events after ``position``, or ``None`` when the cache cannot tell.
+
+        An empty list is authoritative: nothing after ``position`` was published.
+        """
+        cached = self.events
+        if not cached or (self.expires is not None and now >= self.expires):
+            return None
+        last = cached[-1].id
+        if position >= last:
+            return []
+        if position + 1 < cached[0].id:
+            return None
+        # Live followers sit near the tail, so walk in from the right end.
+        newer = list(islice(reversed(cached), last - position))
+        newer.reverse()
+        return newer[:limit]
+
+
+class EventStore(abc.ABC):
+    """Where runs and their events are kept; see the module docstring.
+
+    Use it as an async context manager (or call :meth:`open` and :meth:`aclose`).
+    ``max_events`` caps the events kept per run (the oldest are trimmed);
+    ``expire_after`` is how long a finished run stays readable; ``clock`` gives
+    the time in unix seconds (tests pass a fake one and advance it).
+
+    Retention is not automatic: call :meth:`sweep` now and then. A run past its
+    ``expires`` already raises :class:`~rpcstream.errors.RunExpired` before that.
+    """
+
+    live_cache_size: int = 1024
+    """How many recent events of a followed run are kept in memory for live followers."""
+    follow_batch: int = 1000
+    """How many events ``follow`` reads from storage at a time when catching up."""
+
+    def __init__(
+        self,
+        *,
+        max_events: int | None = None,
+        expire_after: float = 300.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if max_events is not None and max_events < 1:
+            raise ValueError(f"max_events must be at least 1, not {max_events}")
+        if expire_after < 0:
+            raise ValueError(f"expire_after must not be negative, not {expire_after}")
+        self.max_events = max_events
+        self.expire_after = float(expire_after)
+        self.clock = clock
+        self._live: dict[str, _Live] = {}
+        self._closed = False
+
+    # -- lifecycle ------------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        await self.open()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def open(self) -> None:
+        """Acquire what the backend needs (connections, files); safe to call twice."""
+        self._closed = False
+        await self._open()
+
+    async def aclose(self) -> None:
+        """Release the backend; waiting followers fail with :class:`anyio.ClosedResourceError`.
+
+        Safe to call twice. Every later call fails the same way until :meth:`open`.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        for live in self._live.values():
+            live.notify()
+        with anyio.CancelScope(shield=True):
+            await self._aclose()
+
+    # -- the contract ---------------------------------------------------------
+
+    async def create_run(self, run_id: str, flow: str, owner: str | None = None) -> RunInfo:
+        """Create an empty, running run.
+
+        Raises :class:`ValueError` if ``run_id`` exists, or existed and expired
+        (while its tombstone is kept), so that a late reader of the old run never
+        sees a new run's events under the same ids.
+        """
+        self._check_open()
+        return await self._create_run(run_id, flow, owner)
+
+    async def append(
+        self, run_id: str, type: str, data: bytes, *, terminal: bool = False
+    ) -> StoredEvent:
+        """Store one event under the run's next id and return it.
+
+        ``terminal=True`` (required exactly when ``type`` is in :data:`TERMINAL_TYPES`)
+        finishes the run: its status becomes ``type`` and it expires ``expire_after``
+        seconds from now. Raises :class:`~rpcstream.errors.RunNotFound`,
+        :class:`~rpcstream.errors.RunExpired`, or :class:`~rpcstream.errors.RunFinished`
+        once the run has its terminal event.
+        """
+        self._check_open()
+        if terminal != (type in TERMINAL_TYPES):
+            raise ValueError(
+                f"event type {type!r} with terminal={terminal}: terminal events, and only "
+                f"they, have one of the types {sorted(TERMINAL_TYPES)}"
+            )
+        if not isinstance(data, bytes):
+            raise TypeError(f"data must be bytes (JSON-encoded), not {data.__class__.__name__}")
+        return await self._append(run_id, type, data, terminal)
+
+    async def read(self, run_id: str, after: int, limit: int = 1000) -> list[StoredEvent]:
+        """Up to ``limit`` events with ids above ``after``, ascending.
+
+        Raises :class:`~rpcstream.errors.EventsTrimmed` (``data={"first_id": ...}``)
+        when events the reader has not seen were trimmed, rather than skip them;
+        :class:`~rpcstream.errors.RunNotFound` or :class:`~rpcstream.errors.RunExpired`
+        for a run that never existed or has expired.
+        """
+        self._check_open()
+        _check_after(after)
+        if limit < 1:
+            raise ValueError(f"limit must be at least 1, not {limit}")
+        return await self._read(run_id, after, limit)
+
+    async def info(self, run_id: str) -> RunInfo:
+        """The run's metadata; raises like :meth:`read`."""
+        self._check_open()
+        return await self._info(run_id)
+
+    def follow(self, run_id: str, after: int = 0) -> AsyncGenerator[StoredEvent, None]:
+        """Stored events after ``after``, then live ones as they are appended.
+
+        Ends right after yielding the terminal event, or at once when ``after`` is
+        at or past the last id of a finished run. Raises like :meth:`read`,
+        when iterated. Close it (``contextlib.aclosing``) if you stop early.
+        """
+        _check_after(after)
+        return self._follow(run_id, after)
+
+    async def sweep(self) -> int:
+        """Remove the runs whose ``expires`` has passed; return how many were removed.
+
+        Each leaves a tombstone, so it raises :class:`~rpcstream.errors.RunExpired`
+        from now on. Runs already found expired on access may not be counted.
+        """
+        self._check_open()
+        return await self._sweep()
+
+    # -- what backends implement ----------------------------------------------
+
+    async def _open(self) -> None:  # noqa: B027 - optional hook, empty on purpose
+        """Backend hook for :meth:`open`; must be idempotent."""
+
+    async def _aclose(self) -> None:  # noqa: B027 - optional hook, empty on purpose
+        """Backend hook for :meth:`aclose`; runs shielded from cancellation."""
+
+    @abc.abstractmethod
+    async def _create_run(self, run_id: str, flow: str, owner: str | None) -> RunInfo:
+        """Create the run; arguments as in :meth:`create_run`."""
+
+    @abc.abstractmethod
+    async def _append(self, run_id: str, type: str, data: bytes, terminal: bool) -> StoredEvent:
+        """Store the event (arguments already checked) and :meth:`_publish` it."""
+
+    @abc.abstractmethod
+    async def _read(self, run_id: str, after: int, limit: int) -> list[StoredEvent]:
+        """Read events; arguments already checked. Use :meth:`_check_trimmed`."""
+
+    @abc.abstractmethod
+    async def _info(self, run_id: str) -> RunInfo:
+        """Return the run's metadata."""
+
+    @abc.abstractmethod
+    async def _sweep(self) -> int:
+        """Expire the runs past their ``expires``; return how many."""
+
+    # -- shared helpers for backends ------------------------------------------
+
+    def _publish(
+        self, run_id: str, events: Iterable[StoredEvent], expires: float | None = None
+    ) -> None:
+        """Hand stored events (ascending ids) to the run's live followers, if any.
+
+        Call it after the events are durable and readable, and in id order per
+        run. ``expires`` is the run's expiry when ``events`` hold its terminal event.
+        """
+        live = self._live.get(run_id)
+        if live is not None:
+            live.push(events, expires)
+
+    @staticmethod
+    def _not_found(run_id: str) -> RunNotFound:
+        return RunNotFound(f"unknown run {run_id!r}")
+
+    @staticmethod
+    def _expired(run_id: str) -> RunExpired:
+        return RunExpired(f"run {run_id!r} has expired")
+
+    @staticmethod
+    def _finished(run_id: str) -> RunFinished:
+        return RunFinished(f"run {run_id!r} has finished")
+
+    @staticmethod
+    def _check_trimmed(run_id: str, after: int, first_id: int, last_id: int) -> None:
+        """Raise :class:`EventsTrimmed` when a reader at ``after`` lost unseen events."""
+        if after + 1 < first_id and after < last_id:
+            raise EventsTrimmed(
+                f"run {run_id!r}: events {after + 1}..{first_id - 1} were trimmed",
+                {"first_id": first_id},
+            )
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise anyio.ClosedResourceError
+
+    # -- follow -----------------------------------------------------------------
+
+    async def _follow(self, run_id: str, after: int) -> AsyncGenerator[StoredEvent, None]:
+        live = self._live.get(run_id)
+        if live is None:
+            size = self.live_cache_size
+            if self.max_events is not None:
+                # Never hold events that storage has already trimmed.
+                size = min(size, self.max_events)
+            live = self._live[run_id] = _Live(size)
+        live.followers += 1
+        position = after
+        try:
+            while True:
+                self._check_open()
+                # Register before looking: a publish after this line wakes us.
+                wake = live.wake
+                batch = live.after(position, self.follow_batch, self.clock())
+                if batch is None:
+                    batch = await self.read(run_id, position, self.follow_batch)
+                    if not batch:
+                        info = await self.info(run_id)
+                        if info.last_id > position:
+                            continue  # appended between our read and info: read again
+                        if info.status != RUNNING:
+                            return
+                elif not batch and live.final_id is not None and position >= live.final_id:
+                    return
+                for event in batch:
+                    yield event
+                    position = event.id
+                    if event.type in TERMINAL_TYPES:
+                        return
+                if not batch:
+                    await wake.wait()
+        finally:
+            live.followers -= 1
+            if live.followers == 0 and self._live.get(run_id) is live:
+                del self._live[run_id]
+
+
+def _check_after(after: int) -> None:
+    if after < 0:
+        raise ValueError(f"after must not be negative, not {after}")

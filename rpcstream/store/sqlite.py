@@ -1,0 +1,464 @@
+"""An :class:`~rpcstream.store.base.EventStore` in one SQLite file.
+
+Theory of operation
+-------------------
+The store owns one ``sqlite3`` connection (WAL journal, ``synchronous=NORMAL``:
+a commit survives a process crash, and an OS crash can lose only the last
+commits). Every use of it runs in a worker thread through
+:func:`anyio.to_thread.run_sync`, one at a time under an :class:`anyio.Lock`,
+so the event loop never blocks on disk and the connection is never shared
+between threads at once.
+
+Appends use *group commit*. ``append`` puts a request on a bounded pending
+list and waits. Whoever finds no committer at work becomes the committer: it
+takes the lock, takes every pending request, and writes them all in ONE
+transaction, allocating ids inside it (so they are contiguous per run however
+many tasks append), then publishes the new events to live followers and wakes
+the waiters. Requests queued meanwhile form the next group, whose first waiter
+to wake commits it. One committer per group means no background task: the
+store works without being entered, and nothing outlives the callers.
+
+A committer cancelled before its transaction started puts its group back on
+the pending list for the next one; once a transaction starts it runs to its end
+(``to_thread.run_sync`` shields it), so an append cancelled at that point may
+still be stored.
+
+Schema: ``runs`` holds one row per run, and keeps it as a tombstone (status
+``'expired'``, events deleted) after retention; ``events`` is keyed by
+``(run_id, id)``. A run past its ``expires`` raises ``RunExpired`` at once; its
+rows are deleted by the next :meth:`SQLiteStore.sweep`, which also drops the
+oldest tombstones beyond ``max_tombstones``. All state is in the file, so a new
+store opened on it after a restart reads every run the old one wrote. Only this
+process's appends wake this process's followers: do not append to one file from
+several processes while others follow it.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+from collections.abc import Callable
+from itertools import starmap
+from typing import Any, TypeVar
+
+import anyio
+import anyio.lowlevel
+
+from .base import RUNNING, EventStore, RunInfo, StoredEvent
+
+__all__ = ["SQLiteStore"]
+
+_T = TypeVar("_T")
+
+# The status of a tombstone row; never shown in a RunInfo (the run raises RunExpired).
+_EXPIRED = "expired"
+_SCHEMA_VERSION = 1
+_SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS runs (
+    run_id   TEXT PRIMARY KEY,
+    flow     TEXT NOT NULL,
+    owner    TEXT,
+    status   TEXT NOT NULL,
+    created  REAL NOT NULL,
+    finished REAL,
+    expires  REAL,
+    last_id  INTEGER NOT NULL,
+    first_id INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS events (
+    run_id TEXT NOT NULL,
+    id     INTEGER NOT NULL,
+    type   TEXT NOT NULL,
+    data   BLOB NOT NULL,
+    ts     REAL NOT NULL,
+    PRIMARY KEY (run_id, id)
+) WITHOUT ROWID;
+-- Finished runs by expiry, for sweep; tombstones by age, to cap their number.
+CREATE INDEX IF NOT EXISTS runs_due ON runs (expires)
+    WHERE expires IS NOT NULL AND status != '{_EXPIRED}';
+CREATE INDEX IF NOT EXISTS runs_tombstones ON runs (expires) WHERE status = '{_EXPIRED}';
+"""
+_SELECT_STATE = "SELECT status, expires, last_id, first_id FROM runs WHERE run_id = ?"
+_SELECT_EVENTS = (
+    "SELECT id, type, data, ts FROM events WHERE run_id = ? AND id > ? ORDER BY id LIMIT ?"
+)
+_INSERT_EVENT = "INSERT INTO events (run_id, id, type, data, ts) VALUES (?, ?, ?, ?, ?)"
+_UPDATE_RUN = (
+    "UPDATE runs SET status = ?, finished = ?, expires = ?, last_id = ?, first_id = ?"
+    " WHERE run_id = ?"
+)
+# Runs expired per sweep transaction, so appends can get in between.
+_SWEEP_CHUNK = 500
+
+
+class _Pending:
+    """One append waiting for its group's commit."""
+
+    __slots__ = (
+        "abandoned",
+        "data",
+        "done",
+        "error",
+        "event",
+        "expires",
+        "resolved",
+        "run_id",
+        "taken",
+        "terminal",
+        "type",
+    )
+
+    def __init__(self, run_id: str, type: str, data: bytes, terminal: bool) -> None:
+        self.run_id = run_id
+        self.type = type
+        self.data = data
+        self.terminal = terminal
+        self.taken = False  # in a group being committed: can no longer be withdrawn
+        self.abandoned = False  # its caller left (cancelled) while it was taken
+        self.resolved = False  # the transaction gave it an outcome (set in the worker thread)
+        self.done = False  # the outcome is published; the waiter may return it
+        self.event: StoredEvent | None = None
+        self.error: BaseException | None = None
+        self.expires: float | None = None
+
+
+class _RunState:
+    """A run's row while a group transaction updates it."""
+
+    __slots__ = ("changed", "expires", "finished", "first_id", "last_id", "status")
+
+    def __init__(self, status: str, expires: float | None, last_id: int, first_id: int) -> None:
+        self.status = status
+        self.expires = expires
+        self.last_id = last_id
+        self.first_id = first_id
+        self.finished: float | None = None
+        self.changed = False
+
+
+class SQLiteStore(EventStore):
+    """Runs and events in the SQLite file at ``path``; survives restarts.
+
+    ``max_tombstones`` caps the rows kept for expired runs (oldest dropped by
+    :meth:`sweep`); ``max_pending`` bounds the appends queued for one group
+    commit (more wait for room). Opens the file on first use if not entered.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        max_events: int | None = None,
+        expire_after: float = 300.0,
+        clock: Callable[[], float] = time.time,
+        max_tombstones: int = 100_000,
+        max_pending: int = 1024,
+    ) -> None:
+        super().__init__(max_events=max_events, expire_after=expire_after, clock=clock)
+        if max_tombstones < 0:
+            raise ValueError(f"max_tombstones must not be negative, not {max_tombstones}")
+        if max_pending < 1:
+            raise ValueError(f"max_pending must be at least 1, not {max_pending}")
+        self.path = os.fspath(path)
+        self.max_tombstones = max_tombstones
+        self.max_pending = max_pending
+        self._conn: sqlite3.Connection | None = None
+        self._lock = anyio.Lock()
+        self._pending: list[_Pending] = []
+        self._committing = False
+        self._group_done = anyio.Event()
+        # Statistics for tests and benchmarks: append transactions, and appends they wrote.
+        self._commits = 0
+        self._committed = 0
+
+    # -- connection -------------------------------------------------------------
+
+    async def _open(self) -> None:
+        async with self._lock:
+            if self._conn is None:
+                self._conn = await anyio.to_thread.run_sync(self._connect)
+
+    def _connect(self) -> sqlite3.Connection:
+        # isolation_level=None: no implicit transactions; we BEGIN and COMMIT ourselves.
+        conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = NORMAL")
+            (version,) = conn.execute("PRAGMA user_version").fetchone()
+            if version not in (0, _SCHEMA_VERSION):
+                raise RuntimeError(
+                    f"{self.path}: schema version {version}, expected {_SCHEMA_VERSION}"
+                )
+            conn.executescript(_SCHEMA)
+            conn.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    async def _aclose(self) -> None:
+        async with self._lock:
+            conn, self._conn = self._conn, None
+            if conn is not None:
+                await anyio.to_thread.run_sync(conn.close)
+
+    async def _ensure_open(self) -> None:
+        """Open on first use, but never reopen behind the back of :meth:`aclose`."""
+        if self._conn is None:
+            self._check_open()
+            await self._open()
+
+    async def _run(self, work: Callable[[sqlite3.Connection], _T]) -> _T:
+        """Run ``work`` in a worker thread with the connection, one at a time."""
+        await self._ensure_open()
+        async with self._lock:
+            conn = self._conn
+            if conn is None:
+                raise anyio.ClosedResourceError
+            return await anyio.to_thread.run_sync(work, conn)
+
+    # -- the primitives ---------------------------------------------------------
+
+    async def _create_run(self, run_id: str, flow: str, owner: str | None) -> RunInfo:
+        now = self.clock()
+
+        def create(conn: sqlite3.Connection) -> None:
+            row = conn.execute("SELECT status FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+            if row is not None:
+                raise ValueError(f"run {run_id!r} already exists (or existed and expired)")
+            conn.execute(
+                "INSERT INTO runs VALUES (?, ?, ?, ?, ?, NULL, NULL, 0, 1)",
+                (run_id, flow, owner, RUNNING, now),
+            )
+
+        await self._run(create)
+        return RunInfo(run_id, flow, owner, RUNNING, now, None, 0, 1, None)
+
+    async def _info(self, run_id: str) -> RunInfo:
+        now = self.clock()
+
+        def info(conn: sqlite3.Connection) -> RunInfo:
+            row = conn.execute(
+                "SELECT flow, owner, status, created, finished, last_id, first_id, expires"
+                " FROM runs WHERE run_id = ?",
+                (run_id,),
+            ).fetchone()
+            if row is None:
+                raise self._not_found(run_id)
+            if row[2] == _EXPIRED or (row[7] is not None and now >= row[7]):
+                raise self._expired(run_id)
+            return RunInfo(run_id, *row)
+
+        return await self._run(info)
+
+    async def _read(self, run_id: str, after: int, limit: int) -> list[StoredEvent]:
+        now = self.clock()
+
+        def read(conn: sqlite3.Connection) -> list[StoredEvent]:
+            state = self._state(conn, run_id, now)
+            self._check_trimmed(run_id, after, state.first_id, state.last_id)
+            if after >= state.last_id:
+                return []
+            rows = conn.execute(_SELECT_EVENTS, (run_id, after, limit))
+            return list(starmap(StoredEvent, rows))
+
+        return await self._run(read)
+
+    async def _sweep(self) -> int:
+        now = self.clock()
+        removed = 0
+        while True:
+            count = await self._run(lambda conn: self._sweep_chunk(conn, now))
+            removed += count
+            if count < _SWEEP_CHUNK:
+                break
+        await self._run(self._drop_old_tombstones)
+        return removed
+
+    def _sweep_chunk(self, conn: sqlite3.Connection, now: float) -> int:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            due = conn.execute(
+                "SELECT run_id FROM runs WHERE expires IS NOT NULL"
+                f" AND status != '{_EXPIRED}' AND expires <= ? LIMIT {_SWEEP_CHUNK}",
+                (now,),
+            ).fetchall()
+            conn.executemany("DELETE FROM events WHERE run_id = ?", due)
+            conn.executemany(f"UPDATE runs SET status = '{_EXPIRED}' WHERE run_id = ?", due)
+            conn.execute("COMMIT")
+        except BaseException:
+            _rollback(conn)
+            raise
+        return len(due)
+
+    def _drop_old_tombstones(self, conn: sqlite3.Connection) -> None:
+        (count,) = conn.execute(f"SELECT count(*) FROM runs WHERE status = '{_EXPIRED}'").fetchone()
+        if count > self.max_tombstones:
+            conn.execute(
+                "DELETE FROM runs WHERE run_id IN (SELECT run_id FROM runs"
+                f" WHERE status = '{_EXPIRED}' ORDER BY expires LIMIT ?)",
+                (count - self.max_tombstones,),
+            )
+
+    def _state(self, conn: sqlite3.Connection, run_id: str, now: float) -> _RunState:
+        """The run's row, or the error that says why there is none."""
+        row = conn.execute(_SELECT_STATE, (run_id,)).fetchone()
+        if row is None:
+            raise self._not_found(run_id)
+        state = _RunState(*row)
+        if state.status == _EXPIRED or (state.expires is not None and now >= state.expires):
+            raise self._expired(run_id)
+        return state
+
+    # -- group commit -----------------------------------------------------------
+
+    async def _append(self, run_id: str, type: str, data: bytes, terminal: bool) -> StoredEvent:
+        await self._ensure_open()
+        request = _Pending(run_id, type, data, terminal)
+        while len(self._pending) >= self.max_pending:
+            await self._group_done.wait()  # backpressure: wait for a group to leave
+        self._pending.append(request)
+        try:
+            while not request.done:
+                if self._committing:
+                    await self._group_done.wait()
+                    continue
+                self._committing = True
+                try:
+                    await self._commit_pending()
+                finally:
+                    self._committing = False
+                    # Wake the waiters: theirs may be done, or one must commit next.
+                    self._group_done.set()
+                    self._group_done = anyio.Event()
+        except BaseException:
+            if request.taken:
+                # Its group may still be written (then the event stays stored) or be
+                # requeued, which must then leave this request out.
+                request.abandoned = True
+            else:
+                self._pending.remove(request)  # never written: safe to withdraw
+            raise
+        if request.error is not None:
+            raise request.error
+        assert request.event is not None
+        return request.event
+
+    async def _commit_pending(self) -> None:
+        async with self._lock:
+            # One more turn of the event loop lets the tasks just woken by the previous
+            # group queue their next append (trio runs them in random order, so some
+            # may not have run yet). Then take the group as late as possible, under the
+            # lock, so it is as large as it can be.
+            await anyio.lowlevel.checkpoint()
+            group = self._pending[: self.max_pending]
+            del self._pending[: len(group)]
+            for request in group:
+                request.taken = True
+            now = self.clock()
+            try:
+                conn = self._conn
+                if conn is None:
+                    for request in group:
+                        request.error = anyio.ClosedResourceError()
+                        request.resolved = True
+                else:
+                    await anyio.to_thread.run_sync(self._commit_group, conn, group, now)
+            finally:
+                # No await in here: this runs to the end even when we are cancelled.
+                self._finish_group(group)
+
+    def _commit_group(self, conn: sqlite3.Connection, group: list[_Pending], now: float) -> None:
+        """Write a group of appends in one transaction (in a worker thread)."""
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                self._write_group(conn, group, now)
+                conn.execute("COMMIT")
+            except BaseException:
+                _rollback(conn)
+                raise
+        except BaseException as exc:
+            # Nothing of the group was written; each append raises the database's error.
+            for request in group:
+                request.event = None
+                request.expires = None
+                request.error = exc
+        finally:
+            for request in group:
+                request.resolved = True
+
+    def _write_group(self, conn: sqlite3.Connection, group: list[_Pending], now: float) -> None:
+        states: dict[str, _RunState | BaseException] = {}
+        rows: list[tuple[Any, ...]] = []
+        for request in group:
+            run_id = request.run_id
+            state = states.get(run_id)
+            if state is None:
+                try:
+                    state = self._state(conn, run_id, now)
+                except LookupError as exc:  # RunNotFound, RunExpired
+                    state = exc
+                states[run_id] = state
+            if isinstance(state, BaseException):
+                request.error = state
+                continue
+            if state.status != RUNNING:
+                request.error = self._finished(run_id)
+                continue
+            state.last_id += 1
+            state.changed = True
+            event = StoredEvent(state.last_id, request.type, request.data, now)
+            rows.append((run_id, event.id, event.type, event.data, now))
+            request.event = event
+            if request.terminal:
+                state.status = request.type
+                state.finished = now
+                state.expires = request.expires = now + self.expire_after
+        conn.executemany(_INSERT_EVENT, rows)
+        updates: list[tuple[Any, ...]] = []
+        max_events = self.max_events
+        for run_id, state in states.items():
+            if isinstance(state, BaseException) or not state.changed:
+                continue
+            if max_events is not None and state.last_id - state.first_id + 1 > max_events:
+                state.first_id = state.last_id - max_events + 1
+                conn.execute(
+                    "DELETE FROM events WHERE run_id = ? AND id < ?", (run_id, state.first_id)
+                )
+            updates.append(
+                (state.status, state.finished, state.expires, state.last_id, state.first_id, run_id)
+            )
+        conn.executemany(_UPDATE_RUN, updates)
+
+    def _finish_group(self, group: list[_Pending]) -> None:
+        """Publish a committed group in id order and mark it done; requeue what never ran."""
+        unresolved = [request for request in group if not request.resolved]
+        if unresolved:
+            # Cancelled before the transaction started: the next committer writes those
+            # whose callers still wait for them.
+            waiting = [request for request in unresolved if not request.abandoned]
+            for request in waiting:
+                request.taken = False
+            self._pending[:0] = waiting
+        by_run: dict[str, list[StoredEvent]] = {}
+        expires: dict[str, float] = {}
+        for request in group:
+            if not request.resolved:
+                continue
+            request.done = True
+            if request.event is not None:
+                by_run.setdefault(request.run_id, []).append(request.event)
+                if request.expires is not None:
+                    expires[request.run_id] = request.expires
+        if len(unresolved) < len(group):
+            self._commits += 1
+            self._committed += sum(map(len, by_run.values()))
+        for run_id, events in by_run.items():
+            self._publish(run_id, events, expires.get(run_id))
+
+
+def _rollback(conn: sqlite3.Connection) -> None:
+    if conn.in_transaction:
+        conn.execute("ROLLBACK")

@@ -1,0 +1,45 @@
+"""The transport contract: whole messages in, whole messages out."""
+
+from __future__ import annotations
+
+import abc
+
+__all__ = ["Transport"]
+
+
+class Transport(abc.ABC):
+    """Carries whole messages for one :class:`~rpcstream.RpcPeer`.
+
+    One task sends and one task receives; ``aclose`` may be called from any task.
+    Failures surface as :class:`~rpcstream.ConnectionClosed`.
+    """
+
+    subprotocol: str | None = None
+    """The negotiated WebSocket subprotocol (names the codec), if any."""
+
+    @abc.abstractmethod
+    async def send(self, message: bytes, *, text: bool) -> None:
+        """Send one message; ``text`` marks UTF-8 (JSON) content."""
+
+    @abc.abstractmethod
+    async def receive(self) -> bytes:
+        """Receive one message, text or binary, as bytes."""
+
+    @abc.abstractmethod
+    async def aclose(self, code: int = 1000, reason: str = "") -> None:
+        """Close the connection (a WebSocket close handshake where there is one)."""
+
+    @property
+    def buffered_amount(self) -> int:
+        """Bytes accepted by :meth:`send` but not yet handed to the operating system."""
+        return 0
+
+    @property
+    def close_code(self) -> int | None:
+        """The close code, once closed."""
+        return None
+
+    @property
+    def remote_address(self) -> object:
+        """The remote address, where the transport knows one."""
+        return None

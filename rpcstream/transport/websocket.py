@@ -1,0 +1,82 @@
+"""A websockets connection as a :class:`Transport`, on asyncio or on trio.
+
+websockets ships one connection class per event loop (``websockets.asyncio`` and
+``websockets.trio``) with the same ``send``/``recv`` API; this adapter takes
+either, maps their ``ConnectionClosed`` to ours and reports the bytes the asyncio
+transport still holds, so the peer's ``buffered_amount`` counts everything not
+yet handed to the kernel.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import websockets.exceptions
+
+from ..errors import ConnectionClosed
+from .base import Transport
+
+__all__ = ["WebSocketTransport"]
+
+
+class WebSocketTransport(Transport):
+    """Wraps a ``websockets.asyncio`` or ``websockets.trio`` connection."""
+
+    def __init__(self, ws: Any) -> None:
+        self.ws = ws
+        self.subprotocol = ws.subprotocol
+        # asyncio connections expose their transport's write buffer; trio's
+        # send_all returns only once the kernel took the bytes, so nothing lingers.
+        self._asyncio_transport = getattr(ws, "transport", None)
+        self._close = getattr(ws, "close", None) or ws.aclose
+
+    async def send(self, message: bytes, *, text: bool) -> None:
+        """Send one message (a text frame when ``text``)."""
+        try:
+            await self.ws.send(message, text=text)
+        except websockets.exceptions.ConnectionClosed as exc:
+            raise _closed(exc) from exc
+
+    async def receive(self) -> bytes:
+        """Receive one message as bytes, whatever its frame type."""
+        try:
+            data = await self.ws.recv(decode=False)
+        except websockets.exceptions.ConnectionClosed as exc:
+            raise _closed(exc) from exc
+        return data  # type: ignore[no-any-return]
+
+    async def aclose(self, code: int = 1000, reason: str = "") -> None:
+        """Run the WebSocket closing handshake (bounded by websockets' close_timeout)."""
+        await self._close(code, reason)
+
+    @property
+    def buffered_amount(self) -> int:
+        """Bytes in the asyncio transport's write buffer (0 on trio)."""
+        t = self._asyncio_transport
+        if t is None:
+            return 0
+        try:
+            return int(t.get_write_buffer_size())
+        except (AttributeError, RuntimeError):
+            return 0
+
+    @property
+    def close_code(self) -> int | None:
+        """The WebSocket close code, once closed."""
+        code = self.ws.close_code
+        return None if code is None else int(code)
+
+    @property
+    def remote_address(self) -> object:
+        """The remote (host, port)."""
+        try:
+            return self.ws.remote_address
+        except (AttributeError, OSError):
+            return None
+
+
+def _closed(exc: websockets.exceptions.ConnectionClosed) -> ConnectionClosed:
+    frame = exc.rcvd or exc.sent
+    if frame is None:
+        return ConnectionClosed(1006, "connection lost")
+    return ConnectionClosed(int(frame.code), frame.reason)

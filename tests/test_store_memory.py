@@ -1,0 +1,133 @@
+"""MemoryStore: the conformance suite, plus what only the in-memory backend promises."""
+
+# ruff: noqa: E402
+from __future__ import annotations
+
+import ast
+from contextlib import aclosing
+from pathlib import Path
+
+import anyio
+import pytest
+
+# Show values in the shared suite's failed asserts too (it lives outside tests/);
+# this must run before the suite is imported.
+pytest.register_assert_rewrite("rpcstream.testing.store_suite")
+
+from rpcstream.errors import RunExpired, RunNotFound
+from rpcstream.store.memory import MemoryStore
+from rpcstream.testing.store_suite import EventStoreConformance, FakeClock, StoreFactory
+
+
+class TestMemoryStore(EventStoreConformance):
+    @pytest.fixture
+    def store_factory(self) -> StoreFactory:
+        return MemoryStore
+
+
+async def _expire_runs(store: MemoryStore, clock: FakeClock, run_ids: list[str]) -> None:
+    for run_id in run_ids:
+        await store.create_run(run_id, "flow")
+        await store.append(run_id, "complete", b"null", terminal=True)
+        clock.advance(1)
+    clock.advance(store.expire_after)
+    assert await store.sweep() == len(run_ids)
+
+
+@pytest.mark.anyio
+async def test_tombstones_are_capped_and_the_oldest_are_forgotten_first() -> None:
+    clock = FakeClock()
+    store = MemoryStore(clock=clock, expire_after=10, max_tombstones=3)
+    await _expire_runs(store, clock, ["a", "b", "c", "d", "e"])
+    for forgotten in ("a", "b"):
+        with pytest.raises(RunNotFound):
+            await store.info(forgotten)
+    for remembered in ("c", "d", "e"):
+        with pytest.raises(RunExpired):
+            await store.info(remembered)
+
+
+@pytest.mark.anyio
+async def test_expiry_on_access_frees_the_events_at_once() -> None:
+    clock = FakeClock()
+    store = MemoryStore(clock=clock, expire_after=10)
+    await store.create_run("r", "flow")
+    await store.append("r", "complete", b"null", terminal=True)
+    clock.advance(10)
+    with pytest.raises(RunExpired):
+        await store.read("r", 0)
+    assert "r" not in store._runs
+    assert await store.sweep() == 0  # already gone; the stale heap entry is skipped
+
+
+@pytest.mark.anyio
+async def test_trimming_keeps_memory_bounded_by_max_events() -> None:
+    store = MemoryStore(max_events=10)
+    await store.create_run("r", "flow")
+    for _ in range(1000):
+        await store.append("r", "progress", b"1")
+    run = store._runs["r"]
+    assert len(run.events) <= 2 * 10 + 64
+    assert [e.id for e in await store.read("r", 990)] == list(range(991, 1001))
+
+
+@pytest.mark.anyio
+async def test_the_live_cache_is_dropped_when_the_last_follower_leaves() -> None:
+    store = MemoryStore()
+    await store.create_run("r", "flow")
+    await store.append("r", "progress", b"1")
+    async with aclosing(store.follow("r")) as events:
+        assert (await anext(events)).id == 1
+        assert store._live["r"].followers == 1
+    assert store._live == {}
+    with pytest.raises(RunNotFound):
+        async with aclosing(store.follow("nope")) as events:
+            await anext(events)
+    assert store._live == {}
+
+
+@pytest.mark.anyio
+async def test_the_live_cache_is_bounded() -> None:
+    store = MemoryStore()
+    await store.create_run("r", "flow")
+    send, receive = anyio.create_memory_object_stream[int](0)
+
+    async def follow() -> None:
+        async with send, aclosing(store.follow("r")) as events:
+            async for event in events:
+                await send.send(event.id)
+
+    async with receive, anyio.create_task_group() as tg:
+        tg.start_soon(follow)
+        await store.append("r", "progress", b"1")
+        assert await receive.receive() == 1
+        for _ in range(3 * store.live_cache_size):
+            await store.append("r", "progress", b"1")
+        assert len(store._live["r"].events) == store.live_cache_size
+        await store.append("r", "complete", b"null", terminal=True)
+        ids = [i async for i in receive]
+    # The follower fell behind the cache and caught up from storage, missing nothing.
+    assert ids == list(range(2, 3 * store.live_cache_size + 3))
+
+
+def test_stores_import_only_errors_anyio_msgspec_and_the_standard_library() -> None:
+    allowed = {"anyio", "msgspec", "errors", "base"}
+    store_dir = Path(__file__).parent.parent / "rpcstream" / "store"
+    for module in ("base.py", "memory.py", "sqlite.py"):
+        tree = ast.parse((store_dir / module).read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                assert node.module in allowed, (module, node.module)
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                top = node.module.split(".")[0]
+                assert top in allowed or top in _stdlib(), (module, node.module)
+            elif isinstance(node, ast.Import):
+                for alias in node.names:
+                    top = alias.name.split(".")[0]
+                    assert top in allowed or top in _stdlib(), (module, alias.name)
+
+
+def _stdlib() -> frozenset[str]:
+    import sys
+
+    return frozenset(sys.stdlib_module_names)

@@ -1,0 +1,249 @@
+"""SQLiteStore: the conformance suite, plus restarts, group commit and the file itself."""
+
+# ruff: noqa: E402
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Callable
+from contextlib import aclosing
+from pathlib import Path
+
+import anyio
+import pytest
+
+# Show values in the shared suite's failed asserts too (it lives outside tests/);
+# this must run before the suite is imported.
+pytest.register_assert_rewrite("rpcstream.testing.store_suite")
+
+from rpcstream.errors import RunExpired, RunFinished, RunNotFound
+from rpcstream.store import sqlite as sqlite_module
+from rpcstream.store.sqlite import SQLiteStore
+from rpcstream.testing.store_suite import EventStoreConformance, FakeClock, StoreFactory
+
+
+class TestSQLiteStore(EventStoreConformance):
+    @pytest.fixture
+    def store_factory(self, tmp_path: Path) -> StoreFactory:
+        counter = iter(range(1_000_000))
+
+        def make(
+            *,
+            max_events: int | None = None,
+            expire_after: float = 300.0,
+            clock: Callable[[], float] = time.time,
+        ) -> SQLiteStore:
+            # A fresh file per call: every store the suite makes starts empty.
+            path = tmp_path / f"store-{next(counter)}.sqlite"
+            return SQLiteStore(path, max_events=max_events, expire_after=expire_after, clock=clock)
+
+        return make
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Path:
+    return tmp_path / "runs.sqlite"
+
+
+@pytest.mark.anyio
+async def test_a_new_store_on_the_same_file_reads_what_the_old_one_wrote(db: Path) -> None:
+    clock = FakeClock()
+    async with SQLiteStore(db, clock=clock) as first:
+        await first.create_run("done", "flow", owner="alice")
+        written = [await first.append("done", "progress", b'"%d"' % i) for i in range(3)]
+        written.append(await first.append("done", "complete", b"null", terminal=True))
+        await first.create_run("open", "flow")
+        await first.append("open", "progress", b"1")
+        done_info = await first.info("done")
+
+    async with SQLiteStore(db, clock=clock) as second:
+        assert await second.info("done") == done_info
+        assert await second.read("done", 0) == written
+        async with aclosing(second.follow("done")) as events:
+            assert [event async for event in events] == written
+        with pytest.raises(RunFinished):
+            await second.append("done", "progress", b"1")
+        # A run left open carries on from its last id.
+        assert (await second.append("open", "progress", b"2")).id == 2
+        with pytest.raises(RunNotFound):
+            await second.info("never")
+
+
+@pytest.mark.anyio
+async def test_tombstones_survive_a_restart(db: Path) -> None:
+    clock = FakeClock()
+    async with SQLiteStore(db, clock=clock, expire_after=10) as first:
+        await first.create_run("r", "flow")
+        await first.append("r", "complete", b"null", terminal=True)
+        clock.advance(10)
+        assert await first.sweep() == 1
+    async with SQLiteStore(db, clock=clock, expire_after=10) as second:
+        with pytest.raises(RunExpired):
+            await second.info("r")
+        with pytest.raises(RunNotFound):
+            await second.info("other")
+
+
+@pytest.mark.anyio
+async def test_sweep_deletes_the_events_and_keeps_a_small_tombstone_row(db: Path) -> None:
+    clock = FakeClock()
+    async with SQLiteStore(db, clock=clock, expire_after=10) as store:
+        await store.create_run("r", "flow")
+        for _ in range(5):
+            await store.append("r", "progress", b"1")
+        await store.append("r", "complete", b"null", terminal=True)
+        clock.advance(10)
+        with pytest.raises(RunExpired):
+            await store.info("r")  # expired at once; the rows go at the next sweep
+        assert _count(db, "events") == 6
+        assert await store.sweep() == 1
+    assert _count(db, "events") == 0
+    assert _count(db, "runs") == 1
+
+
+@pytest.mark.anyio
+async def test_tombstones_are_capped_and_the_oldest_are_dropped_first(db: Path) -> None:
+    clock = FakeClock()
+    async with SQLiteStore(db, clock=clock, expire_after=10, max_tombstones=3) as store:
+        for run_id in "abcde":
+            await store.create_run(run_id, "flow")
+            await store.append(run_id, "complete", b"null", terminal=True)
+            clock.advance(1)
+        clock.advance(10)
+        assert await store.sweep() == 5
+        for forgotten in "ab":
+            with pytest.raises(RunNotFound):
+                await store.info(forgotten)
+        for remembered in "cde":
+            with pytest.raises(RunExpired):
+                await store.info(remembered)
+    assert _count(db, "runs") == 3
+
+
+@pytest.mark.anyio
+async def test_sweep_works_through_many_runs_in_chunks(
+    db: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sqlite_module, "_SWEEP_CHUNK", 7)
+    clock = FakeClock()
+    async with SQLiteStore(db, clock=clock, expire_after=10) as store:
+        for index in range(30):
+            await store.create_run(f"run-{index}", "flow")
+            await store.append(f"run-{index}", "complete", b"null", terminal=True)
+        clock.advance(10)
+        assert await store.sweep() == 30
+        assert await store.sweep() == 0
+    assert _count(db, "events") == 0
+
+
+@pytest.mark.anyio
+async def test_concurrent_appends_share_commits(db: Path) -> None:
+    async with SQLiteStore(db) as store:
+        for index in range(100):
+            await store.create_run(f"run-{index}", "flow")
+        commits_before = store._commits
+
+        async def append(index: int) -> None:
+            for _ in range(5):
+                await store.append(f"run-{index}", "progress", b"1")
+
+        async with anyio.create_task_group() as tg:
+            for index in range(100):
+                tg.start_soon(append, index)
+        commits = store._commits - commits_before
+        assert store._committed == 500
+        # 500 appends from 100 tasks: a handful of groups, far from one commit each.
+        assert commits <= 50, commits
+        for index in range(100):
+            assert [e.id for e in await store.read(f"run-{index}", 0)] == [1, 2, 3, 4, 5]
+
+
+@pytest.mark.anyio
+async def test_one_bad_append_does_not_fail_its_group(db: Path) -> None:
+    async with SQLiteStore(db) as store:
+        await store.create_run("good", "flow")
+        await store.create_run("done", "flow")
+        await store.append("done", "complete", b"null", terminal=True)
+        outcomes: dict[str, object] = {}
+
+        async def append(run_id: str) -> None:
+            try:
+                outcomes[run_id] = (await store.append(run_id, "progress", b"1")).id
+            except (RunNotFound, RunFinished) as exc:
+                outcomes[run_id] = type(exc)
+
+        async with anyio.create_task_group() as tg:
+            for run_id in ("good", "missing", "done"):
+                tg.start_soon(append, run_id)
+        assert outcomes == {"good": 1, "missing": RunNotFound, "done": RunFinished}
+
+
+@pytest.mark.anyio
+async def test_the_pending_list_is_bounded(db: Path) -> None:
+    async with SQLiteStore(db, max_pending=4) as store:
+        await store.create_run("r", "flow")
+        most = 0
+
+        async def append() -> None:
+            nonlocal most
+            most = max(most, len(store._pending))
+            await store.append("r", "progress", b"1")
+            most = max(most, len(store._pending))
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(40):
+                tg.start_soon(append)
+        assert most <= 4
+        assert (await store.info("r")).last_id == 40
+
+
+@pytest.mark.anyio
+async def test_the_file_uses_wal_and_the_small_schema(db: Path) -> None:
+    async with SQLiteStore(db) as store:
+        await store.create_run("r", "flow")
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+        rows = conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+        assert {name for (name,) in rows} == {"runs", "events"}
+    conn.close()
+
+
+@pytest.mark.anyio
+async def test_the_store_opens_itself_on_first_use(db: Path) -> None:
+    store = SQLiteStore(db)
+    try:
+        await store.create_run("r", "flow")
+        assert (await store.append("r", "progress", b"1")).id == 1
+    finally:
+        await store.aclose()
+
+
+@pytest.mark.anyio
+async def test_appends_pending_when_the_store_closes_fail_cleanly(db: Path) -> None:
+    store = SQLiteStore(db)
+    await store.open()
+    await store.create_run("r", "flow")
+    results: list[object] = []
+
+    async def append() -> None:
+        try:
+            results.append((await store.append("r", "progress", b"1")).id)
+        except anyio.ClosedResourceError:
+            results.append("closed")
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(20):
+            tg.start_soon(append)
+        tg.start_soon(store.aclose)
+    assert len(results) == 20
+    ids = [r for r in results if isinstance(r, int)]
+    assert sorted(ids) == list(range(1, len(ids) + 1))
+
+
+def _count(db: Path, table: str) -> int:
+    conn = sqlite3.connect(db)
+    try:
+        (count,) = conn.execute(f"SELECT count(*) FROM {table}").fetchone()
+        return int(count)
+    finally:
+        conn.close()
