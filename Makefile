@@ -19,9 +19,11 @@ install: $(VENV)/.installed
 demo: install
 	$(BIN)/python -m rpcstream demo
 
+SOURCES := $(wildcard rpcstream tests examples benchmarks)
+
 lint: install
-	$(BIN)/ruff check rpcstream tests examples benchmarks
-	$(BIN)/ruff format --check rpcstream tests examples benchmarks
+	$(BIN)/ruff check $(SOURCES)
+	$(BIN)/ruff format --check $(SOURCES)
 
 typecheck: install
 	$(BIN)/mypy --strict rpcstream

@@ -28,12 +28,27 @@ from .errors import (
 from .messages import StreamId
 from .peer import IncomingStream, RpcPeer, current_peer
 from .router import Router
+from .runs import ClientEvent, EventValidationError, RunChannel, RunContext, RunEvent, RunServer
 from .server import Server, serve
+from .store.base import EventStore, RunInfo, StoredEvent
+from .store.memory import MemoryStore
+from .store.sqlite import SQLiteStore
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Cancelled",
+    "ClientEvent",
+    "EventStore",
+    "EventValidationError",
+    "MemoryStore",
+    "RunChannel",
+    "RunContext",
+    "RunEvent",
+    "RunInfo",
+    "RunServer",
+    "SQLiteStore",
+    "StoredEvent",
     "ConnectionClosed",
     "DeadlineExceeded",
     "ErrorCode",

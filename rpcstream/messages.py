@@ -48,8 +48,6 @@ PROTOCOL_VERSION: Final = 1
 StreamId = NewType("StreamId", int)
 """A stream's id: odd when allocated by the connecting side, even by the accepting side."""
 
-_NO_ARGS: Final = msgspec.Raw(b"\x90")  # an empty msgpack array, replaced per codec below
-
 
 class Call(msgspec.Struct, tag=1, array_like=True, frozen=True):
     """Call ``method``; answered by exactly one ``Result`` or ``Error`` with the same ``id``."""
@@ -105,7 +103,7 @@ class Error(msgspec.Struct, tag=5, array_like=True, frozen=True):
     id: int
     code: int
     message: str
-    data: msgspec.Raw | None = None
+    data: Any = None
 
 
 class Cancel(msgspec.Struct, tag=6, array_like=True, frozen=True):
@@ -134,7 +132,7 @@ class StreamError(msgspec.Struct, tag=9, array_like=True, frozen=True):
     stream_id: int
     code: int
     message: str
-    data: msgspec.Raw | None = None
+    data: Any = None
 
 
 class Credit(msgspec.Struct, tag=10, array_like=True, frozen=True):

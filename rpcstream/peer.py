@@ -69,6 +69,7 @@ from .protocol import (
     StreamCancelled,
     StreamReadable,
     StreamWritable,
+    encodable,
 )
 from .router import Method, Router
 from .transport.base import Transport
@@ -163,6 +164,7 @@ class RpcPeer:
         self._close_exc: ConnectionClosed | None = None
         self._inflight = 0
         self._running = 0
+        self._tasks = 0
         self.calls_received = 0
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -171,9 +173,21 @@ class RpcPeer:
         tg = anyio.create_task_group()
         await tg.__aenter__()
         self._tg = tg
-        tg.start_soon(self._read_loop)
-        tg.start_soon(self._write_loop)
+        self._spawn(self._read_loop)
+        self._spawn(self._write_loop)
         return self
+
+    def _spawn(self, func: Callable[..., Any], *args: Any) -> None:
+        """Start a task the peer owns, counted in ``stats["tasks"]``."""
+        assert self._tg is not None
+        self._tasks += 1
+        self._tg.start_soon(self._counted, func, args)
+
+    async def _counted(self, func: Callable[..., Any], args: tuple[Any, ...]) -> None:
+        try:
+            await func(*args)
+        finally:
+            self._tasks -= 1
 
     async def __aexit__(
         self,
@@ -259,6 +273,7 @@ class RpcPeer:
             "running_handlers": self._running,
             "streams": self._proto.stream_count,
             "pumps": len(self._pumps),
+            "tasks": self._tasks,
         }
 
     # -- the two loops -----------------------------------------------------------------
@@ -410,7 +425,7 @@ class RpcPeer:
                 ) from None
         assert isinstance(answer, Error)
         self._stop_unopened(sids)
-        raise RemoteError.from_wire(answer.code, answer.message, self._decode_data(answer.data))
+        raise RemoteError.from_wire(answer.code, answer.message, answer.data)
 
     async def notify(self, method: str, /, *args: Any, **kwargs: Any) -> None:
         """Call ``method`` on the other side without waiting for (or getting) an answer."""
@@ -532,7 +547,7 @@ class RpcPeer:
         sid = StreamId(self._proto.next_stream_id() if stream_id is None else stream_id)
         self._proto.open_outgoing(sid)
         scope = self._pumps[sid] = anyio.CancelScope()
-        self._tg.start_soon(self._run_pump, sid, scope, items)
+        self._spawn(self._run_pump, sid, scope, items)
         return sid
 
     async def _run_pump(self, sid: StreamId, scope: anyio.CancelScope, items: Any) -> None:
@@ -607,7 +622,7 @@ class RpcPeer:
             self._handlers[call_id] = scope
         elif type(frame) is StreamCall:
             self._pumps[frame.stream_id] = scope
-        self._tg.start_soon(runner, frame, method, scope)
+        self._spawn(runner, frame, method, scope)
 
     def _refuse(self, frame: Any, error: RemoteError) -> None:
         proto = self._proto
@@ -744,21 +759,7 @@ class RpcPeer:
         return InternalError(f"{type(exc).__name__}: {exc}", data)
 
     def _error_frame(self, call_id: int, exc: RemoteError) -> Error:
-        data = None
-        if exc.data is not None:
-            try:
-                data = self.codec.encode_raw(exc.data)
-            except TypeError:
-                data = None
-        return Error(call_id, exc.code, exc.message, data)
-
-    def _decode_data(self, data: msgspec.Raw | None) -> Any:
-        if data is None:
-            return None
-        try:
-            return self.codec.decode(data)
-        except msgspec.DecodeError:
-            return None
+        return Error(call_id, exc.code, exc.message, encodable(self.codec, exc.data))
 
 
 def _deadline(timeout: float | None) -> float:

@@ -349,7 +349,9 @@ class Protocol:
         if error is None:
             frame: Frame = StreamEnd(stream_id)
         else:
-            frame = StreamError(stream_id, error.code, error.message, _raw_or_none(self, error))
+            frame = StreamError(
+                stream_id, error.code, error.message, encodable(self.codec, error.data)
+            )
         self._data.append(frame)
         self.queued_bytes += FRAME_OVERHEAD
         self._on_data()
@@ -411,9 +413,7 @@ class Protocol:
             st.done = True
             if t is StreamError:
                 assert isinstance(frame, StreamError)
-                st.error = RemoteError.from_wire(
-                    frame.code, frame.message, self._decode_data(frame.data)
-                )
+                st.error = RemoteError.from_wire(frame.code, frame.message, frame.data)
             events.append(StreamReadable(StreamId(sid)))
         elif t is Credit:
             assert isinstance(frame, Credit)
@@ -478,14 +478,6 @@ class Protocol:
             st = self._early[sid] = _Outgoing()
         return st
 
-    def _decode_data(self, data: msgspec.Raw | None) -> Any:
-        if data is None:
-            return None
-        try:
-            return self.codec.decode(data)
-        except msgspec.DecodeError:
-            return None
-
     def _fault(self, message: str) -> None:
         self.faults_sent += 1
         self.send(Fault(ErrorCode.PROTOCOL_ERROR, message))
@@ -549,13 +541,16 @@ def _payload_size(frame: Frame) -> int:
     return 0
 
 
-def _raw_or_none(proto: Protocol, error: RemoteError) -> msgspec.Raw | None:
-    if error.data is None:
+def encodable(codec: Codec, data: Any) -> Any:
+    """``data`` if the codec can encode it, else ``None``: error details must never
+    make a whole batch unencodable."""
+    if data is None:
         return None
     try:
-        return proto.codec.encode_raw(error.data)
-    except TypeError:
+        codec.encode(data)
+    except (TypeError, ValueError, OverflowError):
         return None
+    return data
 
 
 def _overloaded_streams(limit: int) -> RemoteError:

@@ -69,8 +69,9 @@ class Server:
 
     @property
     def stats(self) -> dict[str, int]:
-        """Live connections, and the sum of their peers' counts."""
-        totals = {"connections": len(self.peers)}
+        """Live connections, and the sum of their peers' counts (calls, handlers,
+        streams, tasks): all zero once every connection is closed."""
+        totals = {"connections": len(self.peers), "tasks": 0}
         for peer in list(self.peers):
             for k, v in peer.stats.items():
                 totals[k] = totals.get(k, 0) + v
@@ -129,6 +130,7 @@ async def serve(
             async with peer:
                 await peer.wait_closed()
         finally:
+            # The peer's task group has ended: every task it started is done.
             server._remove(peer)
 
     def select_subprotocol(connection: Any, offered_by_client: Sequence[str]) -> str | None:
@@ -146,6 +148,17 @@ async def serve(
         "ping_timeout": ping_timeout,
         "open_timeout": open_timeout,
     }
+    async with contextlib.AsyncExitStack() as stack:
+        if isinstance(app, contextlib.AbstractAsyncContextManager):
+            await stack.enter_async_context(app)  # a RunServer starts its store and runs
+        async with _listen(handler, host, port, options, server):
+            yield server
+
+
+@contextlib.asynccontextmanager
+async def _listen(
+    handler: Any, host: str, port: int, options: dict[str, Any], server: Server
+) -> AsyncIterator[None]:
     if is_trio():
         from websockets.trio.server import serve as trio_serve
 
@@ -159,7 +172,7 @@ async def serve(
             )
             server.port = ws_server.listeners[0].socket.getsockname()[1]
             try:
-                yield server
+                yield
             finally:
                 with anyio.CancelScope(shield=True):
                     await ws_server.aclose()
@@ -170,7 +183,7 @@ async def serve(
         async with asyncio_serve(handler, host, port, **options) as ws_server:
             server.port = ws_server.sockets[0].getsockname()[1]
             try:
-                yield server
+                yield
             finally:
                 ws_server.close()
                 with anyio.CancelScope(shield=True):

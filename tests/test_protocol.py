@@ -1,0 +1,263 @@
+"""The Sans-I/O core, tested with plain synchronous calls: no event loop, no sockets."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+import pytest
+
+from rpcstream.errors import ErrorCode, ProtocolViolation, RemoteError
+from rpcstream.messages import (
+    JSON,
+    MSGPACK,
+    Call,
+    Codec,
+    Credit,
+    Fault,
+    StreamCall,
+    StreamCancel,
+    StreamData,
+    StreamEnd,
+    StreamError,
+)
+from rpcstream.protocol import (
+    Empty,
+    Finished,
+    Protocol,
+    Side,
+    StreamCancelled,
+    StreamReadable,
+    StreamWritable,
+)
+
+
+def pair(codec: Codec = MSGPACK, **kw: Any) -> tuple[Protocol, Protocol]:
+    return Protocol(codec, Side.CONNECTING, **kw), Protocol(codec, Side.ACCEPTING, **kw)
+
+
+def deliver(src: Protocol, dst: Protocol) -> list[Any]:
+    """Move every queued message from src to dst; return dst's events."""
+    events: list[Any] = []
+    while (message := src.data_to_send()) is not None:
+        events.extend(dst.receive_message(message))
+    return events
+
+
+def frames(proto: Protocol) -> list[Any]:
+    out: list[Any] = []
+    while (message := proto.data_to_send()) is not None:
+        out.extend(proto.codec.decode_batch(message))
+    return out
+
+
+def identity(raw: msgspec.Raw) -> Any:
+    return MSGPACK.decode(raw)
+
+
+@pytest.mark.parametrize("codec", [MSGPACK, JSON], ids=["msgpack", "json"])
+def test_a_batch_of_frames_round_trips_through_each_codec(codec: Codec) -> None:
+    batch = [
+        Call(1, "add", codec.encode_raw([1, 2]), codec.empty_map, 2.5, []),
+        StreamData(3, codec.encode_raw({"i": 1})),
+        StreamEnd(3),
+    ]
+    decoded = codec.decode_batch(codec.encode_batch(batch))
+    assert [type(f) for f in decoded] == [Call, StreamData, StreamEnd]
+    assert codec.decode(decoded[0].args) == [1, 2]
+    assert decoded[0].timeout == 2.5
+    assert codec.decode(decoded[1].payload) == {"i": 1}
+
+
+def test_the_connecting_side_allocates_odd_stream_ids_and_the_accepting_side_even() -> None:
+    a, b = pair()
+    assert [a.next_stream_id() for _ in range(3)] == [1, 3, 5]
+    assert [b.next_stream_id() for _ in range(3)] == [2, 4, 6]
+
+
+def test_a_sender_sends_nothing_before_the_receivers_first_credit() -> None:
+    a, b = pair()
+    a.open_outgoing(1)
+    assert not a.can_send(1)
+    b.open_incoming(1, identity, window_items=2, window_bytes=1000)
+    events = deliver(b, a)
+    assert events == [StreamWritable(1)]
+    assert a.can_send(1)
+
+
+def test_credit_holds_the_sender_at_the_window_and_consuming_reopens_it() -> None:
+    a, b = pair()
+    a.open_outgoing(1)
+    b.open_incoming(1, identity, window_items=4, window_bytes=10_000)
+    deliver(b, a)
+    sent = 0
+    while a.can_send(1):
+        a.send_item(1, MSGPACK.encode_raw(sent))
+        sent += 1
+    assert sent == 4
+    events = deliver(a, b)
+    assert events == [StreamReadable(1)]
+    assert b.buffered_items(1) == 4
+    # Consuming half the window grants it back, in one Credit frame.
+    assert [b.pop_item(1), b.pop_item(1)] == [0, 1]
+    assert [type(f) for f in frames(b)] == [Credit]
+
+
+def test_the_byte_window_bounds_the_receivers_buffer_too() -> None:
+    a, b = pair()
+    a.open_outgoing(1)
+    b.open_incoming(1, identity, window_items=1000, window_bytes=100)
+    deliver(b, a)
+    sent = 0
+    while a.can_send(1):
+        a.send_item(1, MSGPACK.encode_raw(b"x" * 30))
+        sent += 1
+    # 32 bytes an item: 4 items take the 100-byte window below zero.
+    assert sent == 4
+
+
+def test_data_beyond_the_credit_fails_the_stream_and_cancels_the_sender() -> None:
+    _a, b = pair()
+    b.open_incoming(1, identity, window_items=1, window_bytes=1000)
+    frames(b)
+    bad = MSGPACK.encode_batch([StreamData(1, MSGPACK.encode_raw(i)) for i in range(3)])
+    events = b.receive_message(bad)
+    assert StreamReadable(1) in events
+    assert b.pop_item(1) == 0  # what was sent within the credit still arrives
+    with pytest.raises(ProtocolViolation):
+        b.pop_item(1)
+    assert StreamCancel(1) in frames(b)
+
+
+def test_stream_end_never_overtakes_its_streams_data_but_control_frames_do() -> None:
+    a, b = pair()
+    a.open_outgoing(1)
+    b.open_incoming(1, identity, window_items=10, window_bytes=10_000)
+    deliver(b, a)
+    a.send_item(1, MSGPACK.encode_raw("x"))
+    a.end_outgoing(1)
+    a.send(Call(a.next_call_id(), "m", MSGPACK.empty_array, MSGPACK.empty_map))
+    out = frames(a)
+    assert [type(f) for f in out] == [Call, StreamData, StreamEnd]
+
+
+def test_the_receiver_gets_the_items_then_the_senders_error() -> None:
+    a, b = pair()
+    a.open_outgoing(1)
+    b.open_incoming(1, identity)
+    deliver(b, a)
+    a.send_item(1, MSGPACK.encode_raw("first"))
+    a.end_outgoing(1, RemoteError(1234, "boom", {"why": "test"}))
+    deliver(a, b)
+    assert b.pop_item(1) == "first"
+    with pytest.raises(RemoteError) as info:
+        b.pop_item(1)
+    assert (info.value.code, info.value.message, info.value.data) == (1234, "boom", {"why": "test"})
+
+
+def test_an_ended_stream_reports_finished_and_an_empty_one_reports_empty() -> None:
+    a, b = pair()
+    a.open_outgoing(1)
+    b.open_incoming(1, identity)
+    with pytest.raises(Empty):
+        b.pop_item(1)
+    deliver(b, a)
+    a.end_outgoing(1)
+    deliver(a, b)
+    with pytest.raises(Finished):
+        b.pop_item(1)
+
+
+def test_closing_a_receiving_stream_tells_the_sender_which_sees_it_cancelled() -> None:
+    a, b = pair()
+    a.open_outgoing(1)
+    b.open_incoming(1, identity)
+    deliver(b, a)
+    b.close_incoming(1)
+    events = deliver(b, a)
+    assert events == [StreamCancelled(1)]
+    assert a.is_cancelled(1)
+    a.end_outgoing(1)  # nothing is sent for a cancelled stream
+    assert frames(a) == []
+
+
+def test_credit_for_a_receiver_allocated_id_waits_until_the_sender_registers_it() -> None:
+    a, b = pair()
+    sid = b.next_stream_id()  # the receiver allocates; it will tell the sender by a call
+    b.open_incoming(sid, identity, window_items=5, window_bytes=100)
+    deliver(b, a)
+    a.open_outgoing(sid)
+    assert a.can_send(sid)
+
+
+def test_data_for_an_unknown_stream_is_dropped_and_its_sender_told_to_stop() -> None:
+    _a, b = pair()
+    events = b.receive_message(MSGPACK.encode_batch([StreamData(99, MSGPACK.encode_raw(1))]))
+    assert events == []
+    assert frames(b) == [StreamCancel(99)]
+
+
+@pytest.mark.parametrize(
+    "message",
+    [b"\xc1garbage", b"\x91\x92\x63\x01", b"not msgpack", b"\x92\x01"],
+    ids=["garbage", "unknown-tag", "text", "not-a-batch"],
+)
+def test_an_undecodable_message_is_answered_with_a_fault(message: bytes) -> None:
+    _, b = pair()
+    assert b.receive_message(message) == []
+    [fault] = frames(b)
+    assert isinstance(fault, Fault)
+    assert fault.code == ErrorCode.PROTOCOL_ERROR
+    assert fault.message.startswith("undecodable message")
+
+
+def test_negative_or_overflowing_credit_is_a_fault() -> None:
+    a, _b = pair()
+    a.open_outgoing(1)
+    a.receive_message(MSGPACK.encode_batch([Credit(1, -1, 5)]))
+    a.receive_message(MSGPACK.encode_batch([Credit(1, 2**40, 2**40)]))
+    faults = [f for f in frames(a) if isinstance(f, Fault)]
+    assert [f.message.split(" ")[0] for f in faults] == ["negative", "credit"]
+
+
+def test_a_stream_call_with_our_own_parity_is_a_fault() -> None:
+    _a, b = pair()
+    bad = StreamCall(2, "m", MSGPACK.empty_array, MSGPACK.empty_map)  # even: b's own parity
+    assert b.receive_message(MSGPACK.encode_batch([bad])) == []
+    assert isinstance(frames(b)[0], Fault)
+
+
+def test_stream_calls_beyond_max_streams_are_refused_as_overloaded() -> None:
+    a, b = pair(max_streams=1)
+    calls = [StreamCall(a.next_stream_id(), "m", MSGPACK.empty_array, MSGPACK.empty_map)]
+    calls.append(StreamCall(a.next_stream_id(), "m", MSGPACK.empty_array, MSGPACK.empty_map))
+    events = b.receive_message(MSGPACK.encode_batch(calls))
+    assert [type(e) for e in events] == [StreamCall]
+    [refusal] = frames(b)
+    assert isinstance(refusal, StreamError)
+    assert (refusal.stream_id, refusal.code) == (3, ErrorCode.OVERLOADED)
+
+
+def test_queued_bytes_count_what_waits_and_drop_to_zero_once_taken() -> None:
+    a, b = pair()
+    a.open_outgoing(1)
+    b.open_incoming(1, identity, window_items=100, window_bytes=1 << 20)
+    deliver(b, a)
+    for _ in range(10):
+        a.send_item(1, MSGPACK.encode_raw(b"x" * 1000))
+    assert a.queued_bytes >= 10_000
+    frames(a)
+    assert a.queued_bytes == 0
+
+
+def test_a_batch_stops_growing_at_max_message_bytes() -> None:
+    a, b = pair(max_message_bytes=4096)
+    a.open_outgoing(1)
+    b.open_incoming(1, identity, window_items=100, window_bytes=1 << 20)
+    deliver(b, a)
+    for _ in range(10):
+        a.send_item(1, MSGPACK.encode_raw(b"x" * 1000))
+    sizes = []
+    while (message := a.data_to_send()) is not None:
+        sizes.append(len(MSGPACK.decode_batch(message)))
+    assert len(sizes) > 1 and sum(sizes) == 10
