@@ -6,6 +6,8 @@ import contextlib
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
+import websockets.exceptions
+
 from ._backend import is_trio
 from .errors import ConnectionClosed
 from .messages import JSON, MSGPACK, Codec
@@ -15,6 +17,8 @@ from .router import Router
 from .transport.websocket import WebSocketTransport
 
 __all__ = ["connect"]
+
+_CODECS = {"msgpack": MSGPACK, "json": JSON}
 
 
 @contextlib.asynccontextmanager
@@ -40,7 +44,9 @@ async def connect(
     ends; if it drops earlier, pending calls raise :class:`ConnectionClosed`.
     """
     if isinstance(codec, str):
-        codec = {"msgpack": MSGPACK, "json": JSON}[codec]
+        if codec not in _CODECS:
+            raise ValueError(f"unknown codec {codec!r}: expected 'msgpack' or 'json'")
+        codec = _CODECS[codec]
     extra: list[tuple[str, str]] = list(
         headers.items() if isinstance(headers, dict) else headers or []
     )
@@ -62,8 +68,13 @@ async def connect(
     try:
         cm = ws_connect(url, **options)
         ws = await cm.__aenter__()
-    except OSError as exc:
+    except (OSError, TimeoutError) as exc:
         raise ConnectionClosed(1006, f"cannot connect to {url}: {exc}") from exc
+    except websockets.exceptions.InvalidStatus as exc:
+        status = exc.response.status_code
+        raise ConnectionClosed(1006, f"{url} refused the handshake: HTTP {status}") from exc
+    except websockets.exceptions.InvalidHandshake as exc:
+        raise ConnectionClosed(1006, f"{url}: WebSocket handshake failed: {exc}") from exc
     try:
         if ws.subprotocol != codec.subprotocol:
             raise ConnectionClosed(1002, f"server did not accept {codec.subprotocol}")

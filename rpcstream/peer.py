@@ -43,6 +43,7 @@ from .errors import (
     ConnectionClosed,
     DeadlineExceeded,
     InternalError,
+    InvalidParams,
     LocalProtocolError,
     MethodNotFound,
     Overloaded,
@@ -329,6 +330,8 @@ class RpcPeer:
             self._shutdown(ConnectionClosed(1011, f"internal error: {exc}"))
             if self._flushed is not None:
                 self._flushed.set()
+            with anyio.CancelScope(shield=True), anyio.move_on_after(self.close_timeout):
+                await self.transport.aclose(1011, "internal error")
 
     def _dispatch(self, event: Any) -> None:
         t = type(event)
@@ -454,9 +457,14 @@ class RpcPeer:
         self._check_open()
         proto = self._proto
         sid = proto.next_stream_id()
-        args_raw, kwargs_raw, stream_args, _ = self._encode_params(args, kwargs)
-        proto.send(StreamCall(sid, method, args_raw, kwargs_raw, timeout, stream_args))
+        # Open our end first: if that fails, no handler is left waiting for credit.
         stream = IncomingStream(self, sid, item_type, window_items, window_bytes, timeout)
+        try:
+            args_raw, kwargs_raw, stream_args, _ = self._encode_params(args, kwargs)
+        except BaseException:
+            stream.close()
+            raise
+        proto.send(StreamCall(sid, method, args_raw, kwargs_raw, timeout, stream_args))
         return stream
 
     def _encode_params(
@@ -465,29 +473,31 @@ class RpcPeer:
         codec = self.codec
         stream_args: list[int | str] = []
         sids: list[StreamId] = []
-        if any(isinstance(a, AsyncIterable) for a in args) or any(
-            isinstance(v, AsyncIterable) for v in kwargs.values()
-        ):
-            args = tuple(args)
-            new_args = list(args)
-            for i, a in enumerate(args):
-                if isinstance(a, AsyncIterable):
-                    new_args[i] = sid = self._start_pump(a)
-                    stream_args.append(i)
-                    sids.append(sid)
-            new_kwargs = dict(kwargs)
-            for k, v in kwargs.items():
-                if isinstance(v, AsyncIterable):
-                    new_kwargs[k] = sid = self._start_pump(v)
-                    stream_args.append(k)
-                    sids.append(sid)
-            args, kwargs = tuple(new_args), new_kwargs
         try:
+            if any(isinstance(a, AsyncIterable) for a in args) or any(
+                isinstance(v, AsyncIterable) for v in kwargs.values()
+            ):
+                new_args = list(args)
+                for i, a in enumerate(args):
+                    if isinstance(a, AsyncIterable):
+                        new_args[i] = sid = self._start_pump(a)
+                        stream_args.append(i)
+                        sids.append(sid)
+                new_kwargs = dict(kwargs)
+                for k, v in kwargs.items():
+                    if isinstance(v, AsyncIterable):
+                        new_kwargs[k] = sid = self._start_pump(v)
+                        stream_args.append(k)
+                        sids.append(sid)
+                args, kwargs = tuple(new_args), new_kwargs
             args_raw = codec.encode_raw(args) if args else codec.empty_array
             kwargs_raw = codec.encode_raw(kwargs) if kwargs else codec.empty_map
-        except TypeError as exc:
-            self._stop_unopened(sids)
-            raise TypeError(f"parameters cannot be encoded: {exc}") from exc
+        except BaseException as exc:
+            for sid in sids:  # the call will not be made: stop its streams
+                self.abort_stream(sid)
+            if isinstance(exc, TypeError):
+                raise TypeError(f"parameters cannot be encoded: {exc}") from exc
+            raise
         return args_raw, kwargs_raw, stream_args, sids
 
     def _stop_unopened(self, sids: list[StreamId]) -> None:
@@ -638,7 +648,12 @@ class RpcPeer:
         self, frame: Any, method: Method, opened: dict[int, IncomingStream]
     ) -> tuple[list[Any], dict[str, Any]]:
         def open_stream(sid: int, item_type: Any) -> IncomingStream:
-            stream = IncomingStream(self, StreamId(sid), item_type, None, None, None)
+            if self._proto.is_ours(sid):
+                raise InvalidParams(f"{frame.method}: stream id {sid} is of the wrong side")
+            try:
+                stream = IncomingStream(self, StreamId(sid), item_type, None, None, None)
+            except LocalProtocolError as exc:
+                raise InvalidParams(f"{frame.method}: {exc}") from None
             opened[sid] = stream
             return stream
 

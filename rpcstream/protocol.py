@@ -198,6 +198,10 @@ class Protocol:
         # registered it as outgoing (the receiver allocated the id and told us by
         # a call). Bounded by max_streams.
         self._early: dict[int, _Outgoing] = {}
+        # Peer-allocated ids of outgoing streams that ended, so that a Credit or
+        # StreamCancel still in flight for one is not taken for an early one.
+        self._ended: set[int] = set()
+        self._ended_order: deque[int] = deque()
         self._control: deque[Frame] = deque()
         self._data: deque[Frame] = deque()
         self.queued_bytes = 0
@@ -248,12 +252,11 @@ class Protocol:
     ) -> None:
         """Register a stream we receive and grant its first credit.
 
-        ``decode`` converts each payload (``msgspec.Raw``) to an item.
+        ``decode`` converts each payload (``msgspec.Raw``) to an item. Raises
+        :class:`LocalProtocolError` for an id in use, :class:`Overloaded` beyond
+        ``max_streams``.
         """
-        if stream_id in self._incoming or stream_id in self._outgoing:
-            raise LocalProtocolError(f"stream {stream_id} is already open")
-        if self.stream_count >= self.max_streams:
-            raise LocalProtocolError(f"too many open streams (max_streams={self.max_streams})")
+        self._check_new(stream_id)
         st = _Incoming(
             decode,
             window_items or self.window_items,
@@ -261,6 +264,16 @@ class Protocol:
         )
         self._incoming[stream_id] = st
         self.send(Credit(stream_id, st.window_items, st.window_bytes))
+
+    def _check_new(self, stream_id: int) -> None:
+        if stream_id <= 0 or stream_id in self._incoming or stream_id in self._outgoing:
+            raise LocalProtocolError(f"stream id {stream_id} is invalid or already open")
+        if self.stream_count >= self.max_streams:
+            raise _overloaded_streams(self.max_streams)
+
+    def is_ours(self, stream_id: int) -> bool:
+        """Whether ``stream_id`` has our parity (we allocated it)."""
+        return stream_id % 2 == self.side
 
     def pop_item(self, stream_id: int) -> Any:
         """Take the next item of an incoming stream.
@@ -309,10 +322,7 @@ class Protocol:
 
     def open_outgoing(self, stream_id: int) -> None:
         """Register a stream we send. Nothing may be sent on it before its first credit."""
-        if stream_id in self._outgoing or stream_id in self._incoming:
-            raise LocalProtocolError(f"stream {stream_id} is already open")
-        if self.stream_count >= self.max_streams:
-            raise LocalProtocolError(f"too many open streams (max_streams={self.max_streams})")
+        self._check_new(stream_id)
         self._outgoing[stream_id] = self._take_early(stream_id)
 
     def can_send(self, stream_id: int) -> bool:
@@ -343,6 +353,8 @@ class Protocol:
         Nothing is sent when the receiver already cancelled the stream.
         """
         st = self._outgoing.pop(stream_id, None)
+        if st is not None and not self._is_ours(stream_id):
+            self._remember_ended(stream_id)
         if st is None or st.cancelled or st.finished:
             return
         st.finished = True
@@ -429,7 +441,7 @@ class Protocol:
             assert isinstance(frame, StreamCall)
             sid = frame.stream_id
             # The caller allocates the id of the stream it will receive.
-            if self._is_ours(sid) or sid in self._outgoing or sid <= 0:
+            if self._is_ours(sid) or sid in self._outgoing or sid in self._incoming or sid <= 0:
                 self._fault(f"StreamCall with a stream id of the wrong side or in use: {sid}")
                 return
             if self.stream_count >= self.max_streams:
@@ -462,13 +474,20 @@ class Protocol:
         if was_blocked and st.credit_items > 0 and st.credit_bytes > 0 and sid in self._outgoing:
             events.append(StreamWritable(StreamId(sid)))
 
+    def _remember_ended(self, sid: int) -> None:
+        self._ended.add(sid)
+        self._ended_order.append(sid)
+        if len(self._ended_order) > self.max_streams:
+            self._ended.discard(self._ended_order.popleft())
+
     def _take_early(self, sid: int) -> _Outgoing:
         st = self._early.pop(sid, None)
         return _Outgoing() if st is None else st
 
     def _early_outgoing(self, sid: int) -> _Outgoing | None:
-        # Only the peer's own ids can be announced before we register them.
-        if self._is_ours(sid) or sid <= 0:
+        # Only the peer's own ids can be announced before we register them; a
+        # frame for one that already ended was simply in flight.
+        if self._is_ours(sid) or sid <= 0 or sid in self._ended:
             return None
         st = self._early.get(sid)
         if st is None:

@@ -7,7 +7,7 @@ from typing import Any
 import msgspec
 import pytest
 
-from rpcstream.errors import ErrorCode, ProtocolViolation, RemoteError
+from rpcstream.errors import ErrorCode, Overloaded, ProtocolViolation, RemoteError
 from rpcstream.messages import (
     JSON,
     MSGPACK,
@@ -261,3 +261,24 @@ def test_a_batch_stops_growing_at_max_message_bytes() -> None:
     while (message := a.data_to_send()) is not None:
         sizes.append(len(MSGPACK.decode_batch(message)))
     assert len(sizes) > 1 and sum(sizes) == 10
+
+
+def test_late_credit_and_cancels_for_an_ended_peer_allocated_stream_leave_nothing_behind() -> None:
+    a, b = pair()
+    sid = a.next_stream_id()  # the caller allocates the stream of a StreamCall
+    a.open_incoming(sid, identity)
+    a.send(StreamCall(sid, "m", MSGPACK.empty_array, MSGPACK.empty_map))
+    deliver(a, b)
+    b.end_outgoing(sid)
+    deliver(b, a)
+    # Frames the caller sent before it saw the end arrive afterwards:
+    b.receive_message(MSGPACK.encode_batch([Credit(sid, 5, 500), StreamCancel(sid)]))
+    assert b._early == {}
+    assert b.stream_count == 0
+
+
+def test_opening_streams_beyond_max_streams_raises_overloaded_locally() -> None:
+    a, _b = pair(max_streams=1)
+    a.open_incoming(a.next_stream_id(), identity)
+    with pytest.raises(Overloaded):
+        a.open_incoming(a.next_stream_id(), identity)
