@@ -18,6 +18,7 @@ from .errors import (
     Overloaded,
     ProtocolError,
     ProtocolViolation,
+    ReconnectFailed,
     RemoteError,
     RemoteProtocolError,
     RpcStreamError,
@@ -28,6 +29,7 @@ from .errors import (
 from .messages import StreamId
 from .peer import IncomingStream, RpcPeer, current_peer
 from .router import Router
+from .runclient import RunClient
 from .runs import ClientEvent, EventValidationError, RunChannel, RunContext, RunEvent, RunServer
 from .server import Server, serve
 from .store.base import EventStore, RunInfo, StoredEvent
@@ -43,6 +45,7 @@ __all__ = [
     "EventValidationError",
     "MemoryStore",
     "RunChannel",
+    "RunClient",
     "RunContext",
     "RunEvent",
     "RunInfo",
@@ -61,6 +64,7 @@ __all__ = [
     "Overloaded",
     "ProtocolError",
     "ProtocolViolation",
+    "ReconnectFailed",
     "RemoteError",
     "RemoteProtocolError",
     "RpcPeer",

@@ -16,6 +16,7 @@
     │   ├── EventsTrimmed                      ErrorCode.EVENTS_TRIMMED
     │   └── RunFinished                        ErrorCode.RUN_FINISHED
     ├── ConnectionClosed                       the connection is gone; pending work failed
+    │   └── ReconnectFailed                    a RunClient gave up reconnecting
     └── ProtocolError                          a frame broke the protocol (local or remote)
         ├── LocalProtocolError                 we were asked to do something the protocol forbids
         └── RemoteProtocolError                the peer sent something the protocol forbids
@@ -43,6 +44,7 @@ __all__ = [
     "Overloaded",
     "ProtocolError",
     "ProtocolViolation",
+    "ReconnectFailed",
     "RemoteError",
     "RemoteProtocolError",
     "RpcStreamError",
@@ -215,6 +217,13 @@ class ConnectionClosed(RpcStreamError):
         if code is not None:
             text += f" (code {code}{': ' + reason if reason else ''})"
         super().__init__(text)
+
+
+class ReconnectFailed(ConnectionClosed):
+    """A :class:`~rpcstream.RunClient` gave up reconnecting (attempts or time ran out)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(1006, reason)
 
 
 class ProtocolError(RpcStreamError):

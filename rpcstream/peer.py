@@ -38,6 +38,7 @@ import anyio
 import msgspec
 from anyio.abc import TaskGroup
 
+from ._tasks import task_group
 from .errors import (
     Cancelled,
     ConnectionClosed,
@@ -153,6 +154,7 @@ class RpcPeer:
         self.close_timeout = close_timeout
         self._text = not codec.binary
         self._tg: TaskGroup | None = None
+        self._stack: contextlib.AsyncExitStack | None = None
         self._calls: dict[int, _PendingCall] = {}
         self._handlers: dict[int, anyio.CancelScope] = {}  # incoming call id -> scope
         self._pumps: dict[int, anyio.CancelScope] = {}  # outgoing stream id -> scope
@@ -171,9 +173,9 @@ class RpcPeer:
     # -- lifecycle ---------------------------------------------------------------------
 
     async def __aenter__(self) -> Self:
-        tg = anyio.create_task_group()
-        await tg.__aenter__()
-        self._tg = tg
+        stack = contextlib.AsyncExitStack()
+        self._tg = await stack.enter_async_context(task_group())
+        self._stack = stack
         self._spawn(self._read_loop)
         self._spawn(self._write_loop)
         return self
@@ -196,12 +198,12 @@ class RpcPeer:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> bool | None:
-        assert self._tg is not None
+        assert self._tg is not None and self._stack is not None
         try:
             await self.aclose()
         finally:
             self._tg.cancel_scope.cancel()
-            suppress = await self._tg.__aexit__(exc_type, exc, tb)
+            suppress = await self._stack.__aexit__(exc_type, exc, tb)
         return suppress
 
     @property

@@ -39,6 +39,7 @@ import msgspec
 from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
+from ._tasks import task_group
 from .errors import (
     InvalidParams,
     MethodNotFound,
@@ -273,7 +274,7 @@ class RunServer:
         await stack.__aenter__()
         try:
             await stack.enter_async_context(self.store)
-            self._tg = await stack.enter_async_context(anyio.create_task_group())
+            self._tg = await stack.enter_async_context(task_group())
             stack.callback(self._tg.cancel_scope.cancel)
             stack.callback(self._cancel_all)
             if self.sweep_interval and math.isfinite(self.sweep_interval):

@@ -15,6 +15,7 @@ from typing import Any, Protocol, runtime_checkable
 import anyio
 
 from ._backend import is_trio
+from ._tasks import task_group
 from .messages import CODECS, Codec
 from .peer import RpcPeer
 from .protocol import Side
@@ -166,7 +167,7 @@ async def _listen(
             ws.close = ws.aclose  # the same name on both loops, for handler()
             await handler(ws)
 
-        async with anyio.create_task_group() as tg:
+        async with task_group() as tg:
             ws_server = await tg.start(
                 functools.partial(trio_serve, trio_handler, port, host=host, **options)
             )

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+# The store conformance suite lives in the package; rewrite its asserts so a
+# failing check shows the values it compared. (Must run before it is imported.)
+pytest.register_assert_rewrite("rpcstream.testing.store_suite")
+
 
 @pytest.fixture(
     params=[

@@ -1,6 +1,5 @@
 """MemoryStore: the conformance suite, plus what only the in-memory backend promises."""
 
-# ruff: noqa: E402
 from __future__ import annotations
 
 import ast
@@ -12,8 +11,6 @@ import pytest
 
 # Show values in the shared suite's failed asserts too (it lives outside tests/);
 # this must run before the suite is imported.
-pytest.register_assert_rewrite("rpcstream.testing.store_suite")
-
 from rpcstream.errors import RunExpired, RunNotFound
 from rpcstream.store.memory import MemoryStore
 from rpcstream.testing.store_suite import EventStoreConformance, FakeClock, StoreFactory

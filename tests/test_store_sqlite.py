@@ -1,6 +1,5 @@
 """SQLiteStore: the conformance suite, plus restarts, group commit and the file itself."""
 
-# ruff: noqa: E402
 from __future__ import annotations
 
 import sqlite3
@@ -14,8 +13,6 @@ import pytest
 
 # Show values in the shared suite's failed asserts too (it lives outside tests/);
 # this must run before the suite is imported.
-pytest.register_assert_rewrite("rpcstream.testing.store_suite")
-
 from rpcstream.errors import RunExpired, RunFinished, RunNotFound
 from rpcstream.store import sqlite as sqlite_module
 from rpcstream.store.sqlite import SQLiteStore

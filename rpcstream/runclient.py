@@ -1,0 +1,256 @@
+"""RunClient: start runs and follow them through disconnects, resuming exactly.
+
+Theory of operation
+-------------------
+A RunClient owns one background task, the *keeper*, that holds a connection
+open: it connects to the next URL of its list, publishes the peer, waits until
+the connection closes, then sleeps a backoff delay (exponential, with full
+jitter, capped) and tries the next URL. After ``max_attempts`` failed attempts
+in a row, or ``give_up_after`` seconds without a connection, it gives up and
+every waiter gets one :class:`ReconnectFailed`.
+
+:meth:`RunClient.subscribe` remembers the id of the last event it handed to the
+user. When the connection drops it waits for the keeper's next connection and
+subscribes again with ``after=<that id>``: the server replays from the store,
+so the user sees every event exactly once, in order.
+
+Calls are not retried (``runs.start`` is not idempotent): a call in flight when
+the connection drops raises :class:`ConnectionClosed`. A call made while
+disconnected waits for the next connection (bounded by its ``timeout``) or,
+with ``wait=False``, fails at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+from collections.abc import AsyncGenerator, Sequence
+from types import TracebackType
+from typing import Any, Self
+
+import anyio
+from anyio.abc import TaskGroup
+
+from ._tasks import task_group
+from .client import connect
+from .errors import ConnectionClosed, ReconnectFailed
+from .peer import RpcPeer
+from .router import Router
+from .store.base import TERMINAL_TYPES
+
+__all__ = ["RunClient"]
+
+log = logging.getLogger("rpcstream.runclient")
+
+
+class RunClient:
+    """A client of a ``RunServer`` that survives disconnects.
+
+    Args:
+        urls: one server URL, or several to rotate through on reconnect.
+        token: sent as ``Authorization: Bearer <token>``.
+        backoff_base, backoff_cap: the reconnect delay is uniform in
+            ``[0, min(cap, base * 2**failures)]`` ("full jitter").
+        max_attempts: consecutive failed connection attempts before giving up
+            (``None``: never).
+        give_up_after: seconds without a connection before giving up
+            (``None``: never).
+        wait: whether calls made while disconnected wait for the reconnect
+            (default) or fail at once with :class:`ConnectionClosed`.
+        ping_interval, ping_timeout: heartbeats; a peer that does not answer a
+            ping within ``ping_timeout`` is taken for dead and the connection
+            closed (then re-opened).
+        router: methods the server may call on this client.
+        connect_options: more options for :func:`rpcstream.connect`.
+    """
+
+    def __init__(
+        self,
+        urls: str | Sequence[str],
+        *,
+        token: str | None = None,
+        codec: str = "msgpack",
+        backoff_base: float = 0.1,
+        backoff_cap: float = 5.0,
+        max_attempts: int | None = None,
+        give_up_after: float | None = None,
+        wait: bool = True,
+        ping_interval: float | None = 10.0,
+        ping_timeout: float | None = 10.0,
+        router: Router | None = None,
+        **connect_options: Any,
+    ) -> None:
+        self.urls = [urls] if isinstance(urls, str) else list(urls)
+        if not self.urls:
+            raise ValueError("RunClient needs at least one URL")
+        self.backoff_base = backoff_base
+        self.backoff_cap = backoff_cap
+        self.max_attempts = max_attempts
+        self.give_up_after = give_up_after
+        self.wait = wait
+        self._connect_options: dict[str, Any] = dict(
+            connect_options,
+            token=token,
+            codec=codec,
+            router=router,
+            ping_interval=ping_interval,
+            ping_timeout=ping_timeout,
+        )
+        self._peer: RpcPeer | None = None
+        # Set (and replaced) whenever the connection state changes: waiters take
+        # the current one, check the state, then wait.
+        self._changed = anyio.Event()
+        self._failed: ReconnectFailed | None = None
+        self._tg: TaskGroup | None = None
+        self._stack: contextlib.AsyncExitStack | None = None
+        self.connections = 0
+        """How many connections were opened so far (1 + reconnects)."""
+        self.url: str | None = None
+        """The URL of the current connection."""
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        self._stack = contextlib.AsyncExitStack()
+        self._tg = await self._stack.enter_async_context(task_group())
+        self._tg.start_soon(self._keep_connected)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        assert self._tg is not None and self._stack is not None
+        self._tg.cancel_scope.cancel()
+        return await self._stack.__aexit__(exc_type, exc, tb)
+
+    @property
+    def connected(self) -> bool:
+        """Whether a connection is open now."""
+        return self._peer is not None and not self._peer.closed
+
+    async def _keep_connected(self) -> None:
+        failures = 0
+        index = 0
+        down_since = anyio.current_time()
+        last_error: BaseException | None = None
+        while True:
+            url = self.urls[index % len(self.urls)]
+            index += 1
+            try:
+                async with connect(url, **self._connect_options) as peer:
+                    failures = 0
+                    self.connections += 1
+                    self.url = url
+                    self._peer = peer
+                    self._notify()
+                    log.info("connected to %s", url)
+                    await peer.wait_closed()
+            except (ConnectionClosed, OSError) as exc:
+                last_error = exc
+                log.info("connection to %s failed: %s", url, exc)
+            finally:
+                if self._peer is not None:
+                    self._peer = None
+                    self._notify()
+                    down_since = anyio.current_time()
+            failures += 1
+            waited = anyio.current_time() - down_since
+            if (self.max_attempts is not None and failures >= self.max_attempts) or (
+                self.give_up_after is not None and waited >= self.give_up_after
+            ):
+                self._failed = ReconnectFailed(
+                    f"gave up after {failures} failed attempts over {waited:.1f} s "
+                    f"({', '.join(self.urls)}): {last_error}"
+                )
+                self._failed.__cause__ = last_error
+                self._notify()  # every waiter raises _failed
+                return
+            delay = random.uniform(0, min(self.backoff_cap, self.backoff_base * 2**failures))
+            if self.give_up_after is not None:
+                delay = min(delay, max(0.0, self.give_up_after - waited))
+            await anyio.sleep(delay)
+
+    def _notify(self) -> None:
+        changed, self._changed = self._changed, anyio.Event()
+        changed.set()
+
+    async def peer(self, *, wait: bool | None = None) -> RpcPeer:
+        """The open connection's peer, waiting for the (re)connection if allowed."""
+        while True:
+            changed = self._changed
+            if self._failed is not None:
+                raise self._failed
+            peer = self._peer
+            if peer is not None and not peer.closed:
+                return peer
+            if not (self.wait if wait is None else wait):
+                raise ConnectionClosed(1006, "not connected (the RunClient is reconnecting)")
+            if peer is not None:
+                # Closed, but the keeper has not noticed yet: it will, at once.
+                await peer.wait_closed()
+            await changed.wait()
+
+    # -- calls -------------------------------------------------------------------------
+
+    async def call(
+        self,
+        method: str,
+        /,
+        *args: Any,
+        timeout: float | None = None,
+        wait: bool | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Call ``method`` on the server (see :meth:`RpcPeer.call`).
+
+        ``timeout`` bounds the wait for a connection and the call together.
+        """
+        deadline = anyio.current_time() + timeout if timeout is not None else None
+        with anyio.fail_after(timeout) if timeout is not None else contextlib.nullcontext():
+            peer = await self.peer(wait=wait)
+        remaining = None if deadline is None else max(0.0, deadline - anyio.current_time())
+        return await peer.call(method, *args, timeout=remaining, **kwargs)
+
+    async def start(self, flow: str, params: dict[str, Any] | None = None, **kw: Any) -> str:
+        """Start a run of ``flow``; returns its id."""
+        run = await self.call("runs.start", flow, params or {}, **kw)
+        return str(run["run_id"])
+
+    async def status(self, run_id: str, **kw: Any) -> dict[str, Any]:
+        """The run's status (``runs.status``)."""
+        result: dict[str, Any] = await self.call("runs.status", run_id, **kw)
+        return result
+
+    async def cancel(self, run_id: str, **kw: Any) -> dict[str, Any]:
+        """Cancel the run (``runs.cancel``)."""
+        result: dict[str, Any] = await self.call("runs.cancel", run_id, **kw)
+        return result
+
+    async def send(self, run_id: str, type: str, data: Any = None, **kw: Any) -> None:
+        """Send an event to the running flow (``runs.send``)."""
+        await self.call("runs.send", run_id, type, data, **kw)
+
+    async def subscribe(self, run_id: str, after: int = 0) -> AsyncGenerator[dict[str, Any], None]:
+        """Every event of the run with id > ``after``, then live ones, until its
+        terminal event; through disconnects, with no gap and no duplicate.
+
+        ``self.last_event_id(run_id)`` is not needed: resume is automatic. Close
+        it early with ``contextlib.aclosing`` (or by breaking out of the loop).
+        """
+        last = after
+        while True:
+            peer = await self.peer(wait=True)
+            try:
+                async with peer.stream("runs.subscribe", run_id, after=last) as events:
+                    async for event in events:
+                        last = event["id"]
+                        yield event
+                        if event["type"] in TERMINAL_TYPES:
+                            return
+                return  # the run had ended before ``after``: nothing more will come
+            except ConnectionClosed:
+                log.info("subscription to %s lost after event %d; resuming", run_id, last)
