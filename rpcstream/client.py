@@ -32,6 +32,7 @@ async def connect(
     max_message_size: int = 4 * 1024 * 1024,
     ping_interval: float | None = 20.0,
     ping_timeout: float | None = 20.0,
+    close_timeout: float | None = None,
     open_timeout: float | None = 10.0,
     compression: str | None = None,
     **peer_options: Any,
@@ -42,6 +43,8 @@ async def connect(
     ``"msgpack"`` (binary, the default) or ``"json"`` (text). ``token`` is sent
     as ``Authorization: Bearer <token>``. The connection closes when the block
     ends; if it drops earlier, pending calls raise :class:`ConnectionClosed`.
+    Heartbeats as in :func:`rpcstream.serve`: a server that stops answering
+    pings is noticed within ``ping_interval + ping_timeout + close_timeout``.
     """
     if isinstance(codec, str):
         if codec not in _CODECS:
@@ -58,6 +61,9 @@ async def connect(
         "max_size": max_message_size,
         "ping_interval": ping_interval,
         "ping_timeout": ping_timeout,
+        # A peer that missed its pong is dead: waiting long for its close frame
+        # would only keep pending calls hanging. Default: the ping timeout.
+        "close_timeout": close_timeout if close_timeout is not None else ping_timeout or 10.0,
         "open_timeout": open_timeout,
         "additional_headers": extra or None,
     }

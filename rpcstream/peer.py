@@ -164,6 +164,7 @@ class RpcPeer:
         self._drained: anyio.Event | None = None
         self._flushed: anyio.Event | None = None
         self._closed = anyio.Event()
+        self._closing: anyio.Event | None = None
         self._close_exc: ConnectionClosed | None = None
         self._inflight = 0
         self._running = 0
@@ -218,6 +219,19 @@ class RpcPeer:
     async def aclose(self, code: int = 1000, reason: str = "") -> None:
         """Close the connection: fail pending calls, cancel handlers and streams,
         flush what is queued and run the closing handshake, within ``close_timeout``."""
+        if self._closing is not None:
+            # Someone is closing already (with their code): wait for them rather
+            # than racing a second close handshake against their flush.
+            with anyio.CancelScope(shield=True), anyio.move_on_after(2 * self.close_timeout):
+                await self._closing.wait()
+            return
+        self._closing = closing = anyio.Event()
+        try:
+            await self._close(code, reason)
+        finally:
+            closing.set()
+
+    async def _close(self, code: int, reason: str) -> None:
         if self._close_exc is None:
             self._shutdown(ConnectionClosed(code, reason or "closed locally"))
         with anyio.CancelScope(shield=True), anyio.move_on_after(self.close_timeout):

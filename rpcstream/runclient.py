@@ -34,7 +34,7 @@ from anyio.abc import TaskGroup
 
 from ._tasks import task_group
 from .client import connect
-from .errors import ConnectionClosed, ReconnectFailed
+from .errors import ConnectionClosed, DeadlineExceeded, ReconnectFailed
 from .peer import RpcPeer
 from .router import Router
 from .store.base import TERMINAL_TYPES
@@ -209,11 +209,17 @@ class RunClient:
 
         ``timeout`` bounds the wait for a connection and the call together.
         """
-        deadline = anyio.current_time() + timeout if timeout is not None else None
-        with anyio.fail_after(timeout) if timeout is not None else contextlib.nullcontext():
+        if timeout is None:
             peer = await self.peer(wait=wait)
-        remaining = None if deadline is None else max(0.0, deadline - anyio.current_time())
-        return await peer.call(method, *args, timeout=remaining, **kwargs)
+            return await peer.call(method, *args, **kwargs)
+        deadline = anyio.current_time() + timeout
+        found: RpcPeer | None = None
+        with anyio.move_on_after(timeout):
+            found = await self.peer(wait=wait)
+        if found is None:
+            raise DeadlineExceeded(f"{method}: no connection within {timeout} s")
+        remaining = max(0.0, deadline - anyio.current_time())
+        return await found.call(method, *args, timeout=remaining, **kwargs)
 
     async def start(self, flow: str, params: dict[str, Any] | None = None, **kw: Any) -> str:
         """Start a run of ``flow``; returns its id."""

@@ -45,7 +45,9 @@ from .errors import (
     MethodNotFound,
     Overloaded,
     RpcStreamError,
+    RunExpired,
     RunFinished,
+    RunNotFound,
 )
 from .peer import current_peer
 from .router import Router
@@ -213,6 +215,8 @@ class RunServer:
             ``overloaded``.
         cancel_timeout: how long a cancelled flow may take to write its
             ``cancelled`` event on shutdown.
+        end_orphaned_runs: at start-up, end with an ``error`` event the runs an
+            embedded store still holds as running (their process died).
     """
 
     def __init__(
@@ -223,7 +227,9 @@ class RunServer:
         sweep_interval: float = 30.0,
         inbox_size: int = 64,
         cancel_timeout: float = 5.0,
+        end_orphaned_runs: bool = True,
     ) -> None:
+        self.end_orphaned_runs = end_orphaned_runs
         self.store = store if store is not None else MemoryStore()
         self.sweep_interval = sweep_interval
         self.inbox_size = inbox_size
@@ -274,6 +280,7 @@ class RunServer:
         await stack.__aenter__()
         try:
             await stack.enter_async_context(self.store)
+            await self._end_orphans()
             self._tg = await stack.enter_async_context(task_group())
             stack.callback(self._tg.cancel_scope.cancel)
             stack.callback(self._cancel_all)
@@ -294,6 +301,24 @@ class RunServer:
         assert self._exit is not None
         stack, self._exit = self._exit, None
         return await stack.__aexit__(exc_type, exc, tb)
+
+    async def _end_orphans(self) -> None:
+        # A run still "running" in an embedded store when we start was left by a
+        # process that died: no flow will ever end it, so its subscribers would
+        # wait forever. End it with an error they can see.
+        if not self.end_orphaned_runs:
+            return
+        try:
+            orphans = await self.store.running_runs()
+        except NotImplementedError:  # a shared store: another node may own them
+            return
+        data = _json_encode(
+            {"message": "the server stopped while the run was in flight", "type": "Interrupted"}
+        )
+        for run_id in orphans:
+            with contextlib.suppress(RunFinished, RunNotFound, RunExpired):
+                await self.store.append(run_id, "error", data, terminal=True)
+                log.warning("run %s was interrupted by a restart: ended with an error", run_id)
 
     def _cancel_all(self) -> None:
         # Flows still running when the server stops end with ``cancelled``: each

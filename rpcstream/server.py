@@ -95,6 +95,7 @@ async def serve(
     max_message_size: int = 4 * 1024 * 1024,
     ping_interval: float | None = 20.0,
     ping_timeout: float | None = 20.0,
+    close_timeout: float | None = None,
     open_timeout: float | None = 10.0,
     compression: str | None = None,
     **peer_options: Any,
@@ -102,8 +103,11 @@ async def serve(
     """Serve ``app`` (a :class:`Router`, or a ``RunServer``) on ``host:port``.
 
     ``port=0`` picks a free port (``server.port``, ``server.url``). Leaving the
-    ``async with`` block closes every connection. ``peer_options`` go to each
-    :class:`RpcPeer` (``max_concurrent_handlers``, windows, ...).
+    ``async with`` block closes every connection. Heartbeats: a ping every
+    ``ping_interval`` s; a peer whose pong is ``ping_timeout`` s late is dead, and
+    its connection closes (within ``close_timeout``, default ``ping_timeout``).
+    ``peer_options`` go to each :class:`RpcPeer` (``max_concurrent_handlers``,
+    windows, ...).
     Compression stays off unless ``compression="deflate"``: it costs far more
     CPU than it saves on a LAN.
     """
@@ -147,6 +151,9 @@ async def serve(
         "max_size": max_message_size,
         "ping_interval": ping_interval,
         "ping_timeout": ping_timeout,
+        # A peer that missed its pong is dead: waiting long for its close frame
+        # would only keep pending calls hanging. Default: the ping timeout.
+        "close_timeout": close_timeout if close_timeout is not None else ping_timeout or 10.0,
         "open_timeout": open_timeout,
     }
     async with contextlib.AsyncExitStack() as stack:

@@ -303,7 +303,21 @@ class EventStore(abc.ABC):
         self._check_open()
         return await self._sweep()
 
+    async def running_runs(self) -> list[str]:
+        """The ids of runs that have no terminal event yet.
+
+        A server whose process owns every run of its store (the embedded
+        stores) uses it at start-up to end the runs a crash left behind. A
+        store shared by several processes (Redis) does not offer it: another
+        node may be running them. Raises :class:`NotImplementedError` there.
+        """
+        self._check_open()
+        return await self._running_runs()
+
     # -- what backends implement ----------------------------------------------
+
+    async def _running_runs(self) -> list[str]:
+        raise NotImplementedError(f"{type(self).__name__} is shared: it cannot tell orphans")
 
     async def _open(self) -> None:  # noqa: B027 - optional hook, empty on purpose
         """Backend hook for :meth:`open`; must be idempotent."""

@@ -133,6 +133,10 @@ class MemoryStore(EventStore):
         await anyio.lowlevel.checkpoint()
         return self._run_info(run_id, self._get(run_id, self.clock()))
 
+    async def _running_runs(self) -> list[str]:
+        await anyio.lowlevel.checkpoint()
+        return [rid for rid, run in self._runs.items() if run.finished is None]
+
     async def _sweep(self) -> int:
         await anyio.lowlevel.checkpoint()
         now = self.clock()

@@ -265,6 +265,13 @@ class SQLiteStore(EventStore):
 
         return await self._run(read)
 
+    async def _running_runs(self) -> list[str]:
+        def running(conn: sqlite3.Connection) -> list[str]:
+            rows = conn.execute(f"SELECT run_id FROM runs WHERE status = '{RUNNING}'")
+            return [row[0] for row in rows]
+
+        return await self._run(running)
+
     async def _sweep(self) -> int:
         now = self.clock()
         removed = 0

@@ -1,0 +1,631 @@
+"""An :class:`~rpcstream.store.base.EventStore` on Redis Streams, shared by many processes.
+
+Theory of operation
+-------------------
+Every process ("node") that serves or writes runs opens its own
+:class:`RedisStore` on the same Redis and ``prefix``. All state is in Redis,
+under these names (``{prefix}`` is ``"rpcstream:"`` unless told otherwise)::
+
+    {prefix}run:{run_id}      hash    the run's metadata: flow, owner, status, created,
+                                      finished, expires, last_id, first_id
+    {prefix}client:{run_id}   stream  the run's events, one entry per event: entry id
+                                      "<event id>-0", fields t (type), d (data), ts (timestamp)
+    {prefix}expired:{run_id}  string  the tombstone: the run existed and finished; it
+                                      outlives the two keys above by ``tombstone_ttl``
+    {prefix}expiring          zset    store-wide: ids of finished runs scored by
+                                      ``expires``, for :meth:`RedisStore.sweep`
+    {prefix}events:{run_id}   channel (pub/sub, not a key) every event appended to the run
+
+**Appends** run ONE Lua script, which Redis executes atomically: it checks that
+the run exists (else ``RunNotFound``, or ``RunExpired`` when its tombstone is
+there), is not past ``expires`` and is still running (else ``RunFinished``),
+takes the next id with ``HINCRBY last_id``, ``XADD``\\s the event under the
+explicit entry id ``<id>-0`` (so stream order is id order), trims with an exact
+``MAXLEN`` and moves ``first_id`` with it, and for a terminal event sets
+status, ``finished`` and ``expires``, puts a real Redis expiry on the run's hash
+and stream (``PEXPIRE expire_after``) and on its tombstone (``expire_after +
+tombstone_ttl``), and adds the run to ``{prefix}expiring``. Last it
+``PUBLISH``\\es the event on the run's channel. However many nodes append to a
+run at once, its ids stay contiguous: Redis runs one script at a time.
+
+**Reads** (``read``, ``info``) are one read-only script each, so the metadata
+and the events they return are one consistent snapshot. Time decisions use the
+store's ``clock``: a run is expired once ``clock() >= expires``, as in every
+backend. The Redis expiry (in milliseconds) only removes the keys; with a clock
+that follows real time the two agree.
+
+**Live follow across nodes.** The base class serves a node's followers from a
+per-run live cache that ``_publish`` feeds. Appends made on this node publish
+at once. For the others, each open store runs ONE listener task with ONE
+dedicated Redis connection, subscribed to the channel of every run followed on
+this node (however many follow it); it publishes what arrives. So a node holds
+at most ``max_connections`` pooled connections plus that one, whatever the
+number of followers; a run followed on no node costs Redis one ``PUBLISH`` to
+nobody. The subscription starts with a run's first follower on the node and
+ends with its last. Pub/sub delivers only to subscribers connected at the time,
+so whenever Redis confirms a subscription (the first, or again after a
+reconnect) the listener reads what the run stored after the newest event the
+cache holds and publishes it (an empty cache only wakes the followers, which
+then read storage themselves). Echoes of this node's own appends are dropped.
+
+**Outages.** Every Redis failure (refused or broken connection, timeout, a
+``LOADING`` server...) raises :class:`StoreUnavailable`, with the redis-py
+exception as ``__cause__``; commands are never retried, so an append that
+failed after it was sent may still have been stored (ids stay contiguous either
+way). The listener reconnects on its own, with backoff, resubscribes and
+catches up as above: a follower that waits for live events rides through an
+outage; one that must read storage while Redis is away gets
+:class:`StoreUnavailable`.
+
+**asyncio only**: redis.asyncio runs on asyncio; :meth:`RedisStore.open`
+raises ``RuntimeError`` on trio. The listener is an asyncio task owned by the
+store, started by ``open`` and cancelled and awaited by ``aclose``. (A task
+group entered in ``open`` would force ``aclose`` to be called at the same
+cancel-scope depth, which ``async with`` code that closes the store from inside
+another task group cannot promise.)
+
+Not for Redis Cluster: scripts touch a run's keys and the store-wide
+``{prefix}expiring`` set together. Use a Redis that does not evict keys
+(``maxmemory-policy noeviction``); persist it (AOF) if runs must survive a
+Redis restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections.abc import AsyncGenerator, Callable, Iterator
+
+import anyio
+import anyio.abc
+import sniffio
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.connection import AbstractConnection
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.commands.core import AsyncScript
+from redis.exceptions import RedisError
+
+from ..errors import RpcStreamError
+from .base import RUNNING, EventStore, RunInfo, StoredEvent
+
+__all__ = ["RedisStore", "StoreUnavailable"]
+
+log = logging.getLogger("rpcstream.store.redis")
+
+# KEYS: run, tombstone. ARGV: flow, created, has_owner ("1"/"0"), owner.
+_CREATE = """
+if redis.call('EXISTS', KEYS[1], KEYS[2]) > 0 then return 0 end
+redis.call('HSET', KEYS[1], 'flow', ARGV[1], 'status', 'running', 'created', ARGV[2],
+           'last_id', 0, 'first_id', 1)
+if ARGV[3] == '1' then redis.call('HSET', KEYS[1], 'owner', ARGV[4]) end
+return 1
+"""
+
+# KEYS: run, stream, tombstone, expiring.
+# ARGV: 1 type, 2 data, 3 now (the timestamp), 4 terminal ("1"/"0"), 5 max_events (0: none),
+#       6 expires, 7 run TTL ms, 8 tombstone TTL ms, 9 run id, 10 channel, 11 message header.
+# Returns {0, id}, or {1} not found, {2} expired, {3} finished.
+_APPEND = """
+local state = redis.call('HMGET', KEYS[1], 'status', 'expires')
+if not state[1] then return {1 + redis.call('EXISTS', KEYS[3])} end
+if state[2] and tonumber(state[2]) <= tonumber(ARGV[3]) then return {2} end
+if state[1] ~= 'running' then return {3} end
+local id = redis.call('HINCRBY', KEYS[1], 'last_id', 1)
+local max = tonumber(ARGV[5])
+if max > 0 then
+  redis.call('XADD', KEYS[2], 'MAXLEN', '=', max, id .. '-0',
+             't', ARGV[1], 'd', ARGV[2], 'ts', ARGV[3])
+  if id - max + 1 > 1 then redis.call('HSET', KEYS[1], 'first_id', id - max + 1) end
+else
+  redis.call('XADD', KEYS[2], id .. '-0', 't', ARGV[1], 'd', ARGV[2], 'ts', ARGV[3])
+end
+if ARGV[4] == '1' then
+  redis.call('HSET', KEYS[1], 'status', ARGV[1], 'finished', ARGV[3], 'expires', ARGV[6])
+  redis.call('PEXPIRE', KEYS[1], ARGV[7])
+  redis.call('PEXPIRE', KEYS[2], ARGV[7])
+  redis.call('SET', KEYS[3], '1', 'PX', ARGV[8])
+  redis.call('ZADD', KEYS[4], ARGV[6], ARGV[9])
+end
+redis.call('PUBLISH', ARGV[10], id .. ' ' .. ARGV[11] .. ARGV[1] .. ARGV[2])
+return {0, id}
+"""
+
+# KEYS: run, stream, tombstone. ARGV: first entry id to read, count (0: metadata only).
+# Returns {0, fields, entries}, or {1} not found, {2} expired.
+_FIELDS = ("flow", "owner", "status", "created", "finished", "expires", "last_id", "first_id")
+_FETCH = f"""
+local f = redis.call('HMGET', KEYS[1], {", ".join(repr(name) for name in _FIELDS)})
+if not f[1] then return {{1 + redis.call('EXISTS', KEYS[3])}} end
+-- Events stored but the stream gone: retention removed it just before the hash.
+if tonumber(f[7]) >= tonumber(f[8]) and redis.call('EXISTS', KEYS[2]) == 0 then return {{2}} end
+local entries = {{}}
+if ARGV[2] ~= '0' then
+  entries = redis.call('XRANGE', KEYS[2], ARGV[1], '+', 'COUNT', ARGV[2])
+end
+return {{0, f, entries}}
+"""
+
+# KEYS: run, stream, tombstone, expiring. ARGV: now, run id, tombstone TTL ms.
+# Returns 1 when it removed the run, 0 when Redis had expired it already.
+_SWEEP = """
+local expires = redis.call('HGET', KEYS[1], 'expires')
+local removed = 0
+if expires then
+  if tonumber(expires) > tonumber(ARGV[1]) then return 0 end
+  redis.call('DEL', KEYS[1], KEYS[2])
+  redis.call('SET', KEYS[3], '1', 'PX', ARGV[3])
+  removed = 1
+end
+redis.call('ZREM', KEYS[4], ARGV[2])
+return removed
+"""
+
+
+class StoreUnavailable(RpcStreamError):
+    """The store's backing service (Redis) failed or cannot be reached.
+
+    The redis-py exception is the ``__cause__``. An append that raises this may
+    or may not have been stored.
+    """
+
+
+class RedisStore(EventStore):
+    """Runs and events in Redis, shared by every node that opens the same ``url`` and ``prefix``.
+
+    Args:
+        url: a redis-py URL, e.g. ``redis://127.0.0.1:6379/0`` (``rediss://`` for TLS).
+        prefix: put before every key and channel name (see the module docstring).
+        max_events, expire_after, clock: as for every :class:`EventStore`.
+        tombstone_ttl: how long, in seconds, an expired run's tombstone outlives it
+            (it makes late readers get ``RunExpired`` rather than ``RunNotFound``).
+        max_connections: pooled connections for commands (the listener has its own one);
+            more concurrent commands wait up to ``pool_timeout`` for one.
+        connect_timeout, command_timeout: seconds before a connection attempt, or a
+            command's reply, counts as a failure (:class:`StoreUnavailable`).
+
+    Open it (``async with``) before use; on asyncio only.
+    """
+
+    reconnect_delay: float = 0.05
+    """The listener's first wait before reconnecting; doubles per failure."""
+    reconnect_delay_max: float = 1.0
+    """The listener's longest wait between reconnection attempts."""
+    ping_interval: float = 10.0
+    """The listener pings Redis this often; silence for three intervals means a dead link."""
+    sweep_chunk: int = 500
+    """Runs expired per round trip by :meth:`sweep`."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        prefix: str = "rpcstream:",
+        max_events: int | None = None,
+        expire_after: float = 300.0,
+        clock: Callable[[], float] = time.time,
+        tombstone_ttl: float = 86_400.0,
+        max_connections: int = 16,
+        pool_timeout: float = 10.0,
+        connect_timeout: float = 5.0,
+        command_timeout: float = 10.0,
+    ) -> None:
+        super().__init__(max_events=max_events, expire_after=expire_after, clock=clock)
+        if tombstone_ttl <= 0:
+            raise ValueError(f"tombstone_ttl must be positive, not {tombstone_ttl}")
+        if max_connections < 1:
+            raise ValueError(f"max_connections must be at least 1, not {max_connections}")
+        self.url = url
+        self.prefix = prefix
+        self.tombstone_ttl = float(tombstone_ttl)
+        self.max_connections = max_connections
+        self.pool_timeout = pool_timeout
+        self.connect_timeout = connect_timeout
+        self.command_timeout = command_timeout
+        self._expiring = f"{prefix}expiring"
+        self._channel_prefix = f"{prefix}events:".encode()
+        self._run_ttl_ms = math.ceil(self.expire_after * 1000)
+        self._tombstone_ttl_ms = max(1, math.ceil(self.tombstone_ttl * 1000))
+        self._redis: Redis | None = None
+        self._pool: BlockingConnectionPool | None = None
+        self._scripts: dict[str, AsyncScript] = {}
+        self._listener: asyncio.Task[None] | None = None
+        # Runs followed on this node -> how many follow each; the listener subscribes to these.
+        self._watchers: dict[str, int] = {}
+        # The listener's connection, the channels it asked Redis for (run ids), and the
+        # task group where subscription changes are sent; None while disconnected.
+        self._sub_conn: AbstractConnection | None = None
+        self._sub_sent: set[str] = set()
+        self._sub_tg: anyio.abc.TaskGroup | None = None
+        self._sub_lock: anyio.Lock | None = None
+        self._heard = 0.0
+
+    # -- names --------------------------------------------------------------------
+
+    def run_keys(self, run_id: str) -> tuple[str, str, str]:
+        """The run's own keys: its metadata hash, its event stream and its tombstone."""
+        prefix = self.prefix
+        return f"{prefix}run:{run_id}", f"{prefix}client:{run_id}", f"{prefix}expired:{run_id}"
+
+    def channel(self, run_id: str) -> bytes:
+        """The pub/sub channel on which every event appended to the run is published."""
+        return self._channel_prefix + run_id.encode()
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    async def _open(self) -> None:
+        if self._redis is not None:
+            return
+        library = sniffio.current_async_library()
+        if library != "asyncio":
+            raise RuntimeError(
+                f"RedisStore needs asyncio (redis.asyncio runs only on asyncio), not {library}: "
+                "run this process on asyncio, e.g. anyio.run(main, backend='asyncio')"
+            )
+        pool = BlockingConnectionPool.from_url(
+            self.url,
+            max_connections=self.max_connections,
+            timeout=self.pool_timeout,
+            socket_connect_timeout=self.connect_timeout,
+            socket_timeout=self.command_timeout,
+            socket_keepalive=True,
+            # Never retry: a retried append could be stored twice. Callers decide.
+            retry=Retry(NoBackoff(), 0),
+        )
+        client = Redis(connection_pool=pool)
+        try:
+            with self._mapped("connect to"):
+                await client.ping()
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await pool.disconnect()
+            raise
+        self._scripts = {
+            "create": client.register_script(_CREATE),
+            "append": client.register_script(_APPEND),
+            "fetch": client.register_script(_FETCH),
+            "sweep": client.register_script(_SWEEP),
+        }
+        self._redis, self._pool = client, pool
+        self._sub_lock = anyio.Lock()
+        self._listener = asyncio.get_running_loop().create_task(
+            self._listen(), name=f"RedisStore listener ({self.prefix})"
+        )
+
+    async def _aclose(self) -> None:
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            listener.cancel()
+            with anyio.move_on_after(5):
+                await asyncio.wait([listener])
+        client, self._redis = self._redis, None
+        pool, self._pool = self._pool, None
+        if client is not None:
+            await client.aclose()
+        if pool is not None:
+            await pool.disconnect()
+
+    def _client(self) -> Redis:
+        client = self._redis
+        if client is None:
+            self._check_open()
+            raise RuntimeError(
+                "RedisStore is not open: use 'async with store' or 'await store.open()'"
+            )
+        return client
+
+    @contextlib.contextmanager
+    def _mapped(self, what: str) -> Iterator[None]:
+        """Turn redis-py failures into :class:`StoreUnavailable` (or closed-store errors)."""
+        try:
+            yield
+        except (RedisError, OSError) as exc:
+            if self._closed:
+                raise anyio.ClosedResourceError from exc
+            raise StoreUnavailable(f"could not {what} Redis at {self._where()}: {exc}") from exc
+
+    def _where(self) -> str:
+        pool = self._pool
+        if pool is None:
+            return "(closed)"
+        kwargs = pool.connection_kwargs
+        if "path" in kwargs:
+            return str(kwargs["path"])
+        return f"{kwargs.get('host', '?')}:{kwargs.get('port', '?')}"
+
+    # -- the primitives -----------------------------------------------------------------
+
+    async def _create_run(self, run_id: str, flow: str, owner: str | None) -> RunInfo:
+        client = self._client()
+        now = self.clock()
+        run, _, tombstone = self.run_keys(run_id)
+        args = [flow, repr(now), "0" if owner is None else "1", owner or ""]
+        with self._mapped("create a run in"):
+            created = await self._scripts["create"](keys=[run, tombstone], args=args, client=client)
+        if not created:
+            raise ValueError(f"run {run_id!r} already exists (or existed and expired)")
+        return RunInfo(run_id, flow, owner, RUNNING, now, None, 0, 1, None)
+
+    async def _append(self, run_id: str, type: str, data: bytes, terminal: bool) -> StoredEvent:
+        client = self._client()
+        now = self.clock()
+        expires = now + self.expire_after if terminal else None
+        run, stream, tombstone = self.run_keys(run_id)
+        encoded_type = type.encode()
+        # The message is "<id> <timestamp> <expires or -> <len(type)> <type><data>".
+        header = f"{now!r} {'-' if expires is None else repr(expires)} {len(encoded_type)} "
+        args: list[bytes | str | int] = [
+            encoded_type,
+            data,
+            repr(now),
+            "1" if terminal else "0",
+            self.max_events or 0,
+            repr(expires) if expires is not None else "",
+            self._run_ttl_ms,
+            self._run_ttl_ms + self._tombstone_ttl_ms,
+            run_id,
+            self.channel(run_id),
+            header,
+        ]
+        keys = [run, stream, tombstone, self._expiring]
+        with self._mapped("append to"):
+            reply = await self._scripts["append"](keys=keys, args=args, client=client)
+        status = reply[0]
+        if status != 0:
+            raise (self._not_found, self._expired, self._finished)[status - 1](run_id)
+        event = StoredEvent(int(reply[1]), type, data, now)
+        self._publish(run_id, (event,), expires)
+        return event
+
+    async def _fetch(
+        self, run_id: str, after: int, limit: int
+    ) -> tuple[RunInfo, list[StoredEvent]]:
+        """The run's metadata and up to ``limit`` events after ``after``, in one snapshot."""
+        client = self._client()
+        now = self.clock()
+        with self._mapped("read from"):
+            reply = await self._scripts["fetch"](
+                keys=self.run_keys(run_id), args=[after + 1, limit], client=client
+            )
+        status = reply[0]
+        if status == 1:
+            raise self._not_found(run_id)
+        if status == 2:
+            raise self._expired(run_id)
+        flow, owner, state, created, finished, expires, last_id, first_id = reply[1]
+        info = RunInfo(
+            run_id=run_id,
+            flow=flow.decode(),
+            owner=None if owner is None else owner.decode(),
+            status=state.decode(),
+            created=float(created),
+            finished=None if finished is None else float(finished),
+            last_id=int(last_id),
+            first_id=int(first_id),
+            expires=None if expires is None else float(expires),
+        )
+        if info.expires is not None and now >= info.expires:
+            raise self._expired(run_id)
+        # Entries are [b"<id>-0", [b"t", type, b"d", data, b"ts", timestamp]].
+        events = [
+            StoredEvent(int(entry_id[:-2]), fields[1].decode(), fields[3], float(fields[5]))
+            for entry_id, fields in reply[2]
+        ]
+        return info, events
+
+    async def _read(self, run_id: str, after: int, limit: int) -> list[StoredEvent]:
+        info, events = await self._fetch(run_id, after, limit)
+        self._check_trimmed(run_id, after, info.first_id, info.last_id)
+        return events
+
+    async def _info(self, run_id: str) -> RunInfo:
+        info, _ = await self._fetch(run_id, 0, 0)
+        return info
+
+    async def _sweep(self) -> int:
+        client = self._client()
+        now = repr(self.clock())
+        removed = 0
+        with self._mapped("sweep"):
+            while True:
+                due: list[bytes] = await client.zrangebyscore(
+                    self._expiring, "-inf", now, start=0, num=self.sweep_chunk
+                )  # type: ignore[assignment]
+                if not due:
+                    break
+                async with client.pipeline(transaction=False) as pipe:
+                    for member in due:
+                        await self._scripts["sweep"](
+                            keys=[*self.run_keys(member.decode()), self._expiring],
+                            args=[now, member, self._tombstone_ttl_ms],
+                            client=pipe,
+                        )
+                    removed += sum(await pipe.execute())
+                if len(due) < self.sweep_chunk:
+                    break
+        return removed
+
+    # -- live follow across nodes ---------------------------------------------------------
+
+    async def _follow(self, run_id: str, after: int) -> AsyncGenerator[StoredEvent, None]:
+        # Subscribe before the base loop first looks at storage; the subscription's
+        # confirmation catches up whatever it missed meanwhile.
+        self._watch(run_id)
+        try:
+            async with contextlib.aclosing(super()._follow(run_id, after)) as events:
+                async for event in events:
+                    yield event
+        finally:
+            self._unwatch(run_id)
+
+    def _watch(self, run_id: str) -> None:
+        self._watchers[run_id] = self._watchers.get(run_id, 0) + 1
+        self._sync_soon(run_id)
+
+    def _unwatch(self, run_id: str) -> None:
+        left = self._watchers[run_id] - 1
+        if left:
+            self._watchers[run_id] = left
+        else:
+            del self._watchers[run_id]
+            self._sync_soon(run_id)
+
+    def _sync_soon(self, run_id: str) -> None:
+        """Have the listener (un)subscribe the run if that changed; never blocks."""
+        tg = self._sub_tg
+        if tg is not None and (run_id in self._watchers) != (run_id in self._sub_sent):
+            tg.start_soon(self._sync_subscription, run_id)
+
+    async def _sync_subscription(self, run_id: str) -> None:
+        assert self._sub_lock is not None
+        async with self._sub_lock:
+            conn = self._sub_conn
+            wanted = run_id in self._watchers
+            if conn is None or wanted == (run_id in self._sub_sent):
+                return
+            try:
+                if wanted:
+                    self._sub_sent.add(run_id)
+                    await conn.send_command("SUBSCRIBE", self.channel(run_id), check_health=False)
+                else:
+                    self._sub_sent.discard(run_id)
+                    await conn.send_command("UNSUBSCRIBE", self.channel(run_id), check_health=False)
+            except Exception as exc:
+                # The reader sees the broken connection too, and reconnects.
+                log.debug("listener: could not send a subscription change: %r", exc)
+                await conn.disconnect(nowait=True)
+
+    async def _listen(self) -> None:
+        """The listener task: connect, subscribe, read; on any failure, reconnect."""
+        delay = self.reconnect_delay
+        warned = False
+        while True:
+            conn = self._listener_connection()
+            try:
+                await conn.connect()  # type: ignore[no-untyped-call]
+                delay = self.reconnect_delay
+                await self._listen_on(conn)
+            except Exception as exc:
+                if not warned:
+                    log.warning(
+                        "the Redis listener lost %s (%r); reconnecting in the background",
+                        self._where(),
+                        exc,
+                    )
+                    warned = True
+                else:
+                    log.debug("the Redis listener failed again: %r", exc)
+            finally:
+                self._sub_conn = self._sub_tg = None
+                with anyio.CancelScope(shield=True):
+                    await conn.disconnect(nowait=True)
+            await anyio.sleep(delay)
+            delay = min(delay * 2, self.reconnect_delay_max)
+
+    def _listener_connection(self) -> AbstractConnection:
+        assert self._pool is not None
+        kwargs = dict(self._pool.connection_kwargs)
+        # Wait for messages indefinitely; the keepalive notices a dead link instead.
+        kwargs["socket_timeout"] = None
+        kwargs["client_name"] = f"{self.prefix}listener"
+        connection: AbstractConnection = self._pool.connection_class(**kwargs)
+        return connection
+
+    async def _listen_on(self, conn: AbstractConnection) -> None:
+        assert self._sub_lock is not None
+        failure: Exception | None = None
+        async with anyio.create_task_group() as tg:
+            async with self._sub_lock:
+                sent = self._sub_sent = set(self._watchers)
+                if sent:
+                    channels = [self.channel(run_id) for run_id in sent]
+                    await conn.send_command("SUBSCRIBE", *channels, check_health=False)
+                self._sub_conn, self._sub_tg = conn, tg
+            self._heard = time.monotonic()
+            tg.start_soon(self._keepalive, conn)
+            try:
+                await self._read_messages(conn)
+            except Exception as exc:
+                failure = exc
+            finally:
+                self._sub_conn = self._sub_tg = None
+                tg.cancel_scope.cancel()
+        raise failure or ConnectionError("the listener connection ended")
+
+    async def _read_messages(self, conn: AbstractConnection) -> None:
+        skip = len(self._channel_prefix)
+        while True:
+            reply = await conn.read_response()
+            self._heard = time.monotonic()
+            if not isinstance(reply, list) or len(reply) < 2:
+                continue
+            kind = reply[0]
+            if kind == b"message":
+                self._deliver(reply[1][skip:].decode(), reply[2])
+            elif kind == b"subscribe":
+                await self._catch_up(reply[1][skip:].decode())
+
+    def _deliver(self, run_id: str, message: bytes) -> None:
+        """Publish one event another node (or this one) appended."""
+        live = self._live.get(run_id)
+        if live is None:
+            return
+        try:
+            id_text, timestamp, expires, type_length, rest = message.split(b" ", 4)
+            event_id = int(id_text)
+            if live.events and event_id <= live.events[-1].id:
+                return  # already published: this node's own append, or a catch-up read
+            length = int(type_length)
+            event = StoredEvent(event_id, rest[:length].decode(), rest[length:], float(timestamp))
+            until = None if expires == b"-" else float(expires)
+        except ValueError:
+            log.warning("ignored a malformed message on %r", self.channel(run_id))
+            return
+        self._publish(run_id, (event,), until)
+
+    async def _catch_up(self, run_id: str) -> None:
+        """After Redis confirms a subscription: publish what it may have missed."""
+        live = self._live.get(run_id)
+        if live is None:
+            return
+        if not live.events:
+            self._publish(run_id, ())  # nothing cached: wake the followers to read storage
+            return
+        after = live.events[-1].id
+        batch = self.follow_batch
+        while True:
+            try:
+                info, events = await self._fetch(run_id, after, batch)
+            except LookupError:  # RunNotFound, RunExpired: the followers will find out
+                self._publish(run_id, ())
+                return
+            if after + 1 < info.first_id and after < info.last_id:
+                after = info.first_id - 1  # trimmed meanwhile: followers behind see the gap
+                continue
+            self._publish(run_id, events, info.expires)
+            if len(events) < batch:
+                return
+            after = events[-1].id
+
+    async def _keepalive(self, conn: AbstractConnection) -> None:
+        assert self._sub_lock is not None
+        interval = self.ping_interval
+        while True:
+            await anyio.sleep(interval)
+            if time.monotonic() - self._heard > 3 * interval:
+                log.warning(
+                    "the Redis listener heard nothing for %.0f s: reconnecting", 3 * interval
+                )
+                await conn.disconnect(nowait=True)
+                return
+            async with self._sub_lock:
+                if conn is not self._sub_conn:
+                    return
+                try:
+                    await conn.send_command("PING", check_health=False)
+                except Exception:
+                    await conn.disconnect(nowait=True)
+                    return
