@@ -1,0 +1,129 @@
+"""The rpcstream command, run as a subprocess (console script and python -m)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+ENV = dict(os.environ, PYTHONPATH=str(ROOT))
+
+
+def rpcstream(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "rpcstream", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=ENV,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture(params=["asyncio", "trio"])
+def loop(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def server(tmp_path: Path, loop: str) -> Iterator[str]:
+    """``rpcstream serve`` of the built-in demo app on a free port, SQLite store."""
+    with subprocess.Popen(
+        [sys.executable, "-m", "rpcstream", "--loop", loop, "serve", "--port", "0",
+         "--store", f"sqlite:{tmp_path / 'runs.db'}"],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env=ENV,
+    ) as process:  # fmt: skip
+        try:
+            assert process.stdout is not None
+            line = process.stdout.readline()  # blocks until the server prints its URL
+            assert "serving rpcstream.demo:runs on ws://127.0.0.1:" in line, line
+            yield line.split(" on ")[1].strip()
+        finally:
+            process.terminate()
+            process.wait(timeout=10)
+
+
+def test_every_command_has_help() -> None:
+    for command in ["serve", "call", "tail", "demo", "bench"]:
+        result = rpcstream(command, "--help")
+        assert result.returncode == 0, result.stderr
+        assert f"usage: rpcstream {command}" in result.stdout
+
+
+def test_the_console_script_is_installed() -> None:
+    script = Path(sys.executable).parent / "rpcstream"
+    result = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0
+    assert "serve" in result.stdout and "tail" in result.stdout
+
+
+def test_call_prints_the_json_result_reading_each_argument_as_json_or_string(
+    server: str, loop: str
+) -> None:
+    result = rpcstream("--loop", loop, "call", server, "add", "1", "2")
+    assert (result.returncode, result.stdout.strip()) == (0, "3"), result.stderr
+    run = rpcstream("call", server, "runs.start", "ml-inference", '{"prompt": "hi", "tokens": 3}')
+    assert run.returncode == 0, run.stderr
+    assert set(json.loads(run.stdout)) == {"run_id", "stream_id"}
+
+
+def test_tail_prints_a_runs_events_as_json_lines_after_an_id(server: str, loop: str) -> None:
+    run = rpcstream("call", server, "runs.start", "ml-inference", '{"prompt": "x", "tokens": 4}')
+    run_id = json.loads(run.stdout)["run_id"]
+    result = rpcstream("--loop", loop, "tail", server, run_id, "--after", "2")
+    assert result.returncode == 0, result.stderr
+    events = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [e["id"] for e in events] == [3, 4, 5, 6, 7]
+    assert [e["type"] for e in events] == ["token"] * 4 + ["complete"]
+    assert "run ended: complete after 5 events" in result.stderr
+
+
+def test_errors_are_one_clear_line_and_a_non_zero_exit(server: str) -> None:
+    cases = {
+        ("call", server, "nope"): "rpcstream call: error [method_not_found] no method 'nope'",
+        ("tail", server, "no-such-run"): "rpcstream tail: error [run_not_found]",
+        ("call", server, "add", "1", "x"): "rpcstream call: error [invalid_params]",
+        ("call", "ws://127.0.0.1:9", "add"): "rpcstream call: connection closed (code 1006",
+        ("serve", "no.such.module:app"): "rpcstream serve: cannot import 'no.such.module'",
+        ("serve", "--store", "postgres://x"): "rpcstream serve: unknown store 'postgres://x'",
+    }
+    for args, message in cases.items():
+        result = rpcstream(*args)
+        assert result.returncode == 1, (args, result.stderr)
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(message), (args, result.stderr)
+
+
+def test_serve_runs_a_module_attribute_app() -> None:
+    with subprocess.Popen(
+        [sys.executable, "-m", "rpcstream", "serve", "tests.apps:router", "--port", "0"],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env=ENV,
+    ) as process:
+        try:
+            assert process.stdout is not None
+            url = process.stdout.readline().split(" on ")[1].strip()
+            result = rpcstream("call", url, "echo", '{"a": [1, 2]}')
+            assert result.stdout.strip() == '{"a":[1,2]}'
+        finally:
+            process.terminate()
+            process.wait(timeout=10)
+
+
+def test_the_demo_resumes_after_the_cut_with_no_gap(loop: str) -> None:
+    result = rpcstream("--loop", loop, "demo", timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "[server cuts the connection after event 17]" in result.stdout
+    assert "[reconnected; resumed after event 17]" in result.stdout
+    assert "no gap, no duplicate" in result.stdout
