@@ -11,6 +11,7 @@ from .errors import (
     DeadlineExceeded,
     ErrorCode,
     EventsTrimmed,
+    HandshakeRefused,
     InternalError,
     InvalidParams,
     LocalProtocolError,
@@ -26,6 +27,7 @@ from .errors import (
     RunFinished,
     RunNotFound,
 )
+from .handshake import HandshakeRequest, Refused, StaticFile, current_principal
 from .messages import StreamId
 from .peer import IncomingStream, RpcPeer, current_peer
 from .router import Router
@@ -65,6 +67,11 @@ __all__ = [
     "ProtocolError",
     "ProtocolViolation",
     "ReconnectFailed",
+    "Refused",
+    "HandshakeRequest",
+    "HandshakeRefused",
+    "StaticFile",
+    "current_principal",
     "RemoteError",
     "RemoteProtocolError",
     "RpcPeer",

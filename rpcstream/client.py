@@ -9,7 +9,7 @@ from typing import Any
 import websockets.exceptions
 
 from ._backend import is_trio
-from .errors import ConnectionClosed
+from .errors import ConnectionClosed, HandshakeRefused
 from .messages import JSON, MSGPACK, Codec
 from .peer import RpcPeer
 from .protocol import Side
@@ -78,7 +78,11 @@ async def connect(
         raise ConnectionClosed(1006, f"cannot connect to {url}: {exc}") from exc
     except websockets.exceptions.InvalidStatus as exc:
         status = exc.response.status_code
-        raise ConnectionClosed(1006, f"{url} refused the handshake: HTTP {status}") from exc
+        body = exc.response.body.decode(errors="replace").strip()[:200]
+        detail = f": {body}" if body else ""
+        raise HandshakeRefused(
+            status, f"{url} refused the handshake: HTTP {status}{detail}"
+        ) from exc
     except websockets.exceptions.InvalidHandshake as exc:
         raise ConnectionClosed(1006, f"{url}: WebSocket handshake failed: {exc}") from exc
     try:

@@ -16,6 +16,7 @@
     │   ├── EventsTrimmed                      ErrorCode.EVENTS_TRIMMED
     │   └── RunFinished                        ErrorCode.RUN_FINISHED
     ├── ConnectionClosed                       the connection is gone; pending work failed
+    │   ├── HandshakeRefused                   the server answered HTTP (401, 403, 429...)
     │   └── ReconnectFailed                    a RunClient gave up reconnecting
     └── ProtocolError                          a frame broke the protocol (local or remote)
         ├── LocalProtocolError                 we were asked to do something the protocol forbids
@@ -37,6 +38,7 @@ __all__ = [
     "DeadlineExceeded",
     "ErrorCode",
     "EventsTrimmed",
+    "HandshakeRefused",
     "InternalError",
     "InvalidParams",
     "LocalProtocolError",
@@ -217,6 +219,14 @@ class ConnectionClosed(RpcStreamError):
         if code is not None:
             text += f" (code {code}{': ' + reason if reason else ''})"
         super().__init__(text)
+
+
+class HandshakeRefused(ConnectionClosed):
+    """The server refused the WebSocket upgrade with an HTTP ``status`` (401, 403, 429...)."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(1006, reason)
+        self.status = status
 
 
 class ReconnectFailed(ConnectionClosed):

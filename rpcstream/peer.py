@@ -170,6 +170,8 @@ class RpcPeer:
         self._running = 0
         self._tasks = 0
         self.calls_received = 0
+        self.principal: Any = None
+        """Who the other side is, as ``authenticate`` said (server side)."""
 
     # -- lifecycle ---------------------------------------------------------------------
 

@@ -34,7 +34,7 @@ from anyio.abc import TaskGroup
 
 from ._tasks import task_group
 from .client import connect
-from .errors import ConnectionClosed, DeadlineExceeded, ReconnectFailed
+from .errors import ConnectionClosed, DeadlineExceeded, HandshakeRefused, ReconnectFailed
 from .peer import RpcPeer
 from .router import Router
 from .store.base import TERMINAL_TYPES
@@ -149,6 +149,12 @@ class RunClient:
                     self._notify()
                     log.info("connected to %s", url)
                     await peer.wait_closed()
+            except HandshakeRefused as exc:
+                last_error = exc
+                log.info("connection to %s refused: %s", url, exc)
+                if exc.status in (401, 403):  # retrying with the same token cannot help
+                    self._give_up(f"{exc}", exc)
+                    return
             except (ConnectionClosed, OSError) as exc:
                 last_error = exc
                 log.info("connection to %s failed: %s", url, exc)
@@ -162,17 +168,21 @@ class RunClient:
             if (self.max_attempts is not None and failures >= self.max_attempts) or (
                 self.give_up_after is not None and waited >= self.give_up_after
             ):
-                self._failed = ReconnectFailed(
+                self._give_up(
                     f"gave up after {failures} failed attempts over {waited:.1f} s "
-                    f"({', '.join(self.urls)}): {last_error}"
+                    f"({', '.join(self.urls)}): {last_error}",
+                    last_error,
                 )
-                self._failed.__cause__ = last_error
-                self._notify()  # every waiter raises _failed
                 return
             delay = random.uniform(0, min(self.backoff_cap, self.backoff_base * 2**failures))
             if self.give_up_after is not None:
                 delay = min(delay, max(0.0, self.give_up_after - waited))
             await anyio.sleep(delay)
+
+    def _give_up(self, reason: str, cause: BaseException | None) -> None:
+        self._failed = ReconnectFailed(reason)
+        self._failed.__cause__ = cause
+        self._notify()  # every waiter raises _failed
 
     def _notify(self) -> None:
         changed, self._changed = self._changed, anyio.Event()

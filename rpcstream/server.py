@@ -9,13 +9,28 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import AsyncIterator, Sequence
+import logging
+import urllib.parse
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import anyio
 
 from ._backend import is_trio
 from ._tasks import task_group
+from .handshake import (
+    Authenticate,
+    Refused,
+    StaticFile,
+    _principal,
+    builtin_routes,
+    is_upgrade,
+    parse_request,
+    principal_id,
+    refuse,
+    respond,
+    run_authenticate,
+)
 from .messages import CODECS, Codec
 from .peer import RpcPeer
 from .protocol import Side
@@ -23,6 +38,8 @@ from .router import Router
 from .transport.websocket import WebSocketTransport
 
 __all__ = ["App", "Server", "serve"]
+
+log = logging.getLogger("rpcstream.server")
 
 
 @runtime_checkable
@@ -98,6 +115,10 @@ async def serve(
     close_timeout: float | None = None,
     open_timeout: float | None = 10.0,
     compression: str | None = None,
+    authenticate: Authenticate | None = None,
+    max_connections_per_principal: int | None = None,
+    routes: Mapping[str, StaticFile] | None = None,
+    serve_client: bool = True,
     **peer_options: Any,
 ) -> AsyncIterator[Server]:
     """Serve ``app`` (a :class:`Router`, or a ``RunServer``) on ``host:port``.
@@ -108,11 +129,49 @@ async def serve(
     its connection closes (within ``close_timeout``, default ``ping_timeout``).
     ``peer_options`` go to each :class:`RpcPeer` (``max_concurrent_handlers``,
     windows, ...).
+
+    ``authenticate(request)`` sees each upgrade request (a
+    :class:`HandshakeRequest`) and returns the connection's principal, or
+    ``None``/raises :class:`Refused` to answer HTTP 401/403 before the upgrade;
+    handlers read the principal with :func:`current_principal`.
+    ``max_connections_per_principal`` answers HTTP 429 beyond it. Plain HTTP
+    ``GET`` requests are answered from ``routes`` (path -> :class:`StaticFile`),
+    the app's ``http_routes`` and, unless ``serve_client=False``, the browser
+    module at ``/rpcstream.js``.
     Compression stays off unless ``compression="deflate"``: it costs far more
     CPU than it saves on a LAN.
     """
     router = _router_of(app)
     server = Server(router, host)
+    http_routes: dict[str, StaticFile] = builtin_routes() if serve_client else {}
+    http_routes.update(getattr(app, "http_routes", None) or {})
+    http_routes.update(routes or {})
+    per_principal: dict[str | None, int] = {}
+
+    async def process_request(connection: Any, request: Any) -> Any:
+        if not is_upgrade(request):
+            route = http_routes.get(urllib.parse.urlsplit(request.path).path)
+            if route is not None:
+                return respond(200, route.body, route.content_type)
+            return None  # websockets answers 426 Upgrade Required
+        if authenticate is None:
+            return None
+        handshake = parse_request(request, getattr(connection, "remote_address", None))
+        try:
+            principal = await run_authenticate(authenticate, handshake)
+        except Refused as exc:
+            return refuse(exc.status, exc.message)
+        except Exception:
+            log.exception("authenticate() failed")
+            return refuse(500, "authentication failed")
+        if principal is None:
+            return refuse(401, "unauthorized")
+        limit = max_connections_per_principal
+        if limit is not None and per_principal.get(principal_id(principal), 0) >= limit:
+            return refuse(429, f"too many connections for this principal (max {limit})")
+        connection.rpcstream_principal = principal
+        return None
+
     offered = list(codecs) if codecs else list(CODECS.values())
     subprotocols = [c.subprotocol for c in offered]
     by_name = {c.subprotocol: c for c in offered}
@@ -123,6 +182,11 @@ async def serve(
             await ws.close(1002, f"no rpcstream subprotocol; offer one of {subprotocols}")
             return
         server.connections_accepted += 1
+        principal = getattr(ws, "rpcstream_principal", None)
+        pid = principal_id(principal)
+        per_principal[pid] = per_principal.get(pid, 0) + 1
+        # Handler tasks and flows started from them inherit this context.
+        token = _principal.set(principal)
         peer = RpcPeer(
             WebSocketTransport(ws),
             router=router,
@@ -130,6 +194,7 @@ async def serve(
             side=Side.ACCEPTING,
             **peer_options,
         )
+        peer.principal = principal
         server._add(peer)
         try:
             async with peer:
@@ -137,6 +202,12 @@ async def serve(
         finally:
             # The peer's task group has ended: every task it started is done.
             server._remove(peer)
+            _principal.reset(token)
+            left = per_principal[pid] - 1
+            if left:
+                per_principal[pid] = left
+            else:
+                del per_principal[pid]
 
     def select_subprotocol(connection: Any, offered_by_client: Sequence[str]) -> str | None:
         for name in offered_by_client:
@@ -155,6 +226,7 @@ async def serve(
         # would only keep pending calls hanging. Default: the ping timeout.
         "close_timeout": close_timeout if close_timeout is not None else ping_timeout or 10.0,
         "open_timeout": open_timeout,
+        "process_request": process_request,
     }
     async with contextlib.AsyncExitStack() as stack:
         if isinstance(app, contextlib.AbstractAsyncContextManager):

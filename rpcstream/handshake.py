@@ -1,0 +1,167 @@
+"""What happens before the WebSocket opens: plain HTTP routes, and authentication.
+
+websockets hands every HTTP request to ``process_request`` before the upgrade.
+Here it either answers a plain HTTP route (``GET /rpcstream.js``, the browser
+module, and any routes the app declares), or runs the ``authenticate`` hook and
+refuses with HTTP 401/403/429 before the upgrade. Nothing here knows frames or
+peers; ``server.py`` wires it in.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import inspect
+import urllib.parse
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from websockets.datastructures import Headers
+from websockets.http11 import Response
+
+from .errors import RpcStreamError
+
+__all__ = [
+    "Authenticate",
+    "HandshakeRequest",
+    "Refused",
+    "StaticFile",
+    "current_principal",
+    "principal_id",
+]
+
+STATIC_DIR = Path(__file__).parent / "static"
+
+_principal: contextvars.ContextVar[Any] = contextvars.ContextVar("rpcstream_principal")
+
+
+def current_principal() -> Any:
+    """The principal ``authenticate`` returned for the connection being served
+    (in handlers, and in flows started from them); ``None`` without ``authenticate``."""
+    return _principal.get(None)
+
+
+def principal_id(principal: Any) -> str | None:
+    """The string a run records as its owner: the principal itself when it is a
+    ``str``, else its ``id`` attribute, else ``str(principal)``."""
+    if principal is None:
+        return None
+    if isinstance(principal, str):
+        return principal
+    return str(getattr(principal, "id", principal))
+
+
+class Refused(RpcStreamError):
+    """Raise it from ``authenticate`` to refuse with an HTTP status (401 by default)."""
+
+    def __init__(self, message: str = "unauthorized", status: int = 401) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass(frozen=True)
+class HandshakeRequest:
+    """The upgrade request, as ``authenticate`` sees it."""
+
+    path: str
+    query: Mapping[str, str]
+    headers: Headers
+    subprotocols: list[str]
+    remote_address: Any
+
+    @property
+    def bearer_token(self) -> str | None:
+        """The token of ``Authorization: Bearer <token>``, or of the ``access_token``
+        query parameter (browsers cannot set headers on a WebSocket)."""
+        auth = self.headers.get("Authorization", "")
+        scheme, _, token = auth.partition(" ")
+        if scheme.lower() == "bearer" and token.strip():
+            return token.strip()
+        return self.query.get("access_token") or None
+
+
+Authenticate = Callable[[HandshakeRequest], Any | Awaitable[Any]]
+"""``authenticate(request) -> principal``: return the principal, or ``None`` (or
+raise :class:`Refused`) to refuse before the upgrade. May be sync or async."""
+
+
+@dataclass(frozen=True)
+class StaticFile:
+    """A plain HTTP ``GET`` route: its content type and body."""
+
+    content_type: str
+    body: bytes = field(repr=False)
+
+    @classmethod
+    def from_path(cls, path: Path, content_type: str) -> StaticFile:
+        """Read a file once, at start-up."""
+        return cls(content_type, path.read_bytes())
+
+
+def builtin_routes() -> dict[str, StaticFile]:
+    """The browser module and its type declarations, when shipped."""
+    routes = {}
+    for name, kind in [
+        ("rpcstream.js", "text/javascript; charset=utf-8"),
+        ("rpcstream.d.ts", "application/typescript; charset=utf-8"),
+    ]:
+        path = STATIC_DIR / name
+        if path.is_file():
+            routes["/" + name] = StaticFile.from_path(path, kind)
+    return routes
+
+
+def respond(status: int, body: bytes, content_type: str, reason: str = "") -> Response:
+    """An HTTP response websockets can send instead of the upgrade."""
+    headers = Headers(
+        [
+            ("Content-Type", content_type),
+            ("Content-Length", str(len(body))),
+            ("Cache-Control", "no-cache"),
+            ("X-Content-Type-Options", "nosniff"),
+        ]
+    )
+    return Response(status, reason or _REASONS.get(status, "Error"), headers, body)
+
+
+def refuse(status: int, message: str) -> Response:
+    """A plain-text refusal (401, 403, 429...)."""
+    return respond(status, f"{message}\n".encode(), "text/plain; charset=utf-8")
+
+
+_REASONS = {
+    200: "OK",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "Not Found",
+    429: "Too Many Requests",
+    500: "Internal Server Error",
+}
+
+
+def parse_request(request: Any, remote_address: Any) -> HandshakeRequest:
+    """Build a :class:`HandshakeRequest` from websockets' ``Request``."""
+    parts = urllib.parse.urlsplit(request.path)
+    query = dict(urllib.parse.parse_qsl(parts.query))
+    offered = [
+        p.strip()
+        for value in request.headers.get_all("Sec-WebSocket-Protocol")
+        for p in value.split(",")
+        if p.strip()
+    ]
+    return HandshakeRequest(parts.path, query, request.headers, offered, remote_address)
+
+
+async def run_authenticate(authenticate: Authenticate, request: HandshakeRequest) -> Any:
+    """Call the hook (sync or async); ``None`` means refused."""
+    result = authenticate(request)
+    if inspect.isawaitable(result):
+        result = await result
+    return result
+
+
+def is_upgrade(request: Any) -> bool:
+    """Whether the request asks for a WebSocket (otherwise it is plain HTTP)."""
+    return "websocket" in request.headers.get("Upgrade", "").lower()
