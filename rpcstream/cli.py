@@ -59,6 +59,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8765, help="0 picks a free port")
+    serve.add_argument("--ping-interval", type=float, default=20.0, help="heartbeat seconds")
+    serve.add_argument(
+        "--ping-timeout", type=float, default=20.0, help="seconds without a pong: peer is dead"
+    )
 
     call = sub.add_parser("call", help="call a method and print its JSON result")
     call.add_argument("url")
@@ -157,7 +161,8 @@ async def _serve(args: argparse.Namespace) -> int:
             raise CliError("--store applies to RunServer apps only")
         app.store = make_store(args.store)
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async with serve(app, args.host, args.port) as server:
+        options = {"ping_interval": args.ping_interval, "ping_timeout": args.ping_timeout}
+        async with serve(app, args.host, args.port, **options) as server:
             print(f"rpcstream: serving {args.app} on {server.url}", flush=True)
             async for _ in signals:
                 break

@@ -14,7 +14,8 @@
     │   ├── RunNotFound (LookupError)          ErrorCode.RUN_NOT_FOUND
     │   ├── RunExpired (LookupError)           ErrorCode.RUN_EXPIRED
     │   ├── EventsTrimmed                      ErrorCode.EVENTS_TRIMMED
-    │   └── RunFinished                        ErrorCode.RUN_FINISHED
+    │   ├── RunFinished                        ErrorCode.RUN_FINISHED
+    │   └── RateLimited                        ErrorCode.RATE_LIMITED
     ├── ConnectionClosed                       the connection is gone; pending work failed
     │   ├── HandshakeRefused                   the server answered HTTP (401, 403, 429...)
     │   └── ReconnectFailed                    a RunClient gave up reconnecting
@@ -46,6 +47,7 @@ __all__ = [
     "Overloaded",
     "ProtocolError",
     "ProtocolViolation",
+    "RateLimited",
     "ReconnectFailed",
     "RemoteError",
     "RemoteProtocolError",
@@ -207,6 +209,12 @@ class RunFinished(_Coded):
     """The run already has its terminal event; nothing more can be appended or sent."""
 
     code_default = ErrorCode.RUN_FINISHED
+
+
+class RateLimited(_Coded):
+    """A token-bucket limit (calls per connection, events per run) refused the work."""
+
+    code_default = ErrorCode.RATE_LIMITED
 
 
 class ConnectionClosed(RpcStreamError):

@@ -48,8 +48,10 @@ from .errors import (
     LocalProtocolError,
     MethodNotFound,
     Overloaded,
+    RateLimited,
     RemoteError,
 )
+from .limits import TokenBucket
 from .messages import (
     MSGPACK,
     Call,
@@ -119,6 +121,11 @@ class RpcPeer:
         max_streams: open streams (both directions) per connection.
         expose_tracebacks: send handler tracebacks to the caller in ``data``.
         close_timeout: how long closing may wait to flush and say goodbye.
+        call_rate: ``(per_second, burst)``: incoming calls, notifications and
+            stream calls beyond this token bucket are answered ``rate_limited``.
+        max_queued_bytes: answers queued for a peer that does not read them
+            (it keeps calling but never reads) beyond this close the connection
+            with 1008: stream data is bounded by credit, answers by this.
     """
 
     def __init__(
@@ -135,6 +142,8 @@ class RpcPeer:
         max_streams: int = 4096,
         expose_tracebacks: bool = False,
         close_timeout: float = 5.0,
+        call_rate: tuple[float, int] | None = None,
+        max_queued_bytes: int = 16 * 1024 * 1024,
     ) -> None:
         self.transport = transport
         self.router = router if router is not None else Router()
@@ -151,6 +160,8 @@ class RpcPeer:
         self.max_buffered_amount = max_buffered_amount
         self.low_buffered_amount = max_buffered_amount // 4
         self.expose_tracebacks = expose_tracebacks
+        self.max_queued_bytes = max_queued_bytes
+        self._call_bucket = TokenBucket(*call_rate) if call_rate is not None else None
         self.close_timeout = close_timeout
         self._text = not codec.binary
         self._tg: TaskGroup | None = None
@@ -305,6 +316,9 @@ class RpcPeer:
                 events = proto.receive_message(message)
                 for event in events:
                     self._dispatch(event)
+                if proto.queued_bytes > self.max_queued_bytes:
+                    await self._abandon(1008, "too many answers queued: the peer does not read")
+                    return
         except ConnectionClosed as exc:
             self._shutdown(exc)
         except Exception as exc:  # a bug or an unexpected transport error: never hang
@@ -312,6 +326,12 @@ class RpcPeer:
             self._shutdown(ConnectionClosed(1011, f"internal error: {exc}"))
             with anyio.CancelScope(shield=True), anyio.move_on_after(self.close_timeout):
                 await self.transport.aclose(1011, "internal error")
+
+    async def _abandon(self, code: int, reason: str) -> None:
+        """Close at once, dropping what is queued: the peer broke a limit."""
+        log.warning("closing a connection: %s", reason)
+        self._proto.discard_queued()
+        self._spawn(self.aclose, code, reason)
 
     async def _write_loop(self) -> None:
         proto, transport, text = self._proto, self.transport, self._text
@@ -632,6 +652,9 @@ class RpcPeer:
         assert self._tg is not None
         self.calls_received += 1
         method = self.router.get(frame.method)
+        if self._call_bucket is not None and not self._call_bucket.take():
+            self._refuse(frame, RateLimited(f"{frame.method}: too many calls on this connection"))
+            return
         if self._running >= self.max_concurrent_handlers:
             self._refuse(
                 frame,

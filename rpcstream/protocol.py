@@ -527,6 +527,12 @@ class Protocol:
         self.queued_bytes -= size
         return self.codec.encode_batch(batch)
 
+    def discard_queued(self) -> None:
+        """Drop every queued frame (the connection is being abandoned)."""
+        self._control.clear()
+        self._data.clear()
+        self.queued_bytes = 0
+
     def cancel_all_outgoing(self) -> list[StreamId]:
         """Mark every outgoing stream cancelled (the connection closed); return their ids."""
         ids = [StreamId(s) for s in self._outgoing]

@@ -44,11 +44,14 @@ from .errors import (
     InvalidParams,
     MethodNotFound,
     Overloaded,
+    RateLimited,
     RpcStreamError,
     RunExpired,
     RunFinished,
     RunNotFound,
 )
+from .handshake import current_principal, principal_id
+from .limits import TokenBucket
 from .peer import current_peer
 from .router import Router
 from .store.base import TERMINAL_TYPES, EventStore, RunInfo, StoredEvent
@@ -61,6 +64,7 @@ __all__ = [
     "RunContext",
     "RunEvent",
     "RunServer",
+    "owner_only",
 ]
 
 log = logging.getLogger("rpcstream.runs")
@@ -111,6 +115,8 @@ class RunChannel:
         :class:`EventValidationError` on bad data.
         """
         run = self._run
+        if run.send_bucket is not None and not run.send_bucket.take():
+            raise RateLimited(f"run {run.run_id}: events sent faster than the run's send_rate")
         if type in _RESERVED:
             raise ValueError(f"event type {type!r} is reserved for the framework")
         declared = run.flow.events.get(type)
@@ -189,9 +195,18 @@ class _Flow:
 
 
 class _Run:
-    def __init__(self, run_id: str, flow: _Flow, inbox_size: int) -> None:
+    def __init__(
+        self,
+        run_id: str,
+        flow: _Flow,
+        inbox_size: int,
+        owner: str | None,
+        send_rate: tuple[float, int] | None,
+    ) -> None:
         self.run_id = run_id
         self.flow = flow
+        self.owner = owner
+        self.send_bucket = TokenBucket(*send_rate) if send_rate is not None else None
         self.scope = anyio.CancelScope()
         self.finished = False
         self.handlers: dict[str, Callable[[Any], Awaitable[None]]] = {}
@@ -217,6 +232,15 @@ class RunServer:
             ``cancelled`` event on shutdown.
         end_orphaned_runs: at start-up, end with an ``error`` event the runs an
             embedded store still holds as running (their process died).
+        can_access: ``can_access(principal, run_info, action) -> bool`` decides
+            who may ``subscribe``, ``status``, ``cancel`` or ``send`` to a run;
+            by default only its owner (the principal that started it), or anyone
+            for a run started without one. Refusals look exactly like an
+            unknown run, so run ids cannot be probed.
+        max_runs_per_principal: runs in flight per principal; ``runs.start``
+            beyond it is answered ``overloaded``.
+        send_rate: ``(per_second, burst)`` token bucket per run on
+            ``ctx.client.send`` (:class:`RateLimited` beyond it).
     """
 
     def __init__(
@@ -228,8 +252,14 @@ class RunServer:
         inbox_size: int = 64,
         cancel_timeout: float = 5.0,
         end_orphaned_runs: bool = True,
+        can_access: Callable[[Any, RunInfo, str], bool] | None = None,
+        max_runs_per_principal: int | None = None,
+        send_rate: tuple[float, int] | None = None,
     ) -> None:
         self.end_orphaned_runs = end_orphaned_runs
+        self.can_access = can_access or owner_only
+        self.max_runs_per_principal = max_runs_per_principal
+        self.send_rate = send_rate
         self.store = store if store is not None else MemoryStore()
         self.sweep_interval = sweep_interval
         self.inbox_size = inbox_size
@@ -350,6 +380,9 @@ class RunServer:
         found = self._flows.get(name)
         if found is None:
             raise MethodNotFound(f"no flow {name!r}")
+        limit = self.max_runs_per_principal
+        if limit is not None and sum(r.owner == owner for r in self._runs.values()) >= limit:
+            raise Overloaded(f"too many runs in flight for this principal (max {limit})")
         try:
             values = msgspec.convert(params or {}, found.params)
         except msgspec.ValidationError as exc:
@@ -358,7 +391,7 @@ class RunServer:
         run_id = uuid.uuid4().hex
         await self.store.create_run(run_id, name, owner)
         await self.store.append(run_id, "started", _json_encode({"flow": name}))
-        run = self._runs[run_id] = _Run(run_id, found, self.inbox_size)
+        run = self._runs[run_id] = _Run(run_id, found, self.inbox_size, owner, self.send_rate)
         self._tg.start_soon(self._execute, run, kwargs)
         return run_id
 
@@ -394,12 +427,18 @@ class RunServer:
 
     # -- the runs.* methods --------------------------------------------------------------
 
+    async def _check_access(self, run_id: str, action: str) -> RunInfo:
+        info = await self.store.info(run_id)
+        if not self.can_access(current_principal(), info, action):
+            raise RunNotFound(f"unknown run {run_id!r}")  # the store's words, exactly
+        return info
+
     async def _start(self, flow: str, params: dict[str, Any] | None = None) -> dict[str, str]:
-        run_id = await self.start(flow, params)
+        run_id = await self.start(flow, params, owner=principal_id(current_principal()))
         return {"run_id": run_id, "stream_id": run_id}
 
     async def _subscribe(self, run_id: str, after: int = 0) -> AsyncIterator[RunEvent]:
-        info = await self.store.info(run_id)
+        info = await self._check_access(run_id, "subscribe")
         as_raw = not current_peer().codec.binary  # JSON clients: stored JSON passes through
         self._subscribers[run_id] = self._subscribers.get(run_id, 0) + 1
         try:
@@ -414,21 +453,21 @@ class RunServer:
                 del self._subscribers[run_id]
 
     async def _status(self, run_id: str) -> dict[str, Any]:
-        info = await self.store.info(run_id)
+        info = await self._check_access(run_id, "status")
         return _status(info, self._subscribers.get(run_id, 0))
 
     async def _cancel(self, run_id: str) -> dict[str, Any]:
+        info = await self._check_access(run_id, "cancel")
         run = self._runs.get(run_id)
-        if run is None:
-            info = await self.store.info(run_id)  # RunNotFound / RunExpired, or finished
+        if run is None:  # finished, or running on another node
             return _status(info, self._subscribers.get(run_id, 0))
         run.scope.cancel()
         return {"run_id": run_id, "status": "cancelling"}
 
     async def _send(self, run_id: str, type: str, data: Any = None) -> None:
+        info = await self._check_access(run_id, "send")
         run = self._runs.get(run_id)
         if run is None:
-            info = await self.store.info(run_id)
             raise RunFinished(f"run {run_id} is not running (status {info.status})")
         handler = run.handlers.get(type)
         if handler is not None:
@@ -442,6 +481,11 @@ class RunServer:
             ) from None
         except (anyio.ClosedResourceError, anyio.BrokenResourceError):
             raise RunFinished(f"run {run_id} is not running") from None
+
+
+def owner_only(principal: Any, info: RunInfo, action: str) -> bool:
+    """The default access rule: a run's owner only (anyone for an unowned run)."""
+    return info.owner is None or principal_id(principal) == info.owner
 
 
 def _to_wire(event: StoredEvent, info: RunInfo, as_raw: bool) -> RunEvent:
