@@ -74,6 +74,7 @@ from .protocol import (
     StreamReadable,
     StreamWritable,
     encodable,
+    shorten,
 )
 from .router import Method, Router
 from .transport.base import Transport
@@ -402,7 +403,9 @@ class RpcPeer:
             if ev is not None:
                 ev.set()
         elif t is Fault:
-            log.warning("peer reported a protocol fault: [%s] %s", event.code, event.message)
+            log.warning(
+                "peer reported a protocol fault: [%s] %s", event.code, shorten(event.message)
+            )
 
     def _wake_reader(self, sid: int) -> None:
         ev = self._readable.get(sid)
@@ -665,7 +668,7 @@ class RpcPeer:
             )
             return
         if method is None:
-            self._refuse(frame, MethodNotFound(f"no method {frame.method!r}"))
+            self._refuse(frame, MethodNotFound(f"no method {shorten(repr(frame.method))}"))
             return
         self._running += 1
         scope = anyio.CancelScope()
@@ -682,7 +685,7 @@ class RpcPeer:
         elif type(frame) is StreamCall:
             proto.end_outgoing(frame.stream_id, error)
         else:
-            log.warning("dropped notification %r: %s", frame.method, error)
+            log.warning("dropped notification %s: %s", shorten(repr(frame.method)), error)
         self._cancel_stream_args(frame, {})
 
     def _bind(

@@ -374,7 +374,8 @@ class Protocol:
         """Process one received message; return the events the I/O layer must act on."""
         try:
             frames = self.codec.decode_batch(data)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as exc:
+            # RecursionError: msgspec refuses nesting deeper than the C stack allows.
             self._fault(f"undecodable message: {exc}")
             return []
         events: list[Event] = []
@@ -499,7 +500,7 @@ class Protocol:
 
     def _fault(self, message: str) -> None:
         self.faults_sent += 1
-        self.send(Fault(ErrorCode.PROTOCOL_ERROR, message))
+        self.send(Fault(ErrorCode.PROTOCOL_ERROR, shorten(message)))
 
     # -- output ------------------------------------------------------------------------
 
@@ -549,6 +550,12 @@ class Protocol:
                 st.error = error
                 ids.append(StreamId(sid))
         return ids
+
+
+def shorten(text: str, limit: int = 200) -> str:
+    """``text`` cut to ``limit`` characters: peer-supplied text in our own
+    messages and logs must not let a peer make them arbitrarily large."""
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} chars)"
 
 
 def _nothing() -> None:
