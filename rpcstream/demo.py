@@ -20,6 +20,7 @@ import anyio
 import msgspec
 
 from .errors import ConnectionClosed
+from .handshake import StaticFile
 from .peer import current_peer
 from .router import Router
 from .runclient import RunClient
@@ -29,6 +30,8 @@ from .store.base import EventStore
 from .store.sqlite import SQLiteStore
 
 __all__ = ["Complete", "Token", "make_app", "run_demo"]
+
+_DEMO_PAGE = Path(__file__).parent / "static" / "demo.html"
 
 _TEXT = (
     "Quantum computers store information in qubits, which can hold a blend of zero and one "
@@ -73,7 +76,17 @@ def make_app(store: EventStore | None = None) -> RunServer:
         shout = await current_peer().call("shout", f"hello, {name}")
         return f"server heard: {shout}"
 
+    @router.method
+    async def drop_connection() -> None:
+        # Demo only: the server closes the caller's connection, as a restart or a
+        # network drop would; the demo page then shows its RunClient resuming.
+        await current_peer().aclose(1012, "demo drop")
+
     runs = RunServer(store=store, router=router)
+    # The demo page at http://host:port/ (serve() answers plain GETs from http_routes).
+    runs.http_routes = {  # type: ignore[attr-defined]
+        "/": StaticFile.from_path(_DEMO_PAGE, "text/html; charset=utf-8")
+    }
 
     @runs.flow("ml-inference", events={"token": Token, "complete": Complete})
     async def ml_inference(

@@ -177,6 +177,7 @@ class RpcPeer:
         self._flushed: anyio.Event | None = None
         self._closed = anyio.Event()
         self._closing: anyio.Event | None = None
+        self._transport_lost = False  # the transport failed or closed under us
         self._close_exc: ConnectionClosed | None = None
         self._inflight = 0
         self._running = 0
@@ -249,8 +250,9 @@ class RpcPeer:
         if self._close_exc is None:
             self._shutdown(ConnectionClosed(code, reason or "closed locally"))
         with anyio.CancelScope(shield=True), anyio.move_on_after(self.close_timeout):
-            # Let the writer flush what was queued (cancels, answers) before closing.
-            while self._proto.has_data() or self._inflight:
+            # Let the writer flush what was queued (cancels, answers) before
+            # closing; pointless once the transport itself is gone.
+            while (self._proto.has_data() or self._inflight) and not self._transport_lost:
                 self._flushed = anyio.Event()
                 self._wakeup.set()
                 await self._flushed.wait()
@@ -321,7 +323,10 @@ class RpcPeer:
                     await self._abandon(1008, "too many answers queued: the peer does not read")
                     return
         except ConnectionClosed as exc:
+            self._transport_lost = True
             self._shutdown(exc)
+            if self._flushed is not None:
+                self._flushed.set()
         except Exception as exc:  # a bug or an unexpected transport error: never hang
             log.exception("rpcstream reader failed")
             self._shutdown(ConnectionClosed(1011, f"internal error: {exc}"))
@@ -361,6 +366,7 @@ class RpcPeer:
                     self._drained = None
                     drained.set()
         except ConnectionClosed as exc:
+            self._transport_lost = True
             self._shutdown(exc)
             if self._flushed is not None:
                 self._flushed.set()
