@@ -69,6 +69,10 @@ async def connect(
     }
     if is_trio():
         from websockets.trio.client import connect as ws_connect
+
+        from .transport.trio_fix import ReadNeverWaitsClientConnection
+
+        options["create_connection"] = ReadNeverWaitsClientConnection
     else:
         from websockets.asyncio.client import connect as ws_connect  # type: ignore[assignment]
     try:

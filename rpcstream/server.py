@@ -242,6 +242,10 @@ async def _listen(
     if is_trio():
         from websockets.trio.server import serve as trio_serve
 
+        from .transport.trio_fix import ReadNeverWaitsServerConnection
+
+        options = dict(options, create_connection=ReadNeverWaitsServerConnection)
+
         async def trio_handler(ws: Any) -> None:
             ws.close = ws.aclose  # the same name on both loops, for handler()
             await handler(ws)
