@@ -14,7 +14,7 @@ from .messages import JSON, MSGPACK, Codec
 from .peer import RpcPeer
 from .protocol import Side
 from .router import Router
-from .transport.websocket import WebSocketTransport
+from .transport.websocket import WebSocketTransport, websockets_options
 
 __all__ = ["connect"]
 
@@ -57,14 +57,14 @@ async def connect(
         extra.append(("Authorization", f"Bearer {token}"))
     options: dict[str, Any] = {
         "subprotocols": [codec.subprotocol],
-        "compression": compression,
-        "max_size": max_message_size,
-        "ping_interval": ping_interval,
-        "ping_timeout": ping_timeout,
-        # A peer that missed its pong is dead: waiting long for its close frame
-        # would only keep pending calls hanging. Default: the ping timeout.
-        "close_timeout": close_timeout if close_timeout is not None else ping_timeout or 10.0,
-        "open_timeout": open_timeout,
+        **websockets_options(
+            compression=compression,
+            max_message_size=max_message_size,
+            ping_interval=ping_interval,
+            ping_timeout=ping_timeout,
+            close_timeout=close_timeout,
+            open_timeout=open_timeout,
+        ),
         "additional_headers": extra or None,
     }
     if is_trio():

@@ -35,7 +35,7 @@ from .messages import CODECS, Codec
 from .peer import RpcPeer
 from .protocol import Side
 from .router import Router
-from .transport.websocket import WebSocketTransport
+from .transport.websocket import WebSocketTransport, websockets_options
 
 __all__ = ["App", "Server", "serve"]
 
@@ -218,14 +218,14 @@ async def serve(
     options: dict[str, Any] = {
         "subprotocols": subprotocols,
         "select_subprotocol": select_subprotocol,
-        "compression": compression,
-        "max_size": max_message_size,
-        "ping_interval": ping_interval,
-        "ping_timeout": ping_timeout,
-        # A peer that missed its pong is dead: waiting long for its close frame
-        # would only keep pending calls hanging. Default: the ping timeout.
-        "close_timeout": close_timeout if close_timeout is not None else ping_timeout or 10.0,
-        "open_timeout": open_timeout,
+        **websockets_options(
+            compression=compression,
+            max_message_size=max_message_size,
+            ping_interval=ping_interval,
+            ping_timeout=ping_timeout,
+            close_timeout=close_timeout,
+            open_timeout=open_timeout,
+        ),
         "process_request": process_request,
     }
     async with contextlib.AsyncExitStack() as stack:

@@ -16,7 +16,29 @@ import websockets.exceptions
 from ..errors import ConnectionClosed
 from .base import Transport
 
-__all__ = ["WebSocketTransport"]
+__all__ = ["WebSocketTransport", "websockets_options"]
+
+
+def websockets_options(
+    *,
+    compression: str | None,
+    max_message_size: int | None,
+    ping_interval: float | None,
+    ping_timeout: float | None,
+    close_timeout: float | None,
+    open_timeout: float | None,
+) -> dict[str, Any]:
+    """The websockets options ``serve()`` and ``connect()`` share."""
+    return {
+        "compression": compression,
+        "max_size": max_message_size,
+        "ping_interval": ping_interval,
+        "ping_timeout": ping_timeout,
+        # A peer that missed its pong is dead: waiting long for its close frame
+        # would only keep pending calls hanging. Default: the ping timeout.
+        "close_timeout": close_timeout if close_timeout is not None else ping_timeout or 10.0,
+        "open_timeout": open_timeout,
+    }
 
 
 class WebSocketTransport(Transport):
