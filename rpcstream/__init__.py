@@ -27,6 +27,7 @@ from .errors import (
     RunExpired,
     RunFinished,
     RunNotFound,
+    StoreUnavailable,
 )
 from .handshake import HandshakeRequest, Refused, StaticFile, current_principal
 from .messages import StreamId
@@ -38,8 +39,18 @@ from .server import Server, serve
 from .store.base import EventStore, RunInfo, StoredEvent
 from .store.memory import MemoryStore
 from .store.sqlite import SQLiteStore
+from .writer import RunWriter
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> object:
+    # RedisStore needs the optional ``redis`` package: import it on first use only.
+    if name == "RedisStore":
+        from .store.redis import RedisStore
+
+        return RedisStore
+    raise AttributeError(f"module 'rpcstream' has no attribute {name!r}")
 
 __all__ = [
     "Cancelled",
@@ -54,6 +65,9 @@ __all__ = [
     "RunInfo",
     "RunServer",
     "SQLiteStore",
+    "RedisStore",
+    "RunWriter",
+    "StoreUnavailable",
     "StoredEvent",
     "ConnectionClosed",
     "DeadlineExceeded",

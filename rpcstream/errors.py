@@ -15,7 +15,8 @@
     │   ├── RunExpired (LookupError)           ErrorCode.RUN_EXPIRED
     │   ├── EventsTrimmed                      ErrorCode.EVENTS_TRIMMED
     │   ├── RunFinished                        ErrorCode.RUN_FINISHED
-    │   └── RateLimited                        ErrorCode.RATE_LIMITED
+    │   ├── RateLimited                        ErrorCode.RATE_LIMITED
+    │   └── StoreUnavailable                   ErrorCode.UNAVAILABLE
     ├── ConnectionClosed                       the connection is gone; pending work failed
     │   ├── HandshakeRefused                   the server answered HTTP (401, 403, 429...)
     │   └── ReconnectFailed                    a RunClient gave up reconnecting
@@ -55,6 +56,7 @@ __all__ = [
     "RunExpired",
     "RunFinished",
     "RunNotFound",
+    "StoreUnavailable",
 ]
 
 
@@ -77,6 +79,7 @@ class ErrorCode(enum.IntEnum):
     RUN_FINISHED = 11
     UNAUTHORIZED = 12
     RATE_LIMITED = 13
+    UNAVAILABLE = 14
 
 
 class RpcStreamError(Exception):
@@ -215,6 +218,16 @@ class RateLimited(_Coded):
     """A token-bucket limit (calls per connection, events per run) refused the work."""
 
     code_default = ErrorCode.RATE_LIMITED
+
+
+class StoreUnavailable(_Coded):
+    """The event store's backing service (Redis) failed or cannot be reached.
+
+    The underlying exception is the ``__cause__``. An append that raised this may
+    or may not have been stored. Clients see it as ``unavailable``.
+    """
+
+    code_default = ErrorCode.UNAVAILABLE
 
 
 class ConnectionClosed(RpcStreamError):

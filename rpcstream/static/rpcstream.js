@@ -307,6 +307,14 @@ function streamDataSizes(text, frames) {
 // Small helpers.
 // ---------------------------------------------------------------------------------
 
+/** A wrong type here would make the server drop the whole message (a Fault). */
+function checkCall(method, timeout) {
+  if (typeof method !== "string") throw new TypeError("method must be a string");
+  if (timeout !== null && timeout !== undefined && !Number.isFinite(timeout)) {
+    throw new TypeError("timeout must be a number of seconds or null");
+  }
+}
+
 function isAsyncIterable(value) {
   return value !== null && typeof value === "object" &&
     typeof value[Symbol.asyncIterator] === "function";
@@ -687,6 +695,7 @@ export class Peer extends EventTarget {
   call(method, args = [], kwargs = {}, { timeout = null, signal } = {}) {
     return new Promise((resolve, reject) => {
       this._checkOpen();
+      checkCall(method, timeout);
       if (signal?.aborted) throw signal.reason;
       const { argsOut, kwargsOut, streamArgs, sids } = this._encodeParams(args, kwargs);
       const id = this._nextCallId++;
@@ -731,6 +740,7 @@ export class Peer extends EventTarget {
   /** Call `method` without an answer (errors are only logged by the server). */
   notify(method, args = [], kwargs = {}) {
     this._checkOpen();
+    checkCall(method, null);
     const { argsOut, kwargsOut, streamArgs, sids } = this._encodeParams(args, kwargs);
     let text;
     try {
@@ -750,6 +760,7 @@ export class Peer extends EventTarget {
    */
   stream(method, args = [], kwargs = {}, options = {}) {
     this._checkOpen();
+    checkCall(method, options.timeout);
     if (!((options.windowItems ?? this.windowItems) >= 1 &&
           (options.windowBytes ?? this.windowBytes) >= 1)) {
       throw new RangeError("stream windows must allow at least one item and one byte");

@@ -27,6 +27,12 @@ and stream (``PEXPIRE expire_after``) and on its tombstone (``expire_after +
 tombstone_ttl``), and adds the run to ``{prefix}expiring``. Last it
 ``PUBLISH``\\es the event on the run's channel. However many nodes append to a
 run at once, its ids stay contiguous: Redis runs one script at a time.
+Concurrent appends on one node share round trips (*pipelined appends*, like the
+SQLite store's group commit): whoever finds no pipeline in flight sends every
+queued append as one pipeline of ``EVALSHA``\\s, publishes the results in
+order and wakes the others; what queued meanwhile forms the next pipeline. A
+sent pipeline runs to its end shielded (bounded by ``command_timeout``), so an
+append cancelled then may still be stored; one cancelled while queued is not.
 
 **Reads** (``read``, ``info``) are one read-only script each, so the metadata
 and the events they return are one consistent snapshot. Time decisions use the
@@ -53,9 +59,9 @@ then read storage themselves). Echoes of this node's own appends are dropped.
 exception as ``__cause__``; commands are never retried, so an append that
 failed after it was sent may still have been stored (ids stay contiguous either
 way). The listener reconnects on its own, with backoff, resubscribes and
-catches up as above: a follower that waits for live events rides through an
-outage; one that must read storage while Redis is away gets
-:class:`StoreUnavailable`.
+catches up as above. ``follow`` rides through outages: a follower waiting for
+live events does not notice, and one whose storage read fails retries with the
+same backoff, resuming right after the last event it yielded.
 
 **asyncio only**: redis.asyncio runs on asyncio; :meth:`RedisStore.open`
 raises ``RuntimeError`` on trio. The listener is an asyncio task owned by the
@@ -77,19 +83,23 @@ import contextlib
 import logging
 import math
 import time
+import urllib.parse
+import uuid
 from collections.abc import AsyncGenerator, Callable, Iterator
+from typing import Any
 
 import anyio
 import anyio.abc
+import anyio.lowlevel
 import sniffio
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 
-from ..errors import RpcStreamError
+from ..errors import StoreUnavailable
 from .base import RUNNING, EventStore, RunInfo, StoredEvent
 
 __all__ = ["RedisStore", "StoreUnavailable"]
@@ -165,12 +175,41 @@ return removed
 """
 
 
-class StoreUnavailable(RpcStreamError):
-    """The store's backing service (Redis) failed or cannot be reached.
+class _Pending:
+    """One append waiting for its batch."""
 
-    The redis-py exception is the ``__cause__``. An append that raises this may
-    or may not have been stored.
-    """
+    __slots__ = (
+        "command",
+        "data",
+        "done",
+        "error",
+        "event",
+        "expires",
+        "now",
+        "run_id",
+        "taken",
+        "type",
+    )
+
+    def __init__(
+        self,
+        run_id: str,
+        type: str,
+        data: bytes,
+        now: float,
+        expires: float | None,
+        command: list[bytes | str | int],
+    ) -> None:
+        self.run_id = run_id
+        self.type = type
+        self.data = data
+        self.now = now
+        self.expires = expires
+        self.command = command  # the script's keys and arguments
+        self.taken = False  # in a batch being sent: can no longer be withdrawn
+        self.done = False
+        self.event: StoredEvent | None = None
+        self.error: Exception | None = None
 
 
 class RedisStore(EventStore):
@@ -198,6 +237,8 @@ class RedisStore(EventStore):
     """The listener pings Redis this often; silence for three intervals means a dead link."""
     sweep_chunk: int = 500
     """Runs expired per round trip by :meth:`sweep`."""
+    max_batch: int = 256
+    """Appends sent in one pipeline at most."""
 
     def __init__(
         self,
@@ -211,13 +252,16 @@ class RedisStore(EventStore):
         max_connections: int = 16,
         pool_timeout: float = 10.0,
         connect_timeout: float = 5.0,
-        command_timeout: float = 10.0,
+        command_timeout: float | None = 10.0,
+        max_pending: int = 1024,
     ) -> None:
         super().__init__(max_events=max_events, expire_after=expire_after, clock=clock)
         if tombstone_ttl <= 0:
             raise ValueError(f"tombstone_ttl must be positive, not {tombstone_ttl}")
         if max_connections < 1:
             raise ValueError(f"max_connections must be at least 1, not {max_connections}")
+        if max_pending < 1:
+            raise ValueError(f"max_pending must be at least 1, not {max_pending}")
         self.url = url
         self.prefix = prefix
         self.tombstone_ttl = float(tombstone_ttl)
@@ -225,6 +269,9 @@ class RedisStore(EventStore):
         self.pool_timeout = pool_timeout
         self.connect_timeout = connect_timeout
         self.command_timeout = command_timeout
+        self.max_pending = max_pending
+        self.listener_name = f"{prefix}listener:{uuid.uuid4().hex[:12]}"
+        """The Redis client name of this store's listener connection (``CLIENT LIST``)."""
         self._expiring = f"{prefix}expiring"
         self._channel_prefix = f"{prefix}events:".encode()
         self._run_ttl_ms = math.ceil(self.expire_after * 1000)
@@ -232,6 +279,14 @@ class RedisStore(EventStore):
         self._redis: Redis | None = None
         self._pool: BlockingConnectionPool | None = None
         self._scripts: dict[str, AsyncScript] = {}
+        self._append_sha = ""
+        # Appends waiting for the next pipeline; one pipeline is in flight at a time.
+        self._pending: list[_Pending] = []
+        self._flushing = False
+        self._batch_done = anyio.Event()
+        # Statistics for tests and benchmarks: pipelines sent, and appends they carried.
+        self._batches = 0
+        self._batched = 0
         self._listener: asyncio.Task[None] | None = None
         # Runs followed on this node -> how many follow each; the listener subscribes to these.
         self._watchers: dict[str, int] = {}
@@ -242,6 +297,7 @@ class RedisStore(EventStore):
         self._sub_tg: anyio.abc.TaskGroup | None = None
         self._sub_lock: anyio.Lock | None = None
         self._heard = 0.0
+        self._closing = anyio.Event()
 
     # -- names --------------------------------------------------------------------
 
@@ -270,8 +326,10 @@ class RedisStore(EventStore):
             max_connections=self.max_connections,
             timeout=self.pool_timeout,
             socket_connect_timeout=self.connect_timeout,
-            socket_timeout=self.command_timeout,
+            socket_timeout=None,  # commands get a deadline in _mapped instead
             socket_keepalive=True,
+            # RESP2 everywhere: the listener reads pub/sub messages as plain replies.
+            protocol=2,
             # Never retry: a retried append could be stored twice. Callers decide.
             retry=Retry(NoBackoff(), 0),
         )
@@ -289,13 +347,16 @@ class RedisStore(EventStore):
             "fetch": client.register_script(_FETCH),
             "sweep": client.register_script(_SWEEP),
         }
+        self._append_sha = self._scripts["append"].sha
         self._redis, self._pool = client, pool
+        self._closing = anyio.Event()
         self._sub_lock = anyio.Lock()
         self._listener = asyncio.get_running_loop().create_task(
             self._listen(), name=f"RedisStore listener ({self.prefix})"
         )
 
     async def _aclose(self) -> None:
+        self._closing.set()
         listener, self._listener = self._listener, None
         if listener is not None:
             listener.cancel()
@@ -321,20 +382,25 @@ class RedisStore(EventStore):
     def _mapped(self, what: str) -> Iterator[None]:
         """Turn redis-py failures into :class:`StoreUnavailable` (or closed-store errors)."""
         try:
-            yield
+            # Our own deadline: redis-py's socket_timeout costs a task per command.
+            with anyio.fail_after(self.command_timeout):
+                yield
+        except TimeoutError as exc:
+            raise StoreUnavailable(
+                f"could not {what} Redis at {self._where()}: "
+                f"no answer within {self.command_timeout} s"
+            ) from exc
         except (RedisError, OSError) as exc:
             if self._closed:
                 raise anyio.ClosedResourceError from exc
             raise StoreUnavailable(f"could not {what} Redis at {self._where()}: {exc}") from exc
 
     def _where(self) -> str:
-        pool = self._pool
-        if pool is None:
-            return "(closed)"
-        kwargs = pool.connection_kwargs
-        if "path" in kwargs:
-            return str(kwargs["path"])
-        return f"{kwargs.get('host', '?')}:{kwargs.get('port', '?')}"
+        """Where Redis is, for messages: host and port (or socket path), never a password."""
+        parts = urllib.parse.urlsplit(self.url)
+        if parts.scheme == "unix":
+            return parts.path
+        return f"{parts.hostname}:{parts.port or 6379}"
 
     # -- the primitives -----------------------------------------------------------------
 
@@ -351,13 +417,41 @@ class RedisStore(EventStore):
 
     async def _append(self, run_id: str, type: str, data: bytes, terminal: bool) -> StoredEvent:
         client = self._client()
+        request = self._request(run_id, type, data, terminal)
+        while len(self._pending) >= self.max_pending:
+            await self._batch_done.wait()  # backpressure: wait for a batch to leave
+        self._pending.append(request)
+        try:
+            while not request.done:
+                if self._flushing:
+                    await self._batch_done.wait()
+                    continue
+                self._flushing = True
+                try:
+                    await self._flush(client)
+                finally:
+                    self._flushing = False
+                    # Wake the waiters: theirs may be done, or one must flush next.
+                    self._batch_done.set()
+                    self._batch_done = anyio.Event()
+        except BaseException:
+            if not request.taken:
+                self._pending.remove(request)  # never sent: safe to withdraw
+            raise
+        if request.error is not None:
+            raise request.error
+        assert request.event is not None
+        return request.event
+
+    def _request(self, run_id: str, type: str, data: bytes, terminal: bool) -> _Pending:
         now = self.clock()
         expires = now + self.expire_after if terminal else None
-        run, stream, tombstone = self.run_keys(run_id)
         encoded_type = type.encode()
         # The message is "<id> <timestamp> <expires or -> <len(type)> <type><data>".
         header = f"{now!r} {'-' if expires is None else repr(expires)} {len(encoded_type)} "
-        args: list[bytes | str | int] = [
+        command: list[bytes | str | int] = [
+            *self.run_keys(run_id),
+            self._expiring,
             encoded_type,
             data,
             repr(now),
@@ -370,15 +464,76 @@ class RedisStore(EventStore):
             self.channel(run_id),
             header,
         ]
-        keys = [run, stream, tombstone, self._expiring]
-        with self._mapped("append to"):
-            reply = await self._scripts["append"](keys=keys, args=args, client=client)
-        status = reply[0]
-        if status != 0:
-            raise (self._not_found, self._expired, self._finished)[status - 1](run_id)
-        event = StoredEvent(int(reply[1]), type, data, now)
-        self._publish(run_id, (event,), expires)
-        return event
+        return _Pending(run_id, type, data, now, expires, command)
+
+    async def _flush(self, client: Redis) -> None:
+        """Send the queued appends as ONE pipeline, then publish them in order."""
+        # Let the tasks just woken by the previous batch queue their next append (a
+        # bigger batch), and let a cancelled flusher leave before it sends anything:
+        # from here on the batch runs shielded.
+        await anyio.lowlevel.checkpoint()
+        batch = self._pending[: self.max_batch]
+        del self._pending[: len(batch)]
+        for request in batch:
+            request.taken = True
+        if self._redis is not client:  # closed (and maybe reopened) since these queued
+            for request in batch:
+                request.error = anyio.ClosedResourceError()
+                request.done = True
+            return
+        try:
+            # Once sent, see it through (for at most command_timeout), even if the
+            # caller that flushes is cancelled: the batch holds other callers' appends.
+            with anyio.CancelScope(shield=True), self._mapped("append to"):
+                replies = await self._run_appends(client, batch)
+        except Exception as exc:  # StoreUnavailable, ClosedResourceError
+            for request in batch:
+                request.error = exc
+                request.done = True
+            return
+        self._batches += 1
+        self._batched += len(batch)
+        errors = (self._not_found, self._expired, self._finished)
+        for request, reply in zip(batch, replies, strict=True):
+            request.done = True
+            if isinstance(reply, Exception):
+                request.error = StoreUnavailable(f"Redis refused an append: {reply}")
+                request.error.__cause__ = reply
+            elif reply[0] != 0:
+                request.error = errors[reply[0] - 1](request.run_id)
+            else:
+                event = request.event = StoredEvent(
+                    int(reply[1]), request.type, request.data, request.now
+                )
+                self._publish(request.run_id, (event,), request.expires)
+
+    async def _run_appends(self, client: Redis, batch: list[_Pending]) -> list[Any]:
+        """EVALSHA the append script for each request, in one round trip."""
+        replies: list[Any] = [None] * len(batch)
+        todo = list(range(len(batch)))
+        for attempt in range(2):
+            results: list[Any]
+            if len(todo) == 1:  # no pipeline needed: skip its overhead
+                try:
+                    results = [await client.evalsha(self._append_sha, 4, *batch[todo[0]].command)]
+                except ResponseError as exc:  # the script's error, as a pipeline reports it
+                    results = [exc]
+            else:
+                async with client.pipeline(transaction=False) as pipe:
+                    for index in todo:
+                        pipe.evalsha(self._append_sha, 4, *batch[index].command)
+                    results = await pipe.execute(raise_on_error=False)
+            missing = []
+            for index, result in zip(todo, results, strict=True):
+                if isinstance(result, NoScriptError) and attempt == 0:
+                    missing.append(index)  # not run: Redis restarted and lost its scripts
+                else:
+                    replies[index] = result
+            if not missing:
+                break
+            self._append_sha = await client.script_load(_APPEND)
+            todo = missing
+        return replies
 
     async def _fetch(
         self, run_id: str, after: int, limit: int
@@ -454,10 +609,24 @@ class RedisStore(EventStore):
         # Subscribe before the base loop first looks at storage; the subscription's
         # confirmation catches up whatever it missed meanwhile.
         self._watch(run_id)
+        position = after
+        delay = self.reconnect_delay
         try:
-            async with contextlib.aclosing(super()._follow(run_id, after)) as events:
-                async for event in events:
-                    yield event
+            while True:
+                try:
+                    async with contextlib.aclosing(super()._follow(run_id, position)) as events:
+                        async for event in events:
+                            yield event
+                            position = event.id
+                            delay = self.reconnect_delay
+                    return
+                except StoreUnavailable as exc:
+                    # Ride through the outage: resume from the last event given out.
+                    level = logging.WARNING if delay == self.reconnect_delay else logging.DEBUG
+                    log.log(level, "follow %r: %s; retrying in %.2f s", run_id, exc, delay)
+                    with anyio.move_on_after(delay):
+                        await self._closing.wait()  # aclose() ends the wait at once
+                    delay = min(delay * 2, self.reconnect_delay_max)
         finally:
             self._unwatch(run_id)
 
@@ -496,7 +665,7 @@ class RedisStore(EventStore):
             except Exception as exc:
                 # The reader sees the broken connection too, and reconnects.
                 log.debug("listener: could not send a subscription change: %r", exc)
-                await conn.disconnect(nowait=True)
+                await _drop(conn)
 
     async def _listen(self) -> None:
         """The listener task: connect, subscribe, read; on any failure, reconnect."""
@@ -507,12 +676,16 @@ class RedisStore(EventStore):
             try:
                 await conn.connect()  # type: ignore[no-untyped-call]
                 delay = self.reconnect_delay
+                if warned:
+                    log.info("the Redis listener is back at %s", self._where())
+                    warned = False
                 await self._listen_on(conn)
             except Exception as exc:
                 if not warned:
                     log.warning(
-                        "the Redis listener lost %s (%r); reconnecting in the background",
+                        "the Redis listener lost %s (%s: %s); reconnecting in the background",
                         self._where(),
+                        type(exc).__name__,
                         exc,
                     )
                     warned = True
@@ -521,7 +694,7 @@ class RedisStore(EventStore):
             finally:
                 self._sub_conn = self._sub_tg = None
                 with anyio.CancelScope(shield=True):
-                    await conn.disconnect(nowait=True)
+                    await _drop(conn)
             await anyio.sleep(delay)
             delay = min(delay * 2, self.reconnect_delay_max)
 
@@ -530,23 +703,25 @@ class RedisStore(EventStore):
         kwargs = dict(self._pool.connection_kwargs)
         # Wait for messages indefinitely; the keepalive notices a dead link instead.
         kwargs["socket_timeout"] = None
-        kwargs["client_name"] = f"{self.prefix}listener"
+        kwargs["client_name"] = self.listener_name
         connection: AbstractConnection = self._pool.connection_class(**kwargs)
         return connection
 
     async def _listen_on(self, conn: AbstractConnection) -> None:
         assert self._sub_lock is not None
         failure: Exception | None = None
+        # Failures leave the task group as themselves, not wrapped in an ExceptionGroup:
+        # the helpers started in it never raise.
         async with anyio.create_task_group() as tg:
-            async with self._sub_lock:
-                sent = self._sub_sent = set(self._watchers)
-                if sent:
-                    channels = [self.channel(run_id) for run_id in sent]
-                    await conn.send_command("SUBSCRIBE", *channels, check_health=False)
-                self._sub_conn, self._sub_tg = conn, tg
-            self._heard = time.monotonic()
-            tg.start_soon(self._keepalive, conn)
             try:
+                async with self._sub_lock:
+                    sent = self._sub_sent = set(self._watchers)
+                    if sent:
+                        channels = [self.channel(run_id) for run_id in sent]
+                        await conn.send_command("SUBSCRIBE", *channels, check_health=False)
+                    self._sub_conn, self._sub_tg = conn, tg
+                self._heard = time.monotonic()
+                tg.start_soon(self._keepalive, conn)
                 await self._read_messages(conn)
             except Exception as exc:
                 failure = exc
@@ -619,7 +794,7 @@ class RedisStore(EventStore):
                 log.warning(
                     "the Redis listener heard nothing for %.0f s: reconnecting", 3 * interval
                 )
-                await conn.disconnect(nowait=True)
+                await _drop(conn)
                 return
             async with self._sub_lock:
                 if conn is not self._sub_conn:
@@ -627,5 +802,11 @@ class RedisStore(EventStore):
                 try:
                     await conn.send_command("PING", check_health=False)
                 except Exception:
-                    await conn.disconnect(nowait=True)
+                    await _drop(conn)
                     return
+
+
+async def _drop(conn: AbstractConnection) -> None:
+    """Close a listener connection; its reader then fails and the listener reconnects."""
+    with contextlib.suppress(Exception):
+        await conn.disconnect(nowait=True)
