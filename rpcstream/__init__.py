@@ -52,6 +52,7 @@ def __getattr__(name: str) -> object:
         return RedisStore
     raise AttributeError(f"module 'rpcstream' has no attribute {name!r}")
 
+
 __all__ = [
     "Cancelled",
     "ClientEvent",

@@ -84,9 +84,7 @@ def make_app(store: EventStore | None = None) -> RunServer:
 
     runs = RunServer(store=store, router=router)
     # The demo page at http://host:port/ (serve() answers plain GETs from http_routes).
-    runs.http_routes = {  # type: ignore[attr-defined]
-        "/": StaticFile.from_path(_DEMO_PAGE, "text/html; charset=utf-8")
-    }
+    runs.http_routes = {"/": StaticFile.from_path(_DEMO_PAGE, "text/html; charset=utf-8")}
 
     @runs.flow("ml-inference", events={"token": Token, "complete": Complete})
     async def ml_inference(

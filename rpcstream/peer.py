@@ -79,7 +79,11 @@ from .protocol import (
 from .router import Method, Router
 from .transport.base import Transport
 
-__all__ = ["IncomingStream", "RpcPeer", "current_peer"]
+__all__ = ["PING", "IncomingStream", "RpcPeer", "current_peer"]
+
+PING = "rpcstream.ping"
+"""A reserved method every peer answers with ``None`` at once: a liveness check for
+clients (browsers) that cannot send WebSocket pings."""
 
 log = logging.getLogger("rpcstream.peer")
 
@@ -661,6 +665,9 @@ class RpcPeer:
         assert self._tg is not None
         self.calls_received += 1
         method = self.router.get(frame.method)
+        if method is None and frame.method == PING and type(frame) is Call:
+            self._proto.send(Result(frame.id, self.codec.encode_raw(None)))
+            return
         if self._call_bucket is not None and not self._call_bucket.take():
             self._refuse(frame, RateLimited(f"{frame.method}: too many calls on this connection"))
             return

@@ -50,7 +50,7 @@ from .errors import (
     RunFinished,
     RunNotFound,
 )
-from .handshake import current_principal, principal_id
+from .handshake import StaticFile, current_principal, principal_id
 from .limits import TokenBucket
 from .peer import current_peer
 from .router import Router
@@ -257,6 +257,8 @@ class RunServer:
         send_rate: tuple[float, int] | None = None,
     ) -> None:
         self.end_orphaned_runs = end_orphaned_runs
+        self.http_routes: dict[str, StaticFile] = {}
+        """Plain HTTP GET routes ``serve()`` answers beside the WebSocket (path -> file)."""
         self.can_access = can_access or owner_only
         self.max_runs_per_principal = max_runs_per_principal
         self.send_rate = send_rate

@@ -119,6 +119,7 @@ async def serve(
     max_connections_per_principal: int | None = None,
     routes: Mapping[str, StaticFile] | None = None,
     serve_client: bool = True,
+    origins: Sequence[str | None] | None = None,
     **peer_options: Any,
 ) -> AsyncIterator[Server]:
     """Serve ``app`` (a :class:`Router`, or a ``RunServer``) on ``host:port``.
@@ -137,7 +138,10 @@ async def serve(
     ``max_connections_per_principal`` answers HTTP 429 beyond it. Plain HTTP
     ``GET`` requests are answered from ``routes`` (path -> :class:`StaticFile`),
     the app's ``http_routes`` and, unless ``serve_client=False``, the browser
-    module at ``/rpcstream.js``.
+    module at ``/rpcstream.js``; other plain requests get 404. ``origins`` lists the
+    ``Origin`` headers accepted on upgrades (``None`` in it: no header), against
+    cross-site WebSocket hijacking when browsers authenticate with cookies;
+    by default any origin is accepted.
     Compression stays off unless ``compression="deflate"``: it costs far more
     CPU than it saves on a LAN.
     """
@@ -153,7 +157,7 @@ async def serve(
             route = http_routes.get(urllib.parse.urlsplit(request.path).path)
             if route is not None:
                 return respond(200, route.body, route.content_type)
-            return None  # websockets answers 426 Upgrade Required
+            return refuse(404, "not found (this is an rpcstream WebSocket endpoint)")
         if authenticate is None:
             return None
         handshake = parse_request(request, getattr(connection, "remote_address", None))
@@ -227,6 +231,7 @@ async def serve(
             open_timeout=open_timeout,
         ),
         "process_request": process_request,
+        "origins": list(origins) if origins is not None else None,
     }
     async with contextlib.AsyncExitStack() as stack:
         if isinstance(app, contextlib.AbstractAsyncContextManager):

@@ -309,3 +309,36 @@ async def _error_of(awaitable: Any) -> rpcstream.RemoteError:
 
 async def _first(events: Any) -> Any:
     return await anext(events)
+
+
+async def test_upgrades_from_an_origin_not_listed_are_refused() -> None:
+    async with rpcstream.serve(make_runs(), origins=["https://app.example"]) as server:
+        with pytest.raises(rpcstream.HandshakeRefused) as info:
+            async with rpcstream.connect(server.url, headers={"Origin": "https://evil.example"}):
+                pass
+        assert info.value.status == 403
+        async with rpcstream.connect(server.url, headers={"Origin": "https://app.example"}) as p:
+            assert await p.call("rpcstream.ping") is None  # the reserved liveness check
+
+
+async def test_plain_http_gets_its_routes_or_a_404() -> None:
+    import urllib.error
+    import urllib.request
+
+    route = rpcstream.StaticFile("text/plain", b"hello")
+    async with rpcstream.serve(make_runs(), routes={"/hello.txt": route}) as server:
+        base = f"http://127.0.0.1:{server.port}"
+
+        def get(path: str) -> tuple[int, bytes]:
+            try:
+                with urllib.request.urlopen(base + path, timeout=10) as response:
+                    return response.status, response.read()
+            except urllib.error.HTTPError as exc:
+                with exc:
+                    return exc.code, exc.read()
+
+        assert await anyio.to_thread.run_sync(get, "/hello.txt") == (200, b"hello")
+        status, body = await anyio.to_thread.run_sync(get, "/favicon.ico")
+        assert status == 404 and b"not found" in body
+        status, body = await anyio.to_thread.run_sync(get, "/rpcstream.js")
+        assert status == 200 and b"export" in body
