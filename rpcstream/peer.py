@@ -129,8 +129,8 @@ class RpcPeer:
         call_rate: ``(per_second, burst)``: incoming calls, notifications and
             stream calls beyond this token bucket are answered ``rate_limited``.
         max_queued_bytes: answers queued for a peer that does not read them
-            (it keeps calling but never reads) beyond this close the connection
-            with 1008: stream data is bounded by credit, answers by this.
+            (it keeps calling but never reads) beyond this abort the connection
+            (local code 1008): stream data is bounded by credit, answers by this.
     """
 
     def __init__(
@@ -338,10 +338,14 @@ class RpcPeer:
                 await self.transport.aclose(1011, "internal error")
 
     async def _abandon(self, code: int, reason: str) -> None:
-        """Close at once, dropping what is queued: the peer broke a limit."""
-        log.warning("closing a connection: %s", reason)
+        """Drop the connection at once, and what is queued: the peer broke a
+        limit by not reading, so it would not read a close frame either."""
+        log.warning("aborting a connection (%d): %s", code, reason)
         self._proto.discard_queued()
-        self._spawn(self.aclose, code, reason)
+        self._transport_lost = True
+        self._shutdown(ConnectionClosed(code, reason))
+        with anyio.CancelScope(shield=True), anyio.move_on_after(self.close_timeout):
+            await self.transport.abort()
 
     async def _write_loop(self) -> None:
         proto, transport, text = self._proto, self.transport, self._text

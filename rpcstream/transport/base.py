@@ -29,6 +29,11 @@ class Transport(abc.ABC):
     async def aclose(self, code: int = 1000, reason: str = "") -> None:
         """Close the connection (a WebSocket close handshake where there is one)."""
 
+    async def abort(self) -> None:
+        """Drop the connection at once, without a closing handshake: for a peer
+        that broke a limit and will not read a close frame anyway."""
+        await self.aclose(1008, "aborted")
+
     @property
     def buffered_amount(self) -> int:
         """Bytes accepted by :meth:`send` but not yet handed to the operating system."""

@@ -71,6 +71,14 @@ class WebSocketTransport(Transport):
         """Run the WebSocket closing handshake (bounded by websockets' close_timeout)."""
         await self._close(code, reason)
 
+    async def abort(self) -> None:
+        """Close the TCP connection at once (asyncio: abort the transport; trio:
+        close the stream)."""
+        if self._asyncio_transport is not None:
+            self._asyncio_transport.abort()
+        else:
+            await self.ws.stream.aclose()
+
     @property
     def buffered_amount(self) -> int:
         """Bytes in the asyncio transport's write buffer (0 on trio)."""
