@@ -353,6 +353,12 @@ class RpcPeer:
             while True:
                 message = proto.data_to_send()
                 if message is None:
+                    # Idle: what is still buffered is the transport's to drain, and
+                    # no send of ours will come to wake the senders waiting for it.
+                    drained = self._drained
+                    if drained is not None:
+                        self._drained = None
+                        drained.set()
                     if self._flushed is not None:
                         self._flushed.set()
                     if self._close_exc is not None and self._tg is not None:
@@ -659,6 +665,8 @@ class RpcPeer:
 
     async def _wait_drained(self) -> None:
         while self.buffered_amount > self.low_buffered_amount and self._close_exc is None:
+            if not self._proto.has_data() and not self._inflight:
+                return  # only the transport holds bytes: its own send() waits for them
             if self._drained is None:
                 self._drained = anyio.Event()
             await self._drained.wait()
@@ -847,10 +855,10 @@ def _deadline(timeout: float | None) -> float:
 class IncomingStream(AsyncIterator[Any]):
     """The items of a stream this peer receives, as an async iterator.
 
-    Dropping it, leaving ``async with``, or :meth:`close` tells the sender to
-    stop. When the sender failed, iteration raises its :class:`RemoteError` after
-    the items sent before the failure; when the connection closed,
-    :class:`ConnectionClosed`.
+    Dropping it, leaving ``async with``, :meth:`close`, or cancelling the task
+    while it waits for an item tells the sender to stop. When the sender failed,
+    iteration raises its :class:`RemoteError` after the items sent before the
+    failure; when the connection closed, :class:`ConnectionClosed`.
     """
 
     def __init__(
@@ -890,6 +898,9 @@ class IncomingStream(AsyncIterator[Any]):
             except Finished:
                 self.close()
                 raise StopAsyncIteration from None
+            except KeyError:  # closed with peer.close_receiving_stream(stream_id)
+                self._open = False
+                raise StopAsyncIteration from None
             except BaseException:
                 self.close()
                 raise
@@ -897,6 +908,11 @@ class IncomingStream(AsyncIterator[Any]):
             try:
                 with anyio.CancelScope(deadline=self._deadline) as dl:
                     await ev.wait()
+            except BaseException:
+                # Cancelled while waiting for an item: this consumer stops here,
+                # so its sender must stop now, not when the iterator is collected.
+                self.close()
+                raise
             finally:
                 peer._readable.pop(sid, None)
             if dl.cancelled_caught:
