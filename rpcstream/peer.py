@@ -757,9 +757,12 @@ class RpcPeer:
                         raise MethodNotFound(
                             f"{frame.method!r} streams its result: call it with stream()"
                         )
-                    with anyio.CancelScope(deadline=_deadline(frame.timeout)) as dl:
+                    if frame.timeout is None:  # the common case: no scope to enter
                         result = await method.func(*args, **kwargs)
-                    if dl.cancelled_caught:
+                    else:
+                        with anyio.CancelScope(deadline=_deadline(frame.timeout)) as dl:
+                            result = await method.func(*args, **kwargs)
+                    if frame.timeout is not None and dl.cancelled_caught:
                         raise DeadlineExceeded(
                             f"{frame.method}: deadline of {frame.timeout} s exceeded"
                         )
