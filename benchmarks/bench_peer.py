@@ -4,8 +4,8 @@ Prints one JSON line per (workload, loop, implementation)::
 
     python -m benchmarks.bench_peer                        # asyncio, full sizes
     python -m benchmarks.bench_peer --loop all             # asyncio, uvloop and trio
-    python -m benchmarks.bench_peer --loop all --quick     # a smoke run (< 30 s)
-    python -m benchmarks.bench_peer --workloads W1,W3 --profile   # cProfile rpcstream runs
+    python -m benchmarks.bench_peer --quick                # a smoke run (about 10 s)
+    python -m benchmarks.bench_peer --workloads W2,W3 --profile   # cProfile rpcstream
 
 Workloads (full sizes; ``--quick`` scales them down):
 
@@ -15,9 +15,11 @@ Workloads (full sizes; ``--quick`` scales them down):
 * ``W3``: 20,000 sequential echo calls: ``p50_us``, ``p99_us``, ``calls_per_s``.
 * ``W4``: 50,000 echo calls, 100 in flight (100 worker tasks): ``calls_per_s``.
 * ``W5``: 1,000 concurrent streams of 200 W1 items on one connection: ``items_per_s``.
-* ``slow``: a consumer reading 10 MB/s from a sender that has 1 GiB to send, for at
-  most 20 s. Server and client each run in a fresh subprocess of this script, so
-  each side's peak RSS (``VmHWM``) is its own.
+* ``slow``: a consumer reading 10 MB/s (it sleeps after each chunk to keep to the
+  rate) from a sender that has 1 GiB to send, stopped after 20 s. Server and client
+  each run in a fresh subprocess of this script, so each side's peak RSS (``VmHWM``,
+  MiB) is its own; ``sender_ahead_mib`` is what the sender produced beyond what the
+  consumer read (it sits in buffers somewhere).
 
 The raw baseline uses websockets' own API (``websockets.asyncio`` on asyncio and
 uvloop, ``websockets.trio`` on trio), ``compression=None`` on both sides, one binary
@@ -30,11 +32,13 @@ calls inline (no task per call); rpcstream starts a handler task per call.
 rpcstream runs with its defaults except ``max_concurrent_handlers=2048`` on the
 server (W5 needs 1,000 concurrent streaming handlers; the default is 256).
 
-Server and client share one process (and one event loop) over 127.0.0.1, except for
-``slow``: every figure counts the work of both sides. Each measurement follows a
-short warm-up on the same connection. ``ratio_to_raw`` (on ``rpcstream`` lines) is the
+Except for ``slow``, server and client share one process and one event loop over
+127.0.0.1, so every figure counts the work of both sides, and ``cpu_s`` is the CPU
+time of both. Each in-process workload runs ``--repeat`` times (default 3), raw and
+rpcstream alternately after a warm-up; a line reports the run with the median figure
+and ``runs`` lists them all. ``ratio_to_raw`` (on ``rpcstream`` lines) is the
 rpcstream figure divided by the raw figure, for the figure named by ``metric``: above
-1 is better for throughputs, below 1 is better for ``p50_us``.
+1 is better for throughputs, below 1 is better for ``p50_us`` and memory.
 """
 
 from __future__ import annotations
@@ -53,7 +57,7 @@ import resource
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -63,7 +67,7 @@ import msgspec
 import sniffio
 import websockets
 import websockets.exceptions
-from anyio.abc import ObjectReceiveStream, ObjectSendStream
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 import rpcstream
 
@@ -78,6 +82,7 @@ WORKLOAD_NAMES = ("W1", "W2", "W3", "W4", "W5", "slow")
 TOK = "hello world"
 SERVER_OPTIONS: dict[str, Any] = {"max_concurrent_handlers": 2048}
 MAX_MESSAGE_SIZE = 4 * MiB  # rpcstream's default, given to raw websockets too
+CLOSE_BUDGET = 2.0  # seconds the slow consumer's client may spend closing
 
 ENC = msgspec.msgpack.Encoder()
 DEC = msgspec.msgpack.Decoder()
@@ -118,15 +123,15 @@ class Sizes:
 
 FULL = Sizes()
 QUICK = Sizes(
-    w1_items=20_000,
+    w1_items=10_000,
     w2_bytes=32 * MiB,
-    w3_calls=2_000,
-    w4_calls=5_000,
-    w5_streams=200,
+    w3_calls=1_000,
+    w4_calls=3_000,
+    w5_streams=100,
     w5_items=50,
     slow_bytes=64 * MiB,
     slow_rate=20e6,
-    slow_seconds=2.0,
+    slow_seconds=1.0,
 )
 
 
@@ -239,13 +244,10 @@ async def _raw_stream(ws: Any, sid: int, n: int) -> None:
 
 async def raw_handler(ws: Any) -> None:
     """The raw server: ``[op, id, args...]`` requests, msgpack by hand."""
-    with contextlib.suppress(websockets.exceptions.ConnectionClosed):
-        async with anyio.create_task_group() as tg:
-            while True:
-                try:
-                    req = DEC.decode(await ws.recv(decode=False))
-                except websockets.exceptions.ConnectionClosed:
-                    break
+    async with anyio.create_task_group() as tg:
+        while True:
+            try:
+                req = DEC.decode(await ws.recv(decode=False))
                 op = req[0]
                 if op == OP_ECHO:
                     await ws.send(ENC.encode((req[1], req[2])))
@@ -257,6 +259,8 @@ async def raw_handler(ws: Any) -> None:
                     await _raw_chunks(ws, req[2], req[3])
                 elif op == OP_MULTI:
                     tg.start_soon(_raw_stream, ws, req[1], req[2])
+            except websockets.exceptions.ConnectionClosed:
+                break
 
 
 @contextlib.asynccontextmanager
@@ -489,7 +493,7 @@ async def raw_w4(ws: Any, s: Sizes) -> Figures:
 
 async def raw_w5(ws: Any, s: Sizes) -> Figures:
     total = 0
-    inboxes: dict[int, ObjectSendStream[Any]] = {}
+    inboxes: dict[int, MemoryObjectSendStream[Any]] = {}
     remaining = s.w5_streams
 
     async def reader() -> None:
@@ -501,7 +505,7 @@ async def raw_w5(ws: Any, s: Sizes) -> Figures:
             if item is None:
                 remaining -= 1
 
-    async def consume(inbox: ObjectReceiveStream[Any]) -> None:
+    async def consume(inbox: MemoryObjectReceiveStream[Any]) -> None:
         nonlocal total
         count = 0
         async with inbox:
@@ -520,8 +524,8 @@ async def raw_w5(ws: Any, s: Sizes) -> Figures:
             tg.start_soon(consume, receive)
             await ws.send(ENC.encode((OP_MULTI, sid, s.w5_items)))
     seconds = time.perf_counter() - start
-    for send in inboxes.values():
-        send.close()
+    for inbox in inboxes.values():
+        inbox.close()
     assert total == s.w5_streams * s.w5_items
     return {"streams": s.w5_streams, **_item_rate(total, seconds)}
 
@@ -545,48 +549,79 @@ RAW_WORKLOADS: dict[str, Callable[[Any, Sizes], Awaitable[Figures]]] = {
 # -- in-process runs ---------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _profiled(enabled: bool, title: str) -> Any:
-    """cProfile the block when ``enabled``; print the top functions to stderr."""
-    if not enabled:
-        yield
-        return
-    prof = cProfile.Profile()
-    prof.enable()
-    try:
-        yield
-    finally:
-        prof.disable()
+class _Profiler:
+    """cProfile the rpcstream measurements of one workload, when enabled."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.prof = cProfile.Profile() if enabled else None
+
+    @contextlib.contextmanager
+    def measure(self) -> Iterator[None]:
+        if self.prof is None:
+            yield
+            return
+        self.prof.enable()
+        try:
+            yield
+        finally:
+            self.prof.disable()
+
+    def report(self, title: str, top: int = 30) -> None:
+        """Print the top functions by own time to stderr."""
+        if self.prof is None:
+            return
         out = io.StringIO()
-        stats = pstats.Stats(prof, stream=out).strip_dirs()
-        stats.sort_stats("tottime").print_stats(25)
+        pstats.Stats(self.prof, stream=out).strip_dirs().sort_stats("tottime").print_stats(top)
         print(f"== profile: {title} (sorted by tottime)\n{out.getvalue()}", file=sys.stderr)
 
 
-async def run_in_process(loop: str, workloads: list[str], sizes: Sizes, profile: bool) -> None:
-    """Run ``workloads`` (not ``slow``) with both implementations on the running loop."""
+async def _timed(work: Awaitable[Figures]) -> Figures:
+    """Run one measurement; add the CPU time the process spent (both sides)."""
+    cpu = time.process_time()
+    figures = await work
+    return {**figures, "cpu_s": round(time.process_time() - cpu, 3)}
+
+
+def _median(runs: list[Figures], metric: str) -> Figures:
+    """The run with the median ``metric``, and every run's ``metric``."""
+    ordered = sorted(runs, key=lambda r: r[metric])
+    return {**ordered[len(ordered) // 2], "runs": [r[metric] for r in runs]}
+
+
+async def run_in_process(
+    loop: str, workloads: list[str], sizes: Sizes, repeat: int, profile: bool
+) -> None:
+    """Run ``workloads`` (not ``slow``) with both implementations on the running loop.
+
+    Each workload runs ``repeat`` times, raw and rpcstream alternately, after a
+    warm-up; the line reports the run with the median figure.
+    """
     warm = sizes.warmup()
     async with (
         rpcstream.serve(make_router(), "127.0.0.1", 0, **SERVER_OPTIONS) as server,
         raw_server() as raw_url,
     ):
         for name in workloads:
-            async with raw_connect(raw_url) as ws:
-                await RAW_WORKLOADS[name](ws, warm)
-                raw = await RAW_WORKLOADS[name](ws, sizes)
             target = TARGETS[name]
-            emit({"workload": name, "loop": loop, "impl": "raw", "metric": target.metric, **raw})
-            async with rpcstream.connect(server.url) as peer:
+            profiler = _Profiler(profile)
+            raws: list[Figures] = []
+            rpcs: list[Figures] = []
+            async with raw_connect(raw_url) as ws, rpcstream.connect(server.url) as peer:
+                await RAW_WORKLOADS[name](ws, warm)
                 await RPC_WORKLOADS[name](peer, warm)
-                with _profiled(profile, f"{name} rpcstream on {loop}"):
-                    rpc = await RPC_WORKLOADS[name](peer, sizes)
+                for _ in range(repeat):
+                    raws.append(await _timed(RAW_WORKLOADS[name](ws, sizes)))
+                    with profiler.measure():
+                        rpcs.append(await _timed(RPC_WORKLOADS[name](peer, sizes)))
+            profiler.report(f"{name} rpcstream on {loop}, {repeat} run(s)")
+            raw, rpc = _median(raws, target.metric), _median(rpcs, target.metric)
+            base = {"workload": name, "loop": loop, "metric": target.metric}
+            emit({**base, "impl": "raw", **raw})
             ratio = rpc[target.metric] / raw[target.metric]
             emit(
                 {
-                    "workload": name,
-                    "loop": loop,
+                    **base,
                     "impl": "rpcstream",
-                    "metric": target.metric,
                     **rpc,
                     "ratio_to_raw": round(ratio, 2),
                     "target": str(target),
@@ -641,22 +676,26 @@ async def slow_client(impl: str, url: str, s: Sizes) -> None:
             await anyio.sleep(delay)
         return True
 
-    if impl == "rpcstream":
-        async with rpcstream.connect(url) as peer:
-            async with peer.stream("chunks", s.slow_bytes, s.slow_chunk) as stream:
-                async for chunk in stream:
+    # The close handshake may wait behind data the server still sends (raw
+    # websockets stops reading while its queue is full): bound it.
+    with anyio.CancelScope() as scope:
+        if impl == "rpcstream":
+            async with rpcstream.connect(url) as peer:
+                async with peer.stream("chunks", s.slow_bytes, s.slow_chunk) as stream:
+                    async for chunk in stream:
+                        if not await pace(len(chunk)):
+                            break
+                seconds = time.perf_counter() - start
+                scope.deadline = anyio.current_time() + CLOSE_BUDGET
+        else:
+            async with raw_connect(url) as ws:
+                await ws.send(ENC.encode((OP_CHUNKS, 0, s.slow_bytes, s.slow_chunk)))
+                while (chunk := DEC.decode(await ws.recv(decode=False))) is not None:
                     if not await pace(len(chunk)):
                         break
-            seconds = time.perf_counter() - start
-            peer_buffered = peer.buffered_amount
-    else:
-        async with raw_connect(url) as ws:
-            await ws.send(ENC.encode((OP_CHUNKS, 0, s.slow_bytes, s.slow_chunk)))
-            while (chunk := DEC.decode(await ws.recv(decode=False))) is not None:
-                if not await pace(len(chunk)):
-                    break
-            seconds = time.perf_counter() - start
-            peer_buffered = 0
+                seconds = time.perf_counter() - start
+                scope.deadline = anyio.current_time() + CLOSE_BUDGET
+    closing = time.perf_counter() - start - seconds
     print(
         json.dumps(
             {
@@ -665,7 +704,7 @@ async def slow_client(impl: str, url: str, s: Sizes) -> None:
                 "consumer_mb_per_s": round(received / seconds / 1e6, 2),
                 "rss_start_mib": start_rss,
                 "peak_rss_mib": peak_rss_mib(),
-                "client_buffered_amount": peer_buffered,
+                "close_s": round(closing, 2),
             }
         ),
         flush=True,
@@ -682,9 +721,10 @@ def _child_env() -> dict[str, str]:
     return env
 
 
-def run_slow(loop: str, impl: str, s: Sizes) -> Figures:
-    """Run the slow consumer for ``impl`` with both sides in their own process."""
-    env, common = _child_env(), ["--loop", loop] + (["--quick"] if s == QUICK else [])
+def run_slow(loop: str, impl: str, quick: bool) -> Figures:
+    """Run the slow consumer for ``impl`` with each side in its own fresh process."""
+    s = QUICK if quick else FULL
+    env, common = _child_env(), ["--loop", loop, *(["--quick"] if quick else [])]
     server = subprocess.Popen(
         _child(["--serve-slow", impl, *common]),
         stdin=subprocess.PIPE,
@@ -698,51 +738,110 @@ def run_slow(loop: str, impl: str, s: Sizes) -> Figures:
         url = json.loads(server.stdout.readline())["url"]
         client = subprocess.run(
             _child(["--slow-client", impl, "--url", url, *common]),
-            capture_output=True,
+            stdout=subprocess.PIPE,
             text=True,
             env=env,
             cwd=ROOT,
-            timeout=s.slow_seconds + 60,
+            timeout=s.slow_seconds + CLOSE_BUDGET + 60,
             check=True,
         )
         client_figures = json.loads(client.stdout.splitlines()[-1])
         server.stdin.close()
         server_figures = json.loads(server.stdout.readline())
-        server.wait(timeout=30)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            server.wait(timeout=15)
     finally:
         if server.poll() is None:
             server.kill()
             server.wait()
+    ahead = server_figures["produced_mib"] - client_figures["consumed_mib"]
     return {
         "sender_has_mib": s.slow_bytes // MiB,
         "target_rate_mb_per_s": s.slow_rate / 1e6,
         "time_cap_s": s.slow_seconds,
         **{k: client_figures[k] for k in ("consumed_mib", "seconds", "consumer_mb_per_s")},
         "sender_produced_mib": server_figures["produced_mib"],
-        "sender_ahead_mib": round(server_figures["produced_mib"] - client_figures["consumed_mib"], 1),
+        "sender_ahead_mib": round(ahead, 1),
         "server_rss_start_mib": server_figures["rss_start_mib"],
         "server_peak_rss_mib": server_figures["peak_rss_mib"],
         "client_rss_start_mib": client_figures["rss_start_mib"],
         "client_peak_rss_mib": client_figures["peak_rss_mib"],
+        "client_close_s": client_figures["close_s"],
     }
 
 
-def run_slow_pair(loop: str, s: Sizes) -> None:
+def run_slow_pair(loop: str, quick: bool) -> None:
     """The slow-consumer workload, raw then rpcstream, one JSON line each."""
     metric = "server_peak_rss_mib"
-    raw = run_slow(loop, "raw", s)
-    emit({"workload": "slow", "loop": loop, "impl": "raw", "metric": metric, **raw})
-    rpc = run_slow(loop, "rpcstream", s)
-    emit(
-        {
-            "workload": "slow",
-            "loop": loop,
-            "impl": "rpcstream",
-            "metric": metric,
-            **rpc,
-            "ratio_to_raw": round(rpc[metric] / raw[metric], 2),
-        }
-    )
+    base = {"workload": "slow", "loop": loop, "metric": metric}
+    raw = run_slow(loop, "raw", quick)
+    emit({**base, "impl": "raw", **raw})
+    rpc = run_slow(loop, "rpcstream", quick)
+    emit({**base, "impl": "rpcstream", **rpc, "ratio_to_raw": round(rpc[metric] / raw[metric], 2)})
+
+
+# -- Markdown tables from the JSON lines ------------------------------------------------
+
+_ROWS = [  # workload, figure, unit shown
+    ("W1", "items_per_s", "items/s"),
+    ("W2", "mb_per_s", "MB/s"),
+    ("W3", "p50_us", "p50 µs"),
+    ("W3", "p99_us", "p99 µs"),
+    ("W3", "calls_per_s", "calls/s"),
+    ("W4", "calls_per_s", "calls/s"),
+    ("W5", "items_per_s", "items/s"),
+]
+
+
+def _fmt(value: float) -> str:
+    return f"{value:,.0f}" if value >= 100 else f"{value:.1f}"
+
+
+def markdown_tables(records: list[Figures]) -> str:
+    """One table per loop (rpcstream beside raw), then the slow-consumer table."""
+    by_key = {(r["workload"], r["loop"], r["impl"]): r for r in records if "workload" in r}
+    out: list[str] = []
+    for loop in LOOPS:
+        rows = []
+        for workload, figure, unit in _ROWS:
+            raw = by_key.get((workload, loop, "raw"))
+            rpc = by_key.get((workload, loop, "rpcstream"))
+            if raw is None or rpc is None:
+                continue
+            ratio = rpc[figure] / raw[figure]
+            target = TARGETS[workload]
+            met = ""
+            if figure == target.metric:
+                met = f"{target.ratio}x: {'met' if target.met(ratio) else '**missed**'}"
+            rows.append(
+                f"| {workload} | {unit} | {_fmt(raw[figure])} | {_fmt(rpc[figure])} "
+                f"| {ratio:.2f} | {met} |"
+            )
+        if rows:
+            out += [
+                f"**{loop}**",
+                "",
+                "| workload | figure | raw | rpcstream | ratio | target |",
+                "|---|---|--:|--:|--:|---|",
+                *rows,
+                "",
+            ]
+    slow = [r for r in records if r.get("workload") == "slow"]
+    if slow:
+        out += [
+            "| loop | impl | consumed MiB | sender ahead MiB | sender RSS MiB (start → peak) "
+            "| consumer RSS MiB (start → peak) | consumer close s |",
+            "|---|---|--:|--:|--:|--:|--:|",
+        ]
+        for r in slow:
+            out.append(
+                f"| {r['loop']} | {r['impl']} | {r['consumed_mib']} | {r['sender_ahead_mib']} "
+                f"| {r['server_rss_start_mib']} → {r['server_peak_rss_mib']} "
+                f"| {r['client_rss_start_mib']} → {r['client_peak_rss_mib']} "
+                f"| {r['client_close_s']} |"
+            )
+        out.append("")
+    return "\n".join(out)
 
 
 # -- entry point -------------------------------------------------------------------------
@@ -774,7 +873,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help=f"comma-separated, from {','.join(WORKLOAD_NAMES)} (default: all)",
     )
     parser.add_argument(
-        "--profile", action="store_true", help="cProfile each rpcstream measurement (stderr)"
+        "--repeat",
+        type=int,
+        default=None,
+        help="runs per in-process workload, the median reported (default: 3, 1 with --quick)",
+    )
+    parser.add_argument(
+        "--table",
+        metavar="JSONL",
+        help="print Markdown tables from a file of this script's output, and run nothing",
+    )
+    parser.add_argument(
+        "--profile", action="store_true", help="cProfile the rpcstream runs (top functions: stderr)"
     )
     # Internal: the two sides of the slow-consumer workload.
     parser.add_argument("--serve-slow", choices=["rpcstream", "raw"], help=argparse.SUPPRESS)
@@ -786,6 +896,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.workloads = [by_key[w.strip().lower()] for w in args.workloads.split(",") if w]
     except KeyError as exc:
         parser.error(f"unknown workload {exc.args[0]!r}; choose from {', '.join(WORKLOAD_NAMES)}")
+    if args.repeat is None:
+        args.repeat = 1 if args.quick else 3
+    if args.repeat < 1:
+        parser.error("--repeat must be at least 1")
     if args.loop == "all" and (args.serve_slow or args.slow_client):
         parser.error("--serve-slow and --slow-client need one --loop")
     return args
@@ -795,6 +909,10 @@ def main(argv: list[str] | None = None) -> int:
     """Run the benchmarks that ``argv`` selects; print one JSON line per result."""
     args = parse_args(argv)
     sizes = QUICK if args.quick else FULL
+    if args.table:
+        lines = Path(args.table).read_text().splitlines()
+        print(markdown_tables([json.loads(line) for line in lines if line.startswith("{")]))
+        return 0
     if args.serve_slow:
         run_on(args.loop, functools.partial(slow_server, args.serve_slow))
         return 0
@@ -808,11 +926,12 @@ def main(argv: list[str] | None = None) -> int:
             emit({"loop": loop, "skipped": f"{loop} is not importable"})
             continue
         if in_process:
-            run_on(
-                loop, functools.partial(run_in_process, loop, in_process, sizes, args.profile)
+            work = functools.partial(
+                run_in_process, loop, in_process, sizes, args.repeat, args.profile
             )
+            run_on(loop, work)
         if "slow" in args.workloads:
-            run_slow_pair(loop, sizes)
+            run_slow_pair(loop, args.quick)
     return 0
 
 
