@@ -163,8 +163,10 @@ async def bench_store(
         await replay(store, name, backend, args.replay_events)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
+    """Run the store benchmarks; ``--quick`` for a smoke run. Returns the exit code."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
     parser.add_argument("--stores", default="memory,sqlite", help="comma-separated")
     parser.add_argument("--backends", default="asyncio,trio", help="comma-separated")
     parser.add_argument("--events", type=int, default=20_000, help="appends to one run")
@@ -173,7 +175,10 @@ def main() -> None:
     parser.add_argument("--replay-events", type=int, default=1_000_000, help="replay run size")
     parser.add_argument("--writers", type=int, default=64, help="tasks building the replay run")
     parser.add_argument("--dir", type=Path, default=None, help="where SQLite files go")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.events, args.runs, args.events_per_run = 2000, 10, 100
+        args.replay_events, args.writers = 5000, 8
 
     directory = args.dir or Path(tempfile.mkdtemp(prefix="bench-store-"))
     directory.mkdir(parents=True, exist_ok=True)
@@ -196,7 +201,8 @@ def main() -> None:
             else:
                 parser.error(f"unknown store {name!r}")
             anyio.run(bench_store, name, make, backend, args, backend=backend)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -127,3 +127,11 @@ def test_the_demo_resumes_after_the_cut_with_no_gap(loop: str) -> None:
     assert "[server cuts the connection after event 17]" in result.stdout
     assert "[reconnected; resumed after event 17]" in result.stdout
     assert "no gap, no duplicate" in result.stdout
+
+
+def test_bench_prints_json_lines() -> None:
+    result = rpcstream("bench", "--suite", "store", "--quick", timeout=120)
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert {r["bench"] for r in records} >= {"append_one_run", "replay"}
+    assert all(r["events_per_s"] > 0 for r in records)
