@@ -281,13 +281,17 @@ async def _flood_without_reading(url: str) -> int:
     sent = 0
     # websockets stops reading the socket once 16 messages wait unread: from
     # then on the server's answers stay in the server.
-    async with connect(url, subprotocols=["rpcstream.v1.msgpack"], compression=None) as ws:
+    # max_size=None: the client itself must not hang up on a 1 MiB answer (1009).
+    async with connect(
+        url, subprotocols=["rpcstream.v1.msgpack"], compression=None, max_size=None
+    ) as ws:
         with anyio.fail_after(40):
             try:
                 for i in range(1, 400):
                     await ws.send(msgspec.msgpack.encode([[1, i, "echo", args, no_kwargs]]))
                     sent += 1
-            except websockets.exceptions.ConnectionClosed:
+            except websockets.exceptions.ConnectionClosed as exc:
+                assert exc.rcvd is None, f"closed by a close frame, not aborted: {exc}"
                 return sent
     raise AssertionError(f"the server never hung up ({sent} MiB sent)")
 
