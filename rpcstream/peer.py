@@ -908,9 +908,14 @@ class IncomingStream(AsyncIterator[Any]):
                 self.close()
                 raise
             ev = peer._readable[sid] = anyio.Event()
+            timed_out = False
             try:
-                with anyio.CancelScope(deadline=self._deadline) as dl:
+                if self._deadline == math.inf:  # the common case: no scope to enter
                     await ev.wait()
+                else:
+                    with anyio.CancelScope(deadline=self._deadline) as dl:
+                        await ev.wait()
+                    timed_out = dl.cancelled_caught
             except BaseException:
                 # Cancelled while waiting for an item: this consumer stops here,
                 # so its sender must stop now, not when the iterator is collected.
@@ -918,7 +923,7 @@ class IncomingStream(AsyncIterator[Any]):
                 raise
             finally:
                 peer._readable.pop(sid, None)
-            if dl.cancelled_caught:
+            if timed_out:
                 self.close()
                 raise DeadlineExceeded(f"stream {sid}: deadline exceeded")
             if not self._open:

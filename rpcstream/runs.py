@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import inspect
 import logging
 import math
@@ -495,7 +496,9 @@ def _to_wire(event: StoredEvent, info: RunInfo, as_raw: bool) -> RunEvent:
     return RunEvent(event.id, event.type, data, _iso(event.timestamp), info.run_id, info.flow)
 
 
+@functools.lru_cache(maxsize=4096)
 def _iso(ts: float) -> str:
+    # Cached: an event fanned out to many subscribers is formatted once.
     dt = datetime.datetime.fromtimestamp(ts, datetime.UTC)
     return dt.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
