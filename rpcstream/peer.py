@@ -279,8 +279,7 @@ class RpcPeer:
         self._close_exc = exc
         for pending in self._calls.values():
             pending.event.set()
-        for sid in self._proto.fail_all_incoming(exc):
-            self._wake_reader(sid)
+        self._proto.fail_all_incoming(exc)
         for ev in self._readable.values():
             ev.set()
         self._proto.cancel_all_outgoing()
@@ -361,12 +360,8 @@ class RpcPeer:
                         drained.set()
                     if self._flushed is not None:
                         self._flushed.set()
-                    if self._close_exc is not None and self._tg is not None:
-                        # Closed: stay until aclose() or the task group ends us, so a
-                        # final flush still has a writer.
-                        self._wakeup = anyio.Event()
-                        await self._wakeup.wait()
-                        continue
+                    # Even once closed, stay until the task group ends us, so that
+                    # aclose()'s final flush still has a writer.
                     self._wakeup = anyio.Event()
                     await self._wakeup.wait()
                     continue
@@ -735,11 +730,15 @@ class RpcPeer:
             return
         for stream in opened.values():
             stream.close()
+        decoded: dict[bool, Any] = {}  # positional? -> args or kwargs, decoded once
         for key in frame.stream_args:
+            positional = isinstance(key, int)
             try:
-                raw = frame.args if isinstance(key, int) else frame.kwargs
-                values = self.codec.decode(raw)
-                sid = values[key]
+                if positional not in decoded:
+                    decoded[positional] = self.codec.decode(
+                        frame.args if positional else frame.kwargs
+                    )
+                sid = decoded[positional][key]
             except (msgspec.DecodeError, IndexError, KeyError, TypeError):
                 continue
             if isinstance(sid, int) and sid not in opened:

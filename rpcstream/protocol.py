@@ -224,9 +224,6 @@ class Protocol:
         self._next_stream_id += 2
         return StreamId(sid)
 
-    def _is_ours(self, stream_id: int) -> bool:
-        return stream_id % 2 == self.side
-
     @property
     def stream_count(self) -> int:
         """Streams open in either direction."""
@@ -353,7 +350,7 @@ class Protocol:
         Nothing is sent when the receiver already cancelled the stream.
         """
         st = self._outgoing.pop(stream_id, None)
-        if st is not None and not self._is_ours(stream_id):
+        if st is not None and not self.is_ours(stream_id):
             self._remember_ended(stream_id)
         if st is None or st.cancelled or st.finished:
             return
@@ -442,7 +439,7 @@ class Protocol:
             assert isinstance(frame, StreamCall)
             sid = frame.stream_id
             # The caller allocates the id of the stream it will receive.
-            if self._is_ours(sid) or sid in self._outgoing or sid in self._incoming or sid <= 0:
+            if self.is_ours(sid) or sid in self._outgoing or sid in self._incoming or sid <= 0:
                 self._fault(f"StreamCall with a stream id of the wrong side or in use: {sid}")
                 return
             if self.stream_count >= self.max_streams:
@@ -488,7 +485,7 @@ class Protocol:
     def _early_outgoing(self, sid: int) -> _Outgoing | None:
         # Only the peer's own ids can be announced before we register them; a
         # frame for one that already ended was simply in flight.
-        if self._is_ours(sid) or sid <= 0 or sid in self._ended:
+        if self.is_ours(sid) or sid <= 0 or sid in self._ended:
             return None
         st = self._early.get(sid)
         if st is None:
@@ -534,22 +531,17 @@ class Protocol:
         self._data.clear()
         self.queued_bytes = 0
 
-    def cancel_all_outgoing(self) -> list[StreamId]:
-        """Mark every outgoing stream cancelled (the connection closed); return their ids."""
-        ids = [StreamId(s) for s in self._outgoing]
+    def cancel_all_outgoing(self) -> None:
+        """Mark every outgoing stream cancelled (the connection closed)."""
         for st in self._outgoing.values():
             st.cancelled = True
-        return ids
 
-    def fail_all_incoming(self, error: RemoteError | BaseException) -> list[StreamId]:
+    def fail_all_incoming(self, error: BaseException) -> None:
         """Fail every incoming stream that has not ended (the connection closed)."""
-        ids = []
-        for sid, st in self._incoming.items():
+        for st in self._incoming.values():
             if not st.done:
                 st.done = True
                 st.error = error
-                ids.append(StreamId(sid))
-        return ids
 
 
 def shorten(text: str, limit: int = 200) -> str:
