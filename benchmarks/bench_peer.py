@@ -571,7 +571,10 @@ class _Profiler:
         if self.prof is None:
             return
         out = io.StringIO()
-        pstats.Stats(self.prof, stream=out).strip_dirs().sort_stats("tottime").print_stats(top)
+        stats = pstats.Stats(self.prof, stream=out).strip_dirs().sort_stats("tottime")
+        stats.print_stats(top)
+        if os.environ.get("BENCH_CALLERS"):  # who calls these (a regex), when asked
+            stats.print_callers(os.environ["BENCH_CALLERS"])
         print(f"== profile: {title} (sorted by tottime)\n{out.getvalue()}", file=sys.stderr)
 
 

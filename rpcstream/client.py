@@ -75,6 +75,10 @@ async def connect(
         options["create_connection"] = ReadNeverWaitsClientConnection
     else:
         from websockets.asyncio.client import connect as ws_connect  # type: ignore[assignment]
+
+        from .transport.asyncio_push import PushClientConnection
+
+        options["create_connection"] = PushClientConnection
     try:
         cm = ws_connect(url, **options)
         ws = await cm.__aenter__()

@@ -4,9 +4,12 @@ Theory of operation
 -------------------
 Three kinds of task run in the peer's task group:
 
-* the **reader** receives each message, hands it to the Sans-I/O protocol and
-  acts on the events that come back: it starts handler tasks, completes pending
-  calls and wakes the stream consumers and senders that wait;
+* the **reader** hands each received message to the Sans-I/O protocol and acts
+  on the events that come back: it starts handler tasks, completes pending
+  calls and wakes the stream consumers and senders that wait. Where the
+  transport can hand messages over as they arrive (websockets on asyncio), that
+  work runs in the transport's callback, with no task switch per message, and
+  the reader task only waits for the connection's end;
 * the **writer** sends what the protocol has queued. While it awaits the socket,
   frames keep queueing, and the next message takes them all: that coalescing is
   what makes many small stream items cheap;
@@ -14,9 +17,13 @@ Three kinds of task run in the peer's task group:
   stream, each in its own cancel scope so a ``Cancel``/``StreamCancel`` frame,
   a deadline or the end of the connection can cancel exactly that work.
 
-Nothing here writes to the socket except the writer, so a cancelled caller can
-never leave half a message on the wire; a caller's cancellation only queues a
-``Cancel`` frame, which needs no ``await``.
+Calls and answers skip the writer when they can (``_flush``): if the writer is
+not mid-send and the transport can take a message without waiting, whoever
+queued the frame writes it at once, which saves a task switch per call. Such a
+write never awaits, so a cancelled caller can never leave half a message on the
+wire; a caller's cancellation only queues a ``Cancel`` frame. When one read of
+the socket wakes several callers or handlers, their frames wait for the writer
+instead and leave together.
 
 The task group's own cancel scope encloses the body of ``async with peer:``, so
 it is only ever cancelled on exit: a lost connection fails pending work with
@@ -36,6 +43,7 @@ from typing import Any, Self
 
 import anyio
 import msgspec
+import sniffio
 from anyio.abc import TaskGroup
 
 from ._tasks import task_group
@@ -86,6 +94,8 @@ PING = "rpcstream.ping"
 clients (browsers) that cannot send WebSocket pings."""
 
 log = logging.getLogger("rpcstream.peer")
+
+_NOT_READING = "too many answers queued: the peer does not read"
 
 _current_peer: contextvars.ContextVar[RpcPeer] = contextvars.ContextVar("rpcstream_peer")
 
@@ -177,6 +187,10 @@ class RpcPeer:
         self._readable: dict[int, anyio.Event] = {}  # incoming stream id -> waiter
         self._writable: dict[int, anyio.Event] = {}  # outgoing stream id -> waiter
         self._wakeup = anyio.Event()  # the writer waits on this
+        self._quiet = False  # queueing a frame does not wake the writer (see _flush)
+        self._coalesce = False  # frames wait for the writer, to leave together
+        self._read_ended = anyio.Event()  # the transport delivers: the end came
+        self._read_stop: str | Exception | None = None  # why delivered reading stopped
         self._drained: anyio.Event | None = None
         self._flushed: anyio.Event | None = None
         self._closed = anyio.Event()
@@ -315,26 +329,80 @@ class RpcPeer:
     # -- the two loops -----------------------------------------------------------------
 
     async def _read_loop(self) -> None:
-        proto = self._proto
+        # Delivered messages run in the transport's callbacks, outside any task:
+        # give them this task's context, so handlers see what the connection's
+        # task set (current_principal, the user's own context variables), and
+        # name the event loop there, which anyio cannot detect without a task.
+        context = contextvars.copy_context()
+        context.run(sniffio.current_async_library_cvar.set, sniffio.current_async_library())
+
+        def on_messages(messages: list[bytes]) -> None:
+            context.run(self._on_messages, messages)
+
         try:
-            while True:
-                message = await self.transport.receive()
-                events = proto.receive_message(message)
-                for event in events:
-                    self._dispatch(event)
-                if proto.queued_bytes > self.max_queued_bytes:
-                    await self._abandon(1008, "too many answers queued: the peer does not read")
+            if self.transport.deliver(on_messages, self._read_ended.set):
+                # Messages arrive through _on_messages, with no task switch each;
+                # this task only waits for the end and turns it into actions.
+                await self._read_ended.wait()
+                stop = self._read_stop
+                if isinstance(stop, Exception):
+                    raise stop
+                if stop is not None:
+                    await self._abandon(1008, stop)
                     return
+                await self.transport.receive()  # raises the connection's end
+            else:
+                while True:
+                    if not self._receive([await self.transport.receive()]):
+                        await self._abandon(1008, _NOT_READING)
+                        return
         except ConnectionClosed as exc:
             self._transport_lost = True
             self._shutdown(exc)
             if self._flushed is not None:
                 self._flushed.set()
         except Exception as exc:  # a bug or an unexpected transport error: never hang
-            log.exception("rpcstream reader failed")
+            log.error("rpcstream reader failed", exc_info=exc)
             self._shutdown(ConnectionClosed(1011, f"internal error: {exc}"))
             with anyio.CancelScope(shield=True), anyio.move_on_after(self.close_timeout):
                 await self.transport.aclose(1011, "internal error")
+
+    def _on_messages(self, messages: list[bytes]) -> None:
+        """Messages handed over by the transport as they arrived (see _read_loop)."""
+        if self._read_stop is not None or self._close_exc is not None:
+            return  # ending: nothing can wait for what follows (as after a loop's end)
+        try:
+            if not self._receive(messages):
+                self._read_stop = _NOT_READING
+                self._read_ended.set()
+        except Exception as exc:
+            self._read_stop = exc
+            self._read_ended.set()
+
+    def _receive(self, messages: list[bytes]) -> bool:
+        """Act on messages that arrived together; whatever they make us send
+        leaves as one message. ``False`` when the other side broke the limit on
+        queued answers."""
+        proto, dispatch = self._proto, self._dispatch
+        count = 0
+        self._quiet = True
+        try:
+            for message in messages:
+                events = proto.receive_message(message)
+                count += len(events)
+                for event in events:
+                    dispatch(event)
+        finally:
+            self._quiet = False
+        if proto.queued_bytes > self.max_queued_bytes:
+            return False
+        if count > 1:
+            # A burst: the callers and handlers it woke answer in the next
+            # iteration; their frames wait for the writer and leave together.
+            self._coalesce = True
+            self._wakeup.set()
+        self._flush()
+        return True
 
     async def _abandon(self, code: int, reason: str) -> None:
         """Drop the connection at once, and what is queued: the peer broke a
@@ -350,6 +418,7 @@ class RpcPeer:
         proto, transport, text = self._proto, self.transport, self._text
         try:
             while True:
+                self._coalesce = False
                 message = proto.data_to_send()
                 if message is None:
                     # Idle: what is still buffered is the transport's to drain, and
@@ -370,10 +439,7 @@ class RpcPeer:
                     await transport.send(message, text=text)
                 finally:
                     self._inflight = 0
-                drained = self._drained
-                if drained is not None and self.buffered_amount <= self.low_buffered_amount:
-                    self._drained = None
-                    drained.set()
+                self._sent()
         except ConnectionClosed as exc:
             self._transport_lost = True
             self._shutdown(exc)
@@ -386,6 +452,13 @@ class RpcPeer:
                 self._flushed.set()
             with anyio.CancelScope(shield=True), anyio.move_on_after(self.close_timeout):
                 await self.transport.aclose(1011, "internal error")
+
+    def _sent(self) -> None:
+        """A message left: wake the stream senders waiting for the buffer to drain."""
+        drained = self._drained
+        if drained is not None and self.buffered_amount <= self.low_buffered_amount:
+            self._drained = None
+            drained.set()
 
     def _dispatch(self, event: Any) -> None:
         t = type(event)
@@ -428,6 +501,33 @@ class RpcPeer:
             ev.set()
 
     def _wake(self) -> None:
+        if not self._quiet:  # else whoever set _quiet calls _flush() next
+            self._wakeup.set()
+
+    def _send_now(self, frame: Any) -> None:
+        """Queue ``frame`` and send it at once if the socket can take it: calls
+        and answers, where a trip through the writer task would add latency."""
+        self._quiet = True
+        try:
+            self._proto.send(frame)
+        finally:
+            self._quiet = False
+        self._flush()
+
+    def _flush(self) -> None:
+        """Write the next queued message now if the transport can without waiting
+        and the writer is not mid-send (the order of messages is kept); leave the
+        rest to the writer. Never awaits, so no cancellation can cut a message."""
+        proto, transport = self._proto, self.transport
+        if not proto.has_data():
+            return
+        if not self._inflight and not self._coalesce and transport.can_send_now():
+            message = proto.data_to_send()
+            assert message is not None
+            transport.send_now(message, text=self._text)
+            self._sent()
+            if not proto.has_data():
+                return
         self._wakeup.set()
 
     # -- outgoing calls ----------------------------------------------------------------
@@ -454,7 +554,7 @@ class RpcPeer:
         cid = proto.next_call_id()
         args_raw, kwargs_raw, stream_args, sids = self._encode_params(args, kwargs)
         pending = self._calls[cid] = _PendingCall()
-        proto.send(Call(cid, method, args_raw, kwargs_raw, timeout, stream_args))
+        self._send_now(Call(cid, method, args_raw, kwargs_raw, timeout, stream_args))
         try:
             if timeout is None:
                 await pending.event.wait()
@@ -781,7 +881,7 @@ class RpcPeer:
             self._running -= 1
             # A cancelled handler (Cancel frame or closing) sends no answer.
             if answer is not None and not scope.cancel_called and self._close_exc is None:
-                self._proto.send(answer)
+                self._send_now(answer)
             self._cancel_stream_args(frame, opened)
 
     async def _run_notify(self, frame: Notify, method: Method, scope: anyio.CancelScope) -> None:

@@ -269,6 +269,9 @@ async def _listen(
     else:
         from websockets.asyncio.server import serve as asyncio_serve
 
+        from .transport.asyncio_push import PushServerConnection
+
+        options = dict(options, create_connection=PushServerConnection)
         async with asyncio_serve(handler, host, port, **options) as ws_server:
             server.port = ws_server.sockets[0].getsockname()[1]
             try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 
 __all__ = ["Transport"]
 
@@ -28,6 +29,23 @@ class Transport(abc.ABC):
     @abc.abstractmethod
     async def aclose(self, code: int = 1000, reason: str = "") -> None:
         """Close the connection (a WebSocket close handshake where there is one)."""
+
+    def deliver(
+        self, on_messages: Callable[[list[bytes]], None], on_lost: Callable[[], None]
+    ) -> bool:
+        """Hand messages to ``on_messages`` as they arrive (those that arrived
+        together in one list), and call ``on_lost`` once the connection is gone;
+        :meth:`receive` then only raises the connection's end. ``False`` (the
+        default) when the transport cannot: then :meth:`receive` returns them."""
+        return False
+
+    def can_send_now(self) -> bool:
+        """Whether :meth:`send_now` can write a message right away."""
+        return False
+
+    def send_now(self, message: bytes, *, text: bool) -> None:
+        """Write one message without waiting; only when :meth:`can_send_now`."""
+        raise NotImplementedError
 
     async def abort(self) -> None:
         """Drop the connection at once, without a closing handshake: for a peer

@@ -9,11 +9,15 @@ yet handed to the kernel.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import websockets.exceptions
+from websockets.asyncio.connection import Connection as AsyncioConnection
+from websockets.protocol import State
 
 from ..errors import ConnectionClosed
+from .asyncio_push import _Push
 from .base import Transport
 
 __all__ = ["WebSocketTransport", "websockets_options"]
@@ -51,6 +55,9 @@ class WebSocketTransport(Transport):
         # send_all returns only once the kernel took the bytes, so nothing lingers.
         self._asyncio_transport = getattr(ws, "transport", None)
         self._close = getattr(ws, "close", None) or ws.aclose
+        # On asyncio a message can be written without waiting (websockets' own
+        # send() does exactly this, then awaits a drain only when paused).
+        self._direct: AsyncioConnection | None = ws if isinstance(ws, AsyncioConnection) else None
 
     async def send(self, message: bytes, *, text: bool) -> None:
         """Send one message (a text frame when ``text``)."""
@@ -66,6 +73,43 @@ class WebSocketTransport(Transport):
         except websockets.exceptions.ConnectionClosed as exc:
             raise _closed(exc) from exc
         return data  # type: ignore[no-any-return]
+
+    def deliver(
+        self, on_messages: Callable[[list[bytes]], None], on_lost: Callable[[], None]
+    ) -> bool:
+        """Have messages handed over as they arrive (asyncio connections made by
+        :func:`rpcstream.serve` and :func:`rpcstream.connect`)."""
+        if not isinstance(self.ws, _Push):
+            return False
+        self.ws.deliver(on_messages, on_lost)
+        return True
+
+    def can_send_now(self) -> bool:
+        """asyncio only: open, not sending a fragmented message, and the socket's
+        write buffer below its high-water mark (so nothing would wait)."""
+        ws = self._direct
+        return (
+            ws is not None
+            and ws.protocol.state is State.OPEN
+            and ws.send_in_progress is None
+            and not ws.paused
+            and not ws.transport.is_closing()
+        )
+
+    def send_now(self, message: bytes, *, text: bool) -> None:
+        """Write one message to the asyncio transport, as websockets' ``send()``
+        does before it would wait for a drain."""
+        ws = self._direct
+        assert ws is not None
+        try:
+            if text:
+                ws.protocol.send_text(message)
+            else:
+                ws.protocol.send_binary(message)
+            ws.send_data()
+        except Exception as exc:  # as in websockets' send(): the connection is broken
+            ws.set_connection_exc(exc)
+            ws.transport.abort()
 
     async def aclose(self, code: int = 1000, reason: str = "") -> None:
         """Run the WebSocket closing handshake (bounded by websockets' close_timeout)."""
