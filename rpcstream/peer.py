@@ -96,6 +96,7 @@ clients (browsers) that cannot send WebSocket pings."""
 log = logging.getLogger("rpcstream.peer")
 
 _NOT_READING = "too many answers queued: the peer does not read"
+_LARGE_ITEM = 16 * 1024  # stream items this large skip the writer when they can
 
 _current_peer: contextvars.ContextVar[RpcPeer] = contextvars.ContextVar("rpcstream_peer")
 
@@ -130,7 +131,13 @@ class RpcPeer:
         side: ``Side.CONNECTING`` or ``Side.ACCEPTING`` (fixes stream id parity).
         max_concurrent_handlers: running handlers beyond which a call is
             answered ``overloaded`` at once instead of queued.
-        window_items, window_bytes: the credit each incoming stream grants.
+        window_items, window_bytes: the credit each incoming stream grants at first.
+        max_window_bytes: a stream's byte window doubles, up to this, while the
+            window is what holds it back (its sender uses all its credit and its
+            consumer waits); ``window_bytes`` turns growth off.
+        max_window_growth: the total growth all incoming streams of the
+            connection may hold at once: the receive buffers stay within
+            ``max_streams * window_bytes + max_window_growth``.
         max_buffered_amount: stream senders wait while more than this many bytes
             are queued for the socket, until it drains below a quarter of it.
         max_streams: open streams (both directions) per connection.
@@ -153,6 +160,8 @@ class RpcPeer:
         max_concurrent_handlers: int = 256,
         window_items: int = 256,
         window_bytes: int = 256 * 1024,
+        max_window_bytes: int = 4 * 1024 * 1024,
+        max_window_growth: int = 16 * 1024 * 1024,
         max_buffered_amount: int = 1024 * 1024,
         max_streams: int = 4096,
         expose_tracebacks: bool = False,
@@ -168,6 +177,8 @@ class RpcPeer:
             side,
             window_items=window_items,
             window_bytes=window_bytes,
+            max_window_bytes=max_window_bytes,
+            max_window_growth=max_window_growth,
             max_streams=max_streams,
             on_data=self._wake,
         )
@@ -751,7 +762,15 @@ class RpcPeer:
                         self._writable.pop(sid, None)
                 if self.buffered_amount > self.max_buffered_amount:
                     await self._wait_drained()
-                proto.send_item(sid, payload)
+                if len(payload) < _LARGE_ITEM:
+                    proto.send_item(sid, payload)  # the writer takes it with its neighbours
+                else:  # batching saves nothing here: write it now if nothing waits
+                    self._quiet = True
+                    try:
+                        proto.send_item(sid, payload)
+                    finally:
+                        self._quiet = False
+                    self._flush()
         finally:
             aclose = getattr(iterator, "aclose", None)
             if aclose is not None:
@@ -983,6 +1002,12 @@ class IncomingStream(AsyncIterator[Any]):
 
     def __repr__(self) -> str:
         return f"<IncomingStream {self.stream_id}{'' if self._open else ' closed'}>"
+
+    @property
+    def window_bytes(self) -> int:
+        """The byte window this stream grants now: it grows, up to the peer's
+        ``max_window_bytes``, while the window is what holds the stream back."""
+        return self.peer._proto.window_bytes_of(self.stream_id)
 
     def __aiter__(self) -> Self:
         return self

@@ -18,6 +18,20 @@ item and its payload's length. So the receiver's buffer is bounded by its window
 the receiver grants what was consumed back, once half a window has been consumed
 (like HTTP/2's WINDOW_UPDATE, batched so credit frames stay rare).
 
+Window growth. A small window caps a stream at one window per round trip, so
+streams start at ``window_bytes`` and grow, as QUIC and HTTP/2 stacks auto-tune
+theirs: a grant that half a window of *bytes* triggered (not half a window of
+items), when the consumer found nothing waiting since the last grant (waiting
+for the first items does not count), doubles the window, up to
+``max_window_bytes``. A consumer that lags always has items
+waiting, so its window never grows and the memory it can be made to hold stays
+one window; streams of small items (tokens) fill the item window first and keep
+theirs too. A sender that trickles large items to a waiting consumer does grow
+its window, which costs memory only if that consumer later stops reading.
+What streams grew is charged to one budget per connection,
+``max_window_growth``, and given back when they close, so a connection's
+receive buffers stay within ``max_streams * window_bytes + max_window_growth``.
+
 Two outgoing queues. Control frames (calls, answers, credit, cancels) go ahead
 of stream data, so bulk data never starves a call. ``StreamEnd``/``StreamError``
 ride in the data queue behind their stream's items, because they must not
@@ -135,7 +149,10 @@ class _Incoming:
         "decode",
         "done",
         "error",
+        "grown",
         "items",
+        "regranted",
+        "starved",
         "window_bytes",
         "window_items",
     )
@@ -149,6 +166,9 @@ class _Incoming:
         self.credit_bytes = window_bytes
         self.consumed_items = 0
         self.consumed_bytes = 0
+        self.starved = False  # the consumer found no item waiting since the last grant
+        self.regranted = False  # a grant was made: waiting from now on counts as starving
+        self.grown = 0  # bytes the window grew by, charged to the connection's budget
         self.done = False  # no more frames will be accepted
         # A RemoteError from the sender, or ConnectionClosed from the I/O layer.
         self.error: BaseException | None = None
@@ -178,15 +198,21 @@ class Protocol:
         window_bytes: int = 256 * 1024,
         max_streams: int = 4096,
         max_message_bytes: int = 256 * 1024,
+        max_window_bytes: int = 4 * 1024 * 1024,
+        max_window_growth: int = 16 * 1024 * 1024,
         on_data: Callable[[], None] | None = None,
     ) -> None:
         if window_items < 1 or window_bytes < 1:
             raise ValueError("stream windows must allow at least one item and one byte")
+        if max_window_growth < 0:
+            raise ValueError("max_window_growth must not be negative")
         self.codec = codec
         self.side = side
         self.window_items = window_items
         self.window_bytes = window_bytes
         self.max_streams = max_streams
+        self.max_window_bytes = max_window_bytes
+        self.window_growth_left = max_window_growth  # the connection's budget (see above)
         # A batch stops growing at this many payload bytes (a single larger
         # frame still goes out, alone).
         self.max_message_bytes = max_message_bytes
@@ -288,16 +314,40 @@ class Protocol:
                     st.consumed_items * 2 >= st.window_items
                     or st.consumed_bytes * 2 >= st.window_bytes
                 ):
+                    grant = st.consumed_bytes
+                    if st.starved and st.consumed_bytes * 2 >= st.window_bytes:
+                        # Bytes, not items, filled the window, and the consumer
+                        # waited for more: the window holds the stream back.
+                        grant += self._grow(st)
+                    st.starved = False
+                    st.regranted = True
                     st.credit_items += st.consumed_items
-                    st.credit_bytes += st.consumed_bytes
-                    self.send(Credit(stream_id, st.consumed_items, st.consumed_bytes))
+                    st.credit_bytes += grant
+                    self.send(Credit(stream_id, st.consumed_items, grant))
                     st.consumed_items = st.consumed_bytes = 0
             return item
         if st.done:
             if st.error is not None:
                 raise st.error
             raise Finished
+        st.starved = st.regranted  # waiting for the first items is no sign
         raise Empty
+
+    def _grow(self, st: _Incoming) -> int:
+        """Double a stream's byte window within both limits; return the growth."""
+        extra = min(
+            st.window_bytes, self.max_window_bytes - st.window_bytes, self.window_growth_left
+        )
+        if extra <= 0:
+            return 0
+        st.window_bytes += extra
+        st.grown += extra
+        self.window_growth_left -= extra
+        return extra
+
+    def window_bytes_of(self, stream_id: int) -> int:
+        """The byte window an incoming stream has now (it may have grown)."""
+        return self._incoming[stream_id].window_bytes
 
     def buffered_items(self, stream_id: int) -> int:
         """How many items an incoming stream holds, not yet taken."""
@@ -306,7 +356,10 @@ class Protocol:
     def close_incoming(self, stream_id: int) -> None:
         """Forget an incoming stream; if its sender may still send, tell it to stop."""
         st = self._incoming.pop(stream_id, None)
-        if st is not None and not st.done:
+        if st is None:
+            return
+        self.window_growth_left += st.grown
+        if not st.done:
             self.send(StreamCancel(stream_id))
 
     def _fail_incoming(self, stream_id: int, st: _Incoming, error: RemoteError) -> None:

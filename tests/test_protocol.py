@@ -282,3 +282,77 @@ def test_opening_streams_beyond_max_streams_raises_overloaded_locally() -> None:
     a.open_incoming(a.next_stream_id(), identity)
     with pytest.raises(Overloaded):
         a.open_incoming(a.next_stream_id(), identity)
+
+
+def _run_rounds(
+    a: Protocol,
+    b: Protocol,
+    sid: int,
+    rounds: int,
+    *,
+    send: int | None,
+    take: str,
+    payload: bytes = b"x" * 98,  # 100 bytes encoded
+) -> list[int]:
+    """Each round: a sends (everything its credit allows, or ``send`` items),
+    b consumes (``take``: "all" until Empty, or "half" of what waits) and its
+    credit goes back. Returns how many items a sent in each round."""
+    sent_per_round = []
+    for _ in range(rounds):
+        sent = 0
+        while a.can_send(sid) and (send is None or sent < send):
+            a.send_item(sid, MSGPACK.encode_raw(payload))
+            sent += 1
+        sent_per_round.append(sent)
+        deliver(a, b)
+        waiting = b.buffered_items(sid)
+        for _ in range(waiting if take == "all" else waiting // 2):
+            b.pop_item(sid)
+        if take == "all":
+            with pytest.raises(Empty):
+                b.pop_item(sid)
+        deliver(b, a)
+    return sent_per_round
+
+
+def test_a_window_that_holds_a_fast_stream_back_doubles_up_to_its_maximum() -> None:
+    a, b = pair(max_window_bytes=8000)
+    a.open_outgoing(1)
+    b.open_incoming(1, identity, window_items=10_000, window_bytes=1000)
+    deliver(b, a)
+    sent = _run_rounds(a, b, 1, 12, send=None, take="all")
+    assert b.window_bytes_of(1) == 8000
+    assert sent[0] == 10 and max(sent) == 80  # 1000 then 8000 bytes a round
+    assert b.window_growth_left == 16 * 1024 * 1024 - 7000
+
+
+def test_a_lagging_consumer_or_a_stream_of_small_items_never_grows_the_window() -> None:
+    a, b = pair(max_window_bytes=8000)
+    for sid in (1, 3):
+        a.open_outgoing(sid)
+    b.open_incoming(1, identity, window_items=10_000, window_bytes=1000)
+    b.open_incoming(3, identity, window_items=4, window_bytes=1000)
+    deliver(b, a)
+    # Stream 1: the consumer takes half of what waits, so it never waits itself.
+    _run_rounds(a, b, 1, 12, send=None, take="half")
+    # Stream 3: small items fill the item window first (like tokens).
+    _run_rounds(a, b, 3, 12, send=None, take="all", payload=b"t")
+    assert b.window_bytes_of(1) == b.window_bytes_of(3) == 1000
+    assert b.buffered_items(1) <= 11  # the lagging consumer's buffer: the window
+    assert b.window_growth_left == 16 * 1024 * 1024
+
+
+def test_growth_is_charged_to_one_budget_per_connection_and_given_back_on_close() -> None:
+    a, b = pair(max_window_bytes=8000, max_window_growth=5000)
+    for sid in (1, 3):
+        a.open_outgoing(sid)
+        b.open_incoming(sid, identity, window_items=10_000, window_bytes=1000)
+    deliver(b, a)
+    _run_rounds(a, b, 1, 12, send=None, take="all")
+    assert b.window_bytes_of(1) == 6000  # 1000 + the whole budget (1000, 2000, 2000)
+    _run_rounds(a, b, 3, 12, send=None, take="all")
+    assert b.window_bytes_of(3) == 1000  # nothing left to grow with
+    b.close_incoming(1)
+    assert b.window_growth_left == 5000
+    _run_rounds(a, b, 3, 12, send=None, take="all")
+    assert b.window_bytes_of(3) == 6000

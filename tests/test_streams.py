@@ -478,6 +478,36 @@ async def test_a_slow_reader_holds_its_sender_within_the_window(
     assert lag.max >= window // 2, lag.max
 
 
+async def test_a_window_that_holds_a_fast_reader_back_grows_and_a_slow_readers_does_not() -> None:
+    router = rpcstream.Router()
+
+    @router.method
+    async def chunks(n: int) -> AsyncIterator[bytes]:
+        for i in range(n):
+            yield i.to_bytes(4, "big") * 4096  # 16 KiB
+
+    opts = {"window_bytes": 64 * 1024, "max_window_bytes": 512 * 1024}
+    async with serving(router) as server, rpcstream.connect(server.url, **opts) as peer:
+        with anyio.fail_after(WAIT):
+            async with peer.stream("chunks", 400) as fast:
+                assert fast.window_bytes == 64 * 1024
+                count = 0
+                async for item in fast:
+                    assert item[:4] == count.to_bytes(4, "big")
+                    count += 1
+                    if count == 399:
+                        assert fast.window_bytes == 512 * 1024  # 64 KiB, doubled 3 times
+            assert count == 400
+            async with peer.stream("chunks", 100) as slow:
+                count = 0
+                async for _item in slow:
+                    count += 1
+                    for _ in range(20):  # a slow reader: the sender always runs ahead
+                        await anyio.lowlevel.checkpoint()
+                    assert slow.window_bytes == 64 * 1024
+            assert count == 100
+
+
 async def test_a_stream_nobody_reads_does_not_stall_the_other_streams_or_calls() -> None:
     lag = Lag()
     hold_released = anyio.Event()
