@@ -13,6 +13,8 @@ Workloads (full sizes; ``--quick`` scales them down):
   client: ``items_per_s``.
 * ``W2``: 256 MiB in 64 KiB ``bytes`` chunks, server to client: ``mb_per_s`` (10^6 B/s).
 * ``W3``: 20,000 sequential echo calls: ``p50_us``, ``p99_us``, ``calls_per_s``.
+* ``W3f``: the same calls to an echo that is a plain function (it runs where the
+  call arrives, with no task): what the cheapest call costs.
 * ``W4``: 50,000 echo calls, 100 in flight (100 worker tasks): ``calls_per_s``.
 * ``W5``: 1,000 concurrent streams of 200 W1 items on one connection: ``items_per_s``.
 * ``slow``: a consumer reading 10 MB/s (it sleeps after each chunk to keep to the
@@ -78,7 +80,7 @@ KiB = 1024
 MiB = 1024 * KiB
 GiB = 1024 * MiB
 LOOPS = ("asyncio", "uvloop", "trio")
-WORKLOAD_NAMES = ("W1", "W2", "W3", "W4", "W5", "slow")
+WORKLOAD_NAMES = ("W1", "W2", "W3", "W3f", "W4", "W5", "slow")
 TOK = "hello world"
 SERVER_OPTIONS: dict[str, Any] = {"max_concurrent_handlers": 2048}
 MAX_MESSAGE_SIZE = 4 * MiB  # rpcstream's default, given to raw websockets too
@@ -154,6 +156,7 @@ TARGETS = {
     "W1": Target("items_per_s", 2.0),
     "W2": Target("mb_per_s", 0.9),
     "W3": Target("p50_us", 1.2, higher_is_better=False),
+    "W3f": Target("p50_us", 1.2, higher_is_better=False),
     "W4": Target("calls_per_s", 0.8),
     "W5": Target("items_per_s", 2.0),
 }
@@ -204,6 +207,10 @@ def make_router() -> rpcstream.Router:
 
     @router.method
     async def echo(x: Any) -> Any:
+        return x
+
+    @router.method
+    def echo_plain(x: Any) -> Any:
         return x
 
     @router.method
@@ -351,16 +358,20 @@ def _bytes_rate(received: int, chunk: int, seconds: float) -> Figures:
     }
 
 
-async def rpc_w3(peer: rpcstream.RpcPeer, s: Sizes) -> Figures:
+async def rpc_w3(peer: rpcstream.RpcPeer, s: Sizes, method: str = "echo") -> Figures:
     payload = {"i": 0, "tok": TOK}
     samples: list[int] = []
     clock = time.perf_counter_ns
     start = time.perf_counter()
     for _ in range(s.w3_calls):
         t0 = clock()
-        await peer.call("echo", payload)
+        await peer.call(method, payload)
         samples.append(clock() - t0)
     return _latencies(samples, time.perf_counter() - start)
+
+
+async def rpc_w3f(peer: rpcstream.RpcPeer, s: Sizes) -> Figures:
+    return await rpc_w3(peer, s, "echo_plain")
 
 
 async def _workers(n: int, calls: int, work: Callable[[int], Awaitable[None]]) -> float:
@@ -534,6 +545,7 @@ RPC_WORKLOADS: dict[str, Callable[[rpcstream.RpcPeer, Sizes], Awaitable[Figures]
     "W1": rpc_w1,
     "W2": rpc_w2,
     "W3": rpc_w3,
+    "W3f": rpc_w3f,
     "W4": rpc_w4,
     "W5": rpc_w5,
 }
@@ -541,6 +553,7 @@ RAW_WORKLOADS: dict[str, Callable[[Any, Sizes], Awaitable[Figures]]] = {
     "W1": raw_w1,
     "W2": raw_w2,
     "W3": raw_w3,
+    "W3f": raw_w3,
     "W4": raw_w4,
     "W5": raw_w5,
 }
@@ -791,6 +804,7 @@ _ROWS = [  # workload, figure, unit shown
     ("W3", "p50_us", "p50 µs"),
     ("W3", "p99_us", "p99 µs"),
     ("W3", "calls_per_s", "calls/s"),
+    ("W3f", "p50_us", "p50 µs"),
     ("W4", "calls_per_s", "calls/s"),
     ("W5", "items_per_s", "items/s"),
 ]

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import inspect
 import logging
 import math
 import traceback
@@ -809,6 +810,9 @@ class RpcPeer:
         if method is None:
             self._refuse(frame, MethodNotFound(f"no method {shorten(repr(frame.method))}"))
             return
+        if method.inline and type(frame) is not StreamCall:
+            self._run_inline(frame, method)
+            return
         self._running += 1
         scope = anyio.CancelScope()
         if call_id is not None:
@@ -816,6 +820,47 @@ class RpcPeer:
         elif type(frame) is StreamCall:
             self._pumps[frame.stream_id] = scope
         self._spawn(runner, frame, method, scope)
+
+    def _run_inline(self, frame: Call | Notify, method: Method) -> None:
+        """A plain-function handler runs now, where the call arrived: no task to
+        start, nothing to wait for or cancel. It runs in a copy of the context,
+        so what it sets stays its own, as in a task."""
+        opened: dict[int, IncomingStream] = {}
+        answer: Result | Error | None = None
+        try:
+            args, kwargs = self._bind(frame, method, opened)
+            result = contextvars.copy_context().run(self._call_plain, method, args, kwargs)
+            if type(frame) is Call:
+                try:
+                    answer = Result(frame.id, self.codec.encode_raw(result))
+                except TypeError as exc:
+                    raise InternalError(f"{frame.method}: result cannot be encoded: {exc}") from exc
+        except RemoteError as exc:
+            if type(frame) is Call:
+                answer = self._error_frame(frame.id, exc)
+        except Exception as exc:
+            if type(frame) is Call:
+                answer = self._error_frame(frame.id, self._internal_error(exc))
+            else:
+                log.exception("notification handler %r failed", frame.method)
+        if answer is not None:
+            self._proto.send(answer)  # the reader sends it with whatever else it queued
+        self._cancel_stream_args(frame, opened)
+
+    def _call_plain(self, method: Method, args: list[Any], kwargs: dict[str, Any]) -> Any:
+        _current_peer.set(self)  # in the handler's own copy of the context
+        result = method.func(*args, **kwargs)
+        if inspect.isawaitable(result):
+            # A wrapped async function that does not look like one: say so
+            # rather than send a coroutine or leave it never awaited.
+            close = getattr(result, "close", None)
+            if close is not None:
+                close()
+            raise InternalError(
+                f"{method.name}: a plain function returned an awaitable; register the "
+                "async function itself (or mark the wrapper with inspect.markcoroutinefunction)"
+            )
+        return result
 
     def _refuse(self, frame: Any, error: RemoteError) -> None:
         proto = self._proto
@@ -930,7 +975,7 @@ class RpcPeer:
                 try:
                     args, kwargs = self._bind(frame, method, opened)
                     with anyio.CancelScope(deadline=_deadline(frame.timeout)) as dl:
-                        if method.streaming:
+                        if method.streaming or method.inline:
                             items = method.func(*args, **kwargs)
                         else:
                             items = await method.func(*args, **kwargs)

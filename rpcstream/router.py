@@ -1,7 +1,9 @@
 """The method registry: names to handlers, and parameters converted by msgspec.
 
-A handler is an ``async def`` (unary: its return value is the result) or an
-``async def`` generator (streaming: each ``yield`` is an item). Its annotations
+A handler is an ``async def`` (unary: its return value is the result), an
+``async def`` generator (streaming: each ``yield`` is an item), or a plain
+``def`` for quick work that never waits (unary: it runs at once, where the call
+arrives, with no task of its own, which makes it the cheapest kind of call). Its annotations
 say what the parameters are: each wire value is converted to its parameter's
 type by msgspec, so a handler never sees a ``str`` where it declared ``int``.
 A parameter annotated ``AsyncIterator[T]`` (or ``AsyncIterable[T]``) receives a
@@ -55,16 +57,19 @@ class Method:
         "_var_kw",
         "_var_pos",
         "func",
+        "inline",
         "name",
         "streaming",
     )
 
     def __init__(self, name: str, func: Callable[..., Any]) -> None:
-        if not (inspect.iscoroutinefunction(func) or inspect.isasyncgenfunction(func)):
-            raise TypeError(f"handler {name!r} must be an async function or async generator")
+        if not callable(func):
+            raise TypeError(f"handler {name!r} must be a function")
         self.name = name
         self.func = func
         self.streaming = inspect.isasyncgenfunction(func)
+        # A plain function: called where the call arrives, no task (see RpcPeer).
+        self.inline = not (self.streaming or inspect.iscoroutinefunction(func))
         sig = inspect.signature(func)
         try:
             hints = typing.get_type_hints(func)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import math
 from collections.abc import AsyncIterator
@@ -374,3 +375,68 @@ async def test_a_memory_pair_calls_both_ways_without_sockets() -> None:
     async with memory_peer_pair(a_router, b_router) as (a, b):
         assert await a.call("where_b") == "b:a"
         assert await b.call("where") == "a"
+
+
+leaky: contextvars.ContextVar[str] = contextvars.ContextVar("leaky", default="clean")
+
+
+async def test_plain_function_handlers_answer_at_once_over_the_wire() -> None:
+    router = rpcstream.Router()
+    notified: list[int] = []
+    got_notification = anyio.Event()
+
+    @router.method
+    def add(a: int, b: int) -> int:
+        return a + b
+
+    @router.method
+    def fail() -> None:
+        raise ValueError("plain failure")
+
+    @router.method
+    def peer_and_context() -> str:
+        before = leaky.get()
+        leaky.set("set by a handler")  # must not leak into the next call
+        return f"{before} {rpcstream.current_peer().principal}"
+
+    @router.method
+    def note(n: int) -> None:
+        notified.append(n)
+        got_notification.set()
+
+    async def real(x: int) -> int:
+        return x
+
+    def wrapped(x: int) -> Any:  # a wrapper that hides that it is async
+        return real(x)
+
+    router.add(wrapped, "wrapped")
+
+    async with (
+        rpcstream.serve(router, "127.0.0.1", 0) as server,
+        rpcstream.connect(server.url) as peer,
+    ):
+        assert await peer.call("add", 2, b=3) == 5
+        with pytest.raises(rpcstream.InvalidParams):
+            await peer.call("add", "two", 3)
+        with pytest.raises(rpcstream.InternalError, match="plain failure"):
+            await peer.call("fail")
+        assert await peer.call("peer_and_context") == "clean None"
+        assert await peer.call("peer_and_context") == "clean None"
+        with pytest.raises(rpcstream.InternalError, match="returned an awaitable"):
+            await peer.call("wrapped", 1)
+        await peer.notify("note", 7)
+        with anyio.fail_after(5):
+            await got_notification.wait()
+        assert notified == [7]
+        # Many at once: every answer comes back (they leave together).
+        results: dict[int, int] = {}
+
+        async def one(i: int) -> None:
+            results[i] = await peer.call("add", i, 1)
+
+        async with anyio.create_task_group() as tg:
+            for i in range(300):
+                tg.start_soon(one, i)
+        assert results == {i: i + 1 for i in range(300)}
+        assert server.stats["running_handlers"] == 0  # plain functions never hold a slot

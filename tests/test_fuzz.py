@@ -8,8 +8,6 @@ Hypothesis draws the messages; each example runs against a fresh server on
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
@@ -19,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import rpcstream
-from rpcstream._backend import is_trio
+from tests.raw import raw_connect
 
 MSGPACK = "rpcstream.v1.msgpack"
 JSON = "rpcstream.v1.json"
@@ -112,26 +110,6 @@ def make_runs() -> rpcstream.RunServer:
     return runs
 
 
-@contextlib.asynccontextmanager
-async def raw_connect(url: str, subprotocol: str) -> AsyncIterator[Any]:
-    """A plain websockets client: no rpcstream peer to correct what it sends."""
-    options: dict[str, Any] = {
-        "subprotocols": [subprotocol],
-        "compression": None,
-        "max_size": None,
-    }
-    if is_trio():
-        from websockets.trio.client import connect as trio_connect
-
-        async with trio_connect(url, **options) as ws:
-            yield ws
-    else:
-        from websockets.asyncio.client import connect as asyncio_connect
-
-        async with asyncio_connect(url, **options) as ws:
-            yield ws
-
-
 async def probe(ws: Any, codec: str, run_id: str) -> None:
     """A valid call on the fuzzed connection is still answered."""
     call = [[1, PROBE_ID, "runs.status", [run_id], {}]]
@@ -155,7 +133,7 @@ async def scenario(attack: list[tuple[bytes, bool]], codec: str) -> None:
             run_id = run["run_id"]
             async with bystander.stream("runs.subscribe", run_id) as events:
                 assert (await anext(events))["type"] == "started"
-                async with raw_connect(server.url, subprotocol) as ws:
+                async with raw_connect(server.url, subprotocol, max_size=None) as ws:
                     try:
                         for payload, text in attack:
                             await ws.send(payload, text=text)

@@ -4,7 +4,6 @@ the same behaviour seen from the wire on both loops."""
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
 from collections.abc import AsyncIterator
 from typing import Any
@@ -14,9 +13,9 @@ import msgspec
 import pytest
 
 import rpcstream
-from rpcstream._backend import is_trio
 from rpcstream.messages import MSGPACK, Call
 from rpcstream.transport.websocket import WebSocketTransport
+from tests.raw import raw_connect
 
 pytestmark = pytest.mark.anyio
 
@@ -46,22 +45,6 @@ def make_router() -> rpcstream.Router:
     return router
 
 
-@contextlib.asynccontextmanager
-async def raw_connect(url: str) -> AsyncIterator[Any]:
-    """A plain websockets client, to send what a peer never would (fragments)."""
-    options: dict[str, Any] = {"subprotocols": [MSGPACK.subprotocol], "compression": None}
-    if is_trio():
-        from websockets.trio.client import connect as trio_connect
-
-        async with trio_connect(url, **options) as ws:
-            yield ws
-    else:
-        from websockets.asyncio.client import connect as asyncio_connect
-
-        async with asyncio_connect(url, **options) as ws:
-            yield ws
-
-
 def call_message(call_id: int, value: Any) -> bytes:
     args = MSGPACK.encode_raw([value])
     return MSGPACK.encode_batch([Call(call_id, "echo", args, MSGPACK.empty_map, None, [])])
@@ -81,7 +64,7 @@ async def answers(ws: Any, count: int) -> dict[int, Any]:
 async def test_a_fragmented_message_reaches_the_peer_whole() -> None:
     async with (
         rpcstream.serve(make_router(), "127.0.0.1", 0) as server,
-        raw_connect(server.url) as ws,
+        raw_connect(server.url, MSGPACK.subprotocol) as ws,
     ):
         message = call_message(7, "x" * 5000)
         # websockets sends an iterable as one message in several frames.
@@ -181,7 +164,7 @@ async def test_messages_that_arrive_before_the_peer_starts_wait_then_come_first(
 
     async with serve(handler, "127.0.0.1", 0, create_connection=Watched) as srv:
         port = srv.sockets[0].getsockname()[1]
-        async with raw_connect(f"ws://127.0.0.1:{port}") as ws:
+        async with raw_connect(f"ws://127.0.0.1:{port}", MSGPACK.subprotocol) as ws:
             for i in range(40):
                 await ws.send(str(i).encode())
             with anyio.fail_after(10):
