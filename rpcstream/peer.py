@@ -13,8 +13,9 @@ Three kinds of task run in the peer's task group:
 * the **writer** sends what the protocol has queued. While it awaits the socket,
   frames keep queueing, and the next message takes them all: that coalescing is
   what makes many small stream items cheap;
-* **handlers** and **pumps**: one task per incoming call, and one per outgoing
-  stream, each in its own cancel scope so a ``Cancel``/``StreamCancel`` frame,
+* **handlers** and **pumps**: one task per incoming call to an ``async def``
+  handler (a plain ``def`` runs in the reader, at once, with no task), and one
+  per outgoing stream, each in its own cancel scope so a ``Cancel``/``StreamCancel`` frame,
   a deadline or the end of the connection can cancel exactly that work.
 
 Calls and answers skip the writer when they can (``_flush``): if the writer is
@@ -131,7 +132,8 @@ class RpcPeer:
         codec: the wire format (negotiated by subprotocol for WebSockets).
         side: ``Side.CONNECTING`` or ``Side.ACCEPTING`` (fixes stream id parity).
         max_concurrent_handlers: running handlers beyond which a call is
-            answered ``overloaded`` at once instead of queued.
+            answered ``overloaded`` at once instead of queued (plain-function
+            handlers finish at once and hold no slot).
         window_items, window_bytes: the credit each incoming stream grants at first.
         max_window_bytes: a stream's byte window doubles, up to this, while the
             window is what holds it back (its sender uses all its credit and its
@@ -202,7 +204,8 @@ class RpcPeer:
         self._quiet = False  # queueing a frame does not wake the writer (see _flush)
         self._coalesce = False  # frames wait for the writer, to leave together
         self._read_ended = anyio.Event()  # the transport delivers: the end came
-        self._read_stop: str | Exception | None = None  # why delivered reading stopped
+        self._read_stop: str | BaseException | None = None  # why delivered reading stopped
+        self._write_error: Exception | None = None  # a direct write failed: the writer ends
         self._drained: anyio.Event | None = None
         self._flushed: anyio.Event | None = None
         self._closed = anyio.Event()
@@ -357,7 +360,7 @@ class RpcPeer:
                 # this task only waits for the end and turns it into actions.
                 await self._read_ended.wait()
                 stop = self._read_stop
-                if isinstance(stop, Exception):
+                if isinstance(stop, BaseException):
                     raise stop
                 if stop is not None:
                     await self._abandon(1008, stop)
@@ -387,7 +390,7 @@ class RpcPeer:
             if not self._receive(messages):
                 self._read_stop = _NOT_READING
                 self._read_ended.set()
-        except Exception as exc:
+        except BaseException as exc:  # never into the transport's callback: the reader raises it
             self._read_stop = exc
             self._read_ended.set()
 
@@ -397,6 +400,7 @@ class RpcPeer:
         queued answers."""
         proto, dispatch = self._proto, self._dispatch
         count = 0
+        outer = self._quiet
         self._quiet = True
         try:
             for message in messages:
@@ -405,7 +409,7 @@ class RpcPeer:
                 for event in events:
                     dispatch(event)
         finally:
-            self._quiet = False
+            self._quiet = outer
         if proto.queued_bytes > self.max_queued_bytes:
             return False
         if count > 1:
@@ -430,6 +434,8 @@ class RpcPeer:
         proto, transport, text = self._proto, self.transport, self._text
         try:
             while True:
+                if self._write_error is not None:
+                    raise self._write_error  # a direct write failed (see _flush)
                 self._coalesce = False
                 message = proto.data_to_send()
                 if message is None:
@@ -518,13 +524,28 @@ class RpcPeer:
 
     def _send_now(self, frame: Any) -> None:
         """Queue ``frame`` and send it at once if the socket can take it: calls
-        and answers, where a trip through the writer task would add latency."""
+        and answers, where a trip through the writer task would add latency.
+        Inside another quiet section (a handler run eagerly from ``_receive``),
+        that section sends it."""
+        outer = self._quiet
         self._quiet = True
         try:
             self._proto.send(frame)
         finally:
-            self._quiet = False
-        self._flush()
+            self._quiet = outer
+        if not outer:
+            self._flush()
+
+    def _send_item_now(self, sid: StreamId, payload: msgspec.Raw) -> None:
+        """As :meth:`_send_now`, for a stream item."""
+        outer = self._quiet
+        self._quiet = True
+        try:
+            self._proto.send_item(sid, payload)
+        finally:
+            self._quiet = outer
+        if not outer:
+            self._flush()
 
     def _flush(self) -> None:
         """Write the next queued message now if the transport can without waiting
@@ -534,9 +555,14 @@ class RpcPeer:
         if not proto.has_data():
             return
         if not self._inflight and not self._coalesce and transport.can_send_now():
-            message = proto.data_to_send()
-            assert message is not None
-            transport.send_now(message, text=self._text)
+            try:
+                message = proto.data_to_send()
+                assert message is not None
+                transport.send_now(message, text=self._text)
+            except Exception as exc:  # an unencodable frame: as in the writer, end with 1011
+                self._write_error = exc
+                self._wakeup.set()
+                return
             self._sent()
             if not proto.has_data():
                 return
@@ -766,12 +792,7 @@ class RpcPeer:
                 if len(payload) < _LARGE_ITEM:
                     proto.send_item(sid, payload)  # the writer takes it with its neighbours
                 else:  # batching saves nothing here: write it now if nothing waits
-                    self._quiet = True
-                    try:
-                        proto.send_item(sid, payload)
-                    finally:
-                        self._quiet = False
-                    self._flush()
+                    self._send_item_now(sid, payload)
         finally:
             aclose = getattr(iterator, "aclose", None)
             if aclose is not None:
@@ -850,12 +871,9 @@ class RpcPeer:
     def _call_plain(self, method: Method, args: list[Any], kwargs: dict[str, Any]) -> Any:
         _current_peer.set(self)  # in the handler's own copy of the context
         result = method.func(*args, **kwargs)
-        if inspect.isawaitable(result):
+        if _close_awaitable(result):
             # A wrapped async function that does not look like one: say so
             # rather than send a coroutine or leave it never awaited.
-            close = getattr(result, "close", None)
-            if close is not None:
-                close()
             raise InternalError(
                 f"{method.name}: a plain function returned an awaitable; register the "
                 "async function itself (or mark the wrapper with inspect.markcoroutinefunction)"
@@ -975,11 +993,15 @@ class RpcPeer:
                 try:
                     args, kwargs = self._bind(frame, method, opened)
                     with anyio.CancelScope(deadline=_deadline(frame.timeout)) as dl:
-                        if method.streaming or method.inline:
+                        if method.streaming:
                             items = method.func(*args, **kwargs)
                         else:
-                            items = await method.func(*args, **kwargs)
+                            if method.inline:
+                                items = method.func(*args, **kwargs)
+                            else:
+                                items = await method.func(*args, **kwargs)
                             if not isinstance(items, AsyncIterable):
+                                _close_awaitable(items)
                                 raise MethodNotFound(
                                     f"{frame.method!r} does not stream: call it with call()"
                                 )
@@ -1010,6 +1032,16 @@ class RpcPeer:
 
     def _error_frame(self, call_id: int, exc: RemoteError) -> Error:
         return Error(call_id, exc.code, exc.message, encodable(self.codec, exc.data))
+
+
+def _close_awaitable(value: Any) -> bool:
+    """Close ``value`` if it is an awaitable nobody will await; whether it was one."""
+    if not inspect.isawaitable(value):
+        return False
+    close = getattr(value, "close", None)
+    if close is not None:
+        close()
+    return True
 
 
 def _deadline(timeout: float | None) -> float:

@@ -39,7 +39,8 @@ class _Param:
         self.name = p.name
         self.kind = p.kind
         self.default = p.default
-        self.type = Any if hint is inspect.Parameter.empty else hint
+        # No annotation, or one left as a string (unresolvable): no conversion.
+        self.type = Any if hint is inspect.Parameter.empty or isinstance(hint, str) else hint
         origin = typing.get_origin(self.type)
         self.stream_item: Any = None
         if origin in _STREAM_ORIGINS:
@@ -65,16 +66,24 @@ class Method:
     def __init__(self, name: str, func: Callable[..., Any]) -> None:
         if not callable(func):
             raise TypeError(f"handler {name!r} must be a function")
+        # An object's own async __call__ counts as async, like a function's
+        # (inspect sees through functools.partial by itself).
+        forms = (func, type(func).__call__)
+        if any(inspect.isgeneratorfunction(f) for f in forms):
+            raise TypeError(f"handler {name!r}: a plain generator cannot stream; use async def")
         self.name = name
         self.func = func
-        self.streaming = inspect.isasyncgenfunction(func)
+        self.streaming = any(inspect.isasyncgenfunction(f) for f in forms)
         # A plain function: called where the call arrives, no task (see RpcPeer).
-        self.inline = not (self.streaming or inspect.iscoroutinefunction(func))
+        self.inline = not (self.streaming or any(inspect.iscoroutinefunction(f) for f in forms))
         sig = inspect.signature(func)
-        try:
-            hints = typing.get_type_hints(func)
-        except Exception:  # unresolvable forward references: fall back to no conversion
-            hints = {}
+        hints: dict[str, Any] = {}
+        for f in forms:  # an object's hints are those of its __call__
+            try:
+                hints = typing.get_type_hints(f)
+                break
+            except Exception:  # unresolvable forward references: no conversion
+                continue
         params = [_Param(p, hints.get(p.name, p.annotation)) for p in sig.parameters.values()]
         P = inspect.Parameter
         self._positional = [

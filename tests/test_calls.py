@@ -412,6 +412,13 @@ async def test_plain_function_handlers_answer_at_once_over_the_wire() -> None:
 
     router.add(wrapped, "wrapped")
 
+    class Doubler:  # an object whose __call__ is async is an async handler
+        async def __call__(self, x: int) -> int:
+            await anyio.lowlevel.checkpoint()
+            return 2 * x
+
+    router.add(Doubler(), "double")
+
     async with (
         rpcstream.serve(router, "127.0.0.1", 0) as server,
         rpcstream.connect(server.url) as peer,
@@ -425,6 +432,10 @@ async def test_plain_function_handlers_answer_at_once_over_the_wire() -> None:
         assert await peer.call("peer_and_context") == "clean None"
         with pytest.raises(rpcstream.InternalError, match="returned an awaitable"):
             await peer.call("wrapped", 1)
+        assert await peer.call("double", 21) == 42
+        with pytest.raises(rpcstream.MethodNotFound, match="does not stream"):
+            async for _ in peer.stream("add", 1, 2):
+                pass
         await peer.notify("note", 7)
         with anyio.fail_after(5):
             await got_notification.wait()
@@ -440,3 +451,16 @@ async def test_plain_function_handlers_answer_at_once_over_the_wire() -> None:
                 tg.start_soon(one, i)
         assert results == {i: i + 1 for i in range(300)}
         assert server.stats["running_handlers"] == 0  # plain functions never hold a slot
+
+
+async def test_a_frame_that_cannot_be_encoded_closes_the_connection_and_fails_the_call(
+    server: rpcstream.Server,
+) -> None:
+    # msgpack cannot encode a lone surrogate. The call's frame is written at
+    # once where it can be (asyncio), by the writer otherwise: either way the
+    # connection ends with 1011 and nothing is left waiting.
+    async with rpcstream.connect(server.url) as peer:
+        with anyio.fail_after(5), pytest.raises(rpcstream.ConnectionClosed) as info:
+            await peer.call("bad\ud800")
+        assert info.value.code == 1011
+        assert peer.stats["pending_calls"] == 0
