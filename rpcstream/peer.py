@@ -83,8 +83,8 @@ from .protocol import (
     StreamCancelled,
     StreamReadable,
     StreamWritable,
-    encodable,
     shorten,
+    wire_error,
 )
 from .router import Method, Router
 from .transport.base import Transport
@@ -294,6 +294,13 @@ class RpcPeer:
                 await self.transport.aclose(code, reason)
             except Exception:  # the socket may already be gone: nothing left to do
                 log.debug("error while closing the transport", exc_info=True)
+
+    def _check_method(self, method: str) -> None:
+        """A method name must be text the codecs can encode: refuse it here,
+        where the caller can see why, not in the writer (which would have to
+        end the connection)."""
+        if not method.isascii():
+            method.encode()  # UnicodeEncodeError (a ValueError) for a lone surrogate
 
     def _check_open(self) -> None:
         if self._close_exc is not None:
@@ -588,6 +595,7 @@ class RpcPeer:
         caller sends a ``Cancel`` frame, which cancels the handler.
         """
         self._check_open()
+        self._check_method(method)
         proto = self._proto
         cid = proto.next_call_id()
         args_raw, kwargs_raw, stream_args, sids = self._encode_params(args, kwargs)
@@ -627,6 +635,7 @@ class RpcPeer:
     async def notify(self, method: str, /, *args: Any, **kwargs: Any) -> None:
         """Call ``method`` on the other side without waiting for (or getting) an answer."""
         self._check_open()
+        self._check_method(method)
         args_raw, kwargs_raw, stream_args, _ = self._encode_params(args, kwargs)
         self._proto.send(Notify(method, args_raw, kwargs_raw, stream_args))
         await anyio.lowlevel.checkpoint()
@@ -649,6 +658,7 @@ class RpcPeer:
         ``async with peer.stream(...) as items:`` to stop it at a known point.
         """
         self._check_open()
+        self._check_method(method)
         proto = self._proto
         sid = proto.next_stream_id()
         # Open our end first: if that fails, no handler is left waiting for credit.
@@ -1031,7 +1041,7 @@ class RpcPeer:
         return InternalError(f"{type(exc).__name__}: {exc}", data)
 
     def _error_frame(self, call_id: int, exc: RemoteError) -> Error:
-        return Error(call_id, exc.code, exc.message, encodable(self.codec, exc.data))
+        return Error(call_id, *wire_error(self.codec, exc))
 
 
 def _close_awaitable(value: Any) -> bool:

@@ -411,9 +411,7 @@ class Protocol:
         if error is None:
             frame: Frame = StreamEnd(stream_id)
         else:
-            frame = StreamError(
-                stream_id, error.code, error.message, encodable(self.codec, error.data)
-            )
+            frame = StreamError(stream_id, *wire_error(self.codec, error))
         self._data.append(frame)
         self.queued_bytes += FRAME_OVERHEAD
         self._on_data()
@@ -616,6 +614,18 @@ def _payload_size(frame: Frame) -> int:
     if t is StreamData:
         return len(frame.payload)  # type: ignore[union-attr]
     return 0
+
+
+def wire_error(codec: Codec, error: RemoteError) -> tuple[int, str, Any]:
+    """``error``'s code, message and data in a form every codec can encode: an
+    error from a handler must never make a whole batch unencodable (and so end
+    the connection). A lone surrogate (``os.fsdecode`` of a bad file name) is
+    escaped; a code outside 64 bits becomes ``internal_error``."""
+    code = error.code if -(2**63) <= error.code < 2**64 else int(ErrorCode.INTERNAL_ERROR)
+    message = error.message
+    if not message.isascii():
+        message = message.encode("utf-8", "backslashreplace").decode("utf-8")
+    return code, message, encodable(codec, error.data)
 
 
 def encodable(codec: Codec, data: Any) -> Any:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextvars
 import dataclasses
 import math
+import os
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -14,7 +15,7 @@ import msgspec
 import pytest
 
 import rpcstream
-from rpcstream.messages import Call
+from rpcstream.messages import MSGPACK, Call, Notify
 from rpcstream.peer import _PendingCall
 from rpcstream.testing import memory_peer_pair
 
@@ -453,14 +454,50 @@ async def test_plain_function_handlers_answer_at_once_over_the_wire() -> None:
         assert server.stats["running_handlers"] == 0  # plain functions never hold a slot
 
 
-async def test_a_frame_that_cannot_be_encoded_closes_the_connection_and_fails_the_call(
+async def test_text_the_codec_cannot_encode_is_refused_or_escaped_never_fatal() -> None:
+    # msgpack cannot encode a lone surrogate, which os.fsdecode() makes of a bad
+    # file name. A method name is refused to the caller; an error message from
+    # a handler is escaped; the connection carries on either way.
+    router = rpcstream.Router()
+
+    @router.method
+    async def open_file(name: str) -> None:
+        raise FileNotFoundError("no such file: " + os.fsdecode(b"bad-\xff"))
+
+    @router.method
+    async def lines() -> AsyncIterator[str]:
+        yield "first"
+        raise rpcstream.RemoteError(2**70, os.fsdecode(b"\xfe"))
+
+    async with (
+        rpcstream.serve(router, "127.0.0.1", 0) as server,
+        rpcstream.connect(server.url) as peer,
+    ):
+        with pytest.raises(UnicodeEncodeError):
+            await peer.call("bad\ud800")
+        with pytest.raises(UnicodeEncodeError):
+            peer.stream("bad\ud800")
+        with pytest.raises(rpcstream.InternalError, match=r"bad-\\udcff"):
+            await peer.call("open_file", "x")
+        got: list[str] = []
+        with pytest.raises(rpcstream.InternalError, match=r"\\udcfe"):
+            async for line in peer.stream("lines"):
+                got.append(line)
+        assert got == ["first"]
+        assert await peer.call("rpcstream.ping") is None
+        assert peer.stats["pending_calls"] == 0
+
+
+async def test_a_frame_that_fails_to_encode_ends_the_connection_with_1011(
     server: rpcstream.Server,
 ) -> None:
-    # msgpack cannot encode a lone surrogate. The call's frame is written at
-    # once where it can be (asyncio), by the writer otherwise: either way the
-    # connection ends with 1011 and nothing is left waiting.
+    # Defence in depth: should a frame that cannot be encoded reach the queue
+    # anyway, the connection ends (1011) whether the frame was being written
+    # directly (asyncio) or by the writer (trio), and nothing is left waiting.
     async with rpcstream.connect(server.url) as peer:
-        with anyio.fail_after(5), pytest.raises(rpcstream.ConnectionClosed) as info:
-            await peer.call("bad\ud800")
+        peer._send_now(Notify("bad\ud800", MSGPACK.empty_array, MSGPACK.empty_map, []))
+        with anyio.fail_after(5):
+            await peer.wait_closed()
+        with pytest.raises(rpcstream.ConnectionClosed) as info:
+            await peer.call("add", 1, 2)
         assert info.value.code == 1011
-        assert peer.stats["pending_calls"] == 0
