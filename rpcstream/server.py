@@ -11,10 +11,12 @@ import contextlib
 import functools
 import logging
 import urllib.parse
+import weakref
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import anyio
+from websockets.protocol import State
 
 from ._backend import is_trio
 from ._tasks import task_group
@@ -249,7 +251,14 @@ async def _listen(
 
         from .transport.trio_fix import ReadNeverWaitsServerConnection
 
-        options = dict(options, create_connection=ReadNeverWaitsServerConnection)
+        opening: weakref.WeakSet[Any] = weakref.WeakSet()
+
+        def create_trio(*args: Any, **kwargs: Any) -> ReadNeverWaitsServerConnection:
+            connection = ReadNeverWaitsServerConnection(*args, **kwargs)
+            opening.add(connection)
+            return connection
+
+        options = dict(options, create_connection=create_trio)
 
         async def trio_handler(ws: Any) -> None:
             ws.close = ws.aclose  # the same name on both loops, for handler()
@@ -264,6 +273,8 @@ async def _listen(
                 yield
             finally:
                 with anyio.CancelScope(shield=True):
+                    for connection in _idle(opening):
+                        await connection.stream.aclose()
                     await ws_server.aclose()
                 tg.cancel_scope.cancel()
     else:
@@ -271,12 +282,33 @@ async def _listen(
 
         from .transport.asyncio_push import PushServerConnection
 
-        options = dict(options, create_connection=PushServerConnection)
+        opening = weakref.WeakSet()
+
+        def create_asyncio(*args: Any, **kwargs: Any) -> PushServerConnection:
+            connection = PushServerConnection(*args, **kwargs)
+            opening.add(connection)
+            return connection
+
+        options = dict(options, create_connection=create_asyncio)
         async with asyncio_serve(handler, host, port, **options) as ws_server:
             server.port = ws_server.sockets[0].getsockname()[1]
             try:
                 yield
             finally:
+                for connection in _idle(opening):
+                    if connection.transport is not None:
+                        connection.transport.abort()
                 ws_server.close()
                 with anyio.CancelScope(shield=True):
                     await ws_server.wait_closed()
+
+
+def _idle(connections: weakref.WeakSet[Any]) -> list[Any]:
+    """Connections that never sent their opening request: browsers open such
+    sockets ahead of need. Closing the server would otherwise wait for each
+    one's ``open_timeout``; they have nothing to finish, so they are dropped."""
+    return [
+        c
+        for c in list(connections)
+        if c.protocol.state is State.CONNECTING and getattr(c, "request", None) is None
+    ]

@@ -501,3 +501,17 @@ async def test_a_frame_that_fails_to_encode_ends_the_connection_with_1011(
         with pytest.raises(rpcstream.ConnectionClosed) as info:
             await peer.call("add", 1, 2)
         assert info.value.code == 1011
+
+
+async def test_closing_the_server_does_not_wait_for_sockets_that_never_sent_a_request() -> None:
+    # Browsers open sockets ahead of need. Leaving serve() used to wait for each
+    # one's open_timeout; such sockets have nothing to finish and are dropped.
+    with anyio.fail_after(5):  # open_timeout is 30 s: waiting for it fails here
+        async with rpcstream.serve(rpcstream.Router(), "127.0.0.1", 0, open_timeout=30) as srv:
+            idle = await anyio.connect_tcp("127.0.0.1", srv.port)
+            # A whole call on a second connection: the server accepted the first by now.
+            async with rpcstream.connect(srv.url) as peer:
+                assert await peer.call("rpcstream.ping") is None
+        with pytest.raises((anyio.EndOfStream, anyio.BrokenResourceError)):
+            await idle.receive()  # the server dropped it
+    await idle.aclose()
