@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ssl as ssl_module
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -35,6 +36,7 @@ async def connect(
     close_timeout: float | None = None,
     open_timeout: float | None = 10.0,
     compression: str | None = None,
+    ssl: ssl_module.SSLContext | None = None,
     **peer_options: Any,
 ) -> AsyncIterator[RpcPeer]:
     """Connect to ``url`` (``ws://host:port``) and yield the :class:`RpcPeer`.
@@ -45,6 +47,8 @@ async def connect(
     ends; if it drops earlier, pending calls raise :class:`ConnectionClosed`.
     Heartbeats as in :func:`rpcstream.serve`: a server that stops answering
     pings is noticed within ``ping_interval + ping_timeout + close_timeout``.
+    A ``wss://`` URL uses TLS, verified against the system's CAs unless ``ssl``
+    (a client-side ``ssl.SSLContext``) says otherwise.
     """
     if isinstance(codec, str):
         if codec not in _CODECS:
@@ -67,23 +71,34 @@ async def connect(
         ),
         "additional_headers": extra or None,
     }
+    if ssl is not None:
+        options["ssl"] = ssl
     if is_trio():
+        import trio
         from websockets.trio.client import connect as ws_connect
 
         from .transport.trio_fix import ReadNeverWaitsClientConnection
 
         options["create_connection"] = ReadNeverWaitsClientConnection
+        # trio reports a failed TLS handshake (an untrusted certificate) this way.
+        unreachable: tuple[type[BaseException], ...] = (
+            OSError,
+            TimeoutError,
+            trio.BrokenResourceError,
+        )
     else:
         from websockets.asyncio.client import connect as ws_connect  # type: ignore[assignment]
 
         from .transport.asyncio_push import PushClientConnection
 
         options["create_connection"] = PushClientConnection
+        unreachable = (OSError, TimeoutError)
     try:
         cm = ws_connect(url, **options)
         ws = await cm.__aenter__()
-    except (OSError, TimeoutError) as exc:
-        raise ConnectionClosed(1006, f"cannot connect to {url}: {exc}") from exc
+    except unreachable as exc:
+        reason = exc.__cause__ or exc  # the SSL error under trio's BrokenResourceError
+        raise ConnectionClosed(1006, f"cannot connect to {url}: {reason}") from exc
     except websockets.exceptions.InvalidStatus as exc:
         status = exc.response.status_code
         body = exc.response.body.decode(errors="replace").strip()[:200]

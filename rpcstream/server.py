@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import ssl as ssl_module
 import urllib.parse
 import weakref
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -58,9 +59,10 @@ class App(Protocol):
 class Server:
     """A running server: its address and its live connections."""
 
-    def __init__(self, router: Router, host: str) -> None:
+    def __init__(self, router: Router, host: str, *, secure: bool = False) -> None:
         self.router = router
         self.host = host
+        self.secure = secure
         self.port = 0
         self.peers: set[RpcPeer] = set()
         self.connections_accepted = 0
@@ -69,9 +71,9 @@ class Server:
 
     @property
     def url(self) -> str:
-        """``ws://host:port`` to connect to."""
+        """``ws://host:port`` to connect to (``wss://`` when serving TLS)."""
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"ws://{host}:{self.port}"
+        return f"{'wss' if self.secure else 'ws'}://{host}:{self.port}"
 
     async def wait_idle(self) -> None:
         """Wait until no connection is open (every handler finished its clean-up)."""
@@ -122,6 +124,7 @@ async def serve(
     routes: Mapping[str, StaticFile] | None = None,
     serve_client: bool = True,
     origins: Sequence[str | None] | None = None,
+    ssl: ssl_module.SSLContext | None = None,
     **peer_options: Any,
 ) -> AsyncIterator[Server]:
     """Serve ``app`` (a :class:`Router`, or a ``RunServer``) on ``host:port``.
@@ -145,10 +148,11 @@ async def serve(
     cross-site WebSocket hijacking when browsers authenticate with cookies;
     by default any origin is accepted.
     Compression stays off unless ``compression="deflate"``: it costs far more
-    CPU than it saves on a LAN.
+    CPU than it saves on a LAN. ``ssl`` (a server-side ``ssl.SSLContext``)
+    serves ``wss://``.
     """
     router = _router_of(app)
-    server = Server(router, host)
+    server = Server(router, host, secure=ssl is not None)
     http_routes: dict[str, StaticFile] = builtin_routes() if serve_client else {}
     http_routes.update(getattr(app, "http_routes", None) or {})
     http_routes.update(routes or {})
@@ -234,6 +238,7 @@ async def serve(
         ),
         "process_request": process_request,
         "origins": list(origins) if origins is not None else None,
+        "ssl": ssl,
     }
     async with contextlib.AsyncExitStack() as stack:
         if isinstance(app, contextlib.AbstractAsyncContextManager):
@@ -247,6 +252,7 @@ async def _listen(
     handler: Any, host: str, port: int, options: dict[str, Any], server: Server
 ) -> AsyncIterator[None]:
     if is_trio():
+        import trio
         from websockets.trio.server import serve as trio_serve
 
         from .transport.trio_fix import ReadNeverWaitsServerConnection
@@ -274,7 +280,7 @@ async def _listen(
             finally:
                 with anyio.CancelScope(shield=True):
                     for connection in _idle(opening):
-                        await connection.stream.aclose()
+                        await trio.aclose_forcefully(connection.stream)  # no TLS goodbye
                     await ws_server.aclose()
                 tg.cancel_scope.cancel()
     else:
@@ -296,7 +302,7 @@ async def _listen(
                 yield
             finally:
                 for connection in _idle(opening):
-                    if connection.transport is not None:
+                    if getattr(connection, "transport", None) is not None:  # TLS: set once it is up
                         connection.transport.abort()
                 ws_server.close()
                 with anyio.CancelScope(shield=True):

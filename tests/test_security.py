@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import ssl
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -12,6 +13,7 @@ from typing import Any
 import anyio
 import msgspec
 import pytest
+import trustme
 import websockets.exceptions
 
 import rpcstream
@@ -346,3 +348,47 @@ async def test_plain_http_gets_its_routes_or_a_404() -> None:
         assert status == 404 and b"not found" in body
         status, body = await anyio.to_thread.run_sync(get, "/rpcstream.js")
         assert status == 200 and b"export" in body
+
+
+# -- TLS ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tls() -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """A server context with a certificate for 127.0.0.1, and a client context
+    that trusts the test CA that issued it (trustme: no files, no openssl)."""
+    ca = trustme.CA()
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_ctx)
+    client_ctx = ssl.create_default_context()
+    ca.configure_trust(client_ctx)
+    return server_ctx, client_ctx
+
+
+async def test_calls_and_streams_run_over_tls_and_an_untrusted_certificate_is_refused(
+    tls: tuple[ssl.SSLContext, ssl.SSLContext],
+) -> None:
+    server_ctx, client_ctx = tls
+    router = rpcstream.Router()
+
+    @router.method
+    async def echo(x: Any) -> Any:
+        return x
+
+    @router.method
+    async def chunks(n: int) -> AsyncIterator[bytes]:
+        for i in range(n):
+            yield i.to_bytes(4, "big") * 16384  # 64 KiB: written at once when it can be
+
+    async with rpcstream.serve(router, "127.0.0.1", 0, ssl=server_ctx) as server:
+        assert server.url.startswith("wss://")
+        async with rpcstream.connect(server.url, ssl=client_ctx) as peer:
+            assert await peer.call("echo", {"a": 1}) == {"a": 1}
+            count = 0
+            async for chunk in peer.stream("chunks", 64):
+                assert chunk[:4] == count.to_bytes(4, "big")
+                count += 1
+            assert count == 64
+        with pytest.raises(rpcstream.ConnectionClosed, match="CERTIFICATE_VERIFY_FAILED"):
+            async with rpcstream.connect(server.url):  # the system CAs do not know ours
+                pass
