@@ -3,8 +3,10 @@
 ::
 
     rpcstream serve [APP] [--store memory|sqlite:PATH|redis://...] [--host H] [--port P]
+                    [--certfile PEM [--keyfile PEM]]   wss:// with that certificate
     rpcstream call URL METHOD [ARGS...]        each ARG is JSON where it parses, else a string
     rpcstream tail URL RUN_ID [--after N]      a run's events as JSON lines, through disconnects
+    (call and tail take --cafile PEM: trust that CA for a wss:// URL, not the system's)
     rpcstream demo                             the demo: a run streamed, cut, and resumed
     rpcstream bench [--quick]                  the benchmark workloads (from a source checkout)
 
@@ -18,6 +20,7 @@ import importlib
 import json
 import os
 import signal
+import ssl
 import sys
 from pathlib import Path
 from typing import Any
@@ -32,6 +35,9 @@ __all__ = ["main"]
 
 class CliError(Exception):
     """A failure to report as one line and exit code 1."""
+
+
+_CAFILE_HELP = "PEM CA certificates to verify a wss:// server with (default: the system's)"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -63,6 +69,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--ping-timeout", type=float, default=20.0, help="seconds without a pong: peer is dead"
     )
+    serve.add_argument("--certfile", help="PEM certificate chain: serve wss:// (TLS)")
+    serve.add_argument("--keyfile", help="PEM private key, if not in --certfile")
 
     call = sub.add_parser("call", help="call a method and print its JSON result")
     call.add_argument("url")
@@ -70,6 +78,7 @@ def _parser() -> argparse.ArgumentParser:
     call.add_argument("args", nargs="*", help="JSON values (or plain strings)")
     call.add_argument("--timeout", type=float, default=30.0)
     call.add_argument("--token", default=os.environ.get("RPCSTREAM_TOKEN"))
+    call.add_argument("--cafile", help=_CAFILE_HELP)
 
     tail = sub.add_parser("tail", help="print a run's events as they come, resuming on drops")
     tail.add_argument("url", nargs="+", help="server URL(s), rotated through on reconnect")
@@ -77,6 +86,7 @@ def _parser() -> argparse.ArgumentParser:
     tail.add_argument("--after", type=int, default=0, help="start after this event id")
     tail.add_argument("--token", default=os.environ.get("RPCSTREAM_TOKEN"))
     tail.add_argument("--give-up-after", type=float, default=60.0, help="seconds offline")
+    tail.add_argument("--cafile", help=_CAFILE_HELP)
 
     demo = sub.add_parser("demo", help="run the demo (server and client in one process)")
     demo.add_argument("--db", default=None, help="SQLite file (default: a temporary one)")
@@ -160,8 +170,17 @@ async def _serve(args: argparse.Namespace) -> int:
         if not isinstance(app, RunServer):
             raise CliError("--store applies to RunServer apps only")
         app.store = make_store(args.store)
+    options: dict[str, Any] = {
+        "ping_interval": args.ping_interval,
+        "ping_timeout": args.ping_timeout,
+    }
+    if args.certfile is not None:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(args.certfile, args.keyfile)
+        options["ssl"] = context
+    elif args.keyfile is not None:
+        raise CliError("--keyfile needs --certfile")
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        options = {"ping_interval": args.ping_interval, "ping_timeout": args.ping_timeout}
         async with serve(app, args.host, args.port, **options) as server:
             print(f"rpcstream: serving {args.app} on {server.url}", flush=True)
             async for _ in signals:
@@ -177,11 +196,20 @@ def _parse_arg(text: str) -> Any:
         return text
 
 
+def _client_tls(args: argparse.Namespace, urls: list[str]) -> dict[str, Any]:
+    """``connect()``'s ``ssl`` option for ``--cafile``: nothing without one."""
+    if args.cafile is None:
+        return {}
+    if not all(url.startswith("wss://") for url in urls):
+        raise CliError("--cafile applies to wss:// URLs only")
+    return {"ssl": ssl.create_default_context(cafile=args.cafile)}
+
+
 async def _call(args: argparse.Namespace) -> int:
     from .client import connect
 
     params = [_parse_arg(a) for a in args.args]
-    async with connect(args.url, token=args.token) as peer:
+    async with connect(args.url, token=args.token, **_client_tls(args, [args.url])) as peer:
         result = await peer.call(args.method, *params, timeout=args.timeout)
     print(msgspec.json.encode(result).decode())
     return 0
@@ -193,7 +221,10 @@ async def _tail(args: argparse.Namespace) -> int:
     progress = sys.stderr
     count = 0
     last: dict[str, Any] | None = None
-    async with RunClient(args.url, token=args.token, give_up_after=args.give_up_after) as client:
+    tls = _client_tls(args, args.url)
+    async with RunClient(
+        args.url, token=args.token, give_up_after=args.give_up_after, **tls
+    ) as client:
         connections = 0
         async for event in client.subscribe(args.run_id, after=args.after):
             if client.connections != connections:

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import trustme
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = dict(os.environ, PYTHONPATH=str(ROOT))
@@ -135,3 +136,54 @@ def test_bench_prints_json_lines() -> None:
     records = [json.loads(line) for line in result.stdout.splitlines()]
     assert {r["bench"] for r in records} >= {"append_one_run", "replay"}
     assert all(r["events_per_s"] > 0 for r in records)
+
+
+def test_serve_call_and_tail_over_tls_with_a_private_ca(tmp_path: Path, loop: str) -> None:
+    ca = trustme.CA()
+    ca_file, chain = tmp_path / "ca.pem", tmp_path / "server.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    ca.issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(str(chain))
+    with subprocess.Popen(
+        [sys.executable, "-m", "rpcstream", "--loop", loop, "serve", "--port", "0",
+         "--certfile", str(chain)],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env=ENV,
+    ) as process:  # fmt: skip
+        try:
+            assert process.stdout is not None
+            line = process.stdout.readline()
+            assert " on wss://127.0.0.1:" in line, line
+            url = line.split(" on ")[1].strip()
+            ok = rpcstream("--loop", loop, "call", url, "add", "1", "2", "--cafile", str(ca_file))
+            assert (ok.returncode, ok.stdout.strip()) == (0, "3"), ok.stderr
+            run = rpcstream(
+                "call", url, "runs.start", "ml-inference", '{"prompt": "x", "tokens": 2}',
+                "--cafile", str(ca_file),
+            )  # fmt: skip
+            run_id = json.loads(run.stdout)["run_id"]
+            tail = rpcstream("--loop", loop, "tail", url, run_id, "--cafile", str(ca_file))
+            assert tail.returncode == 0, tail.stderr
+            assert [json.loads(e)["type"] for e in tail.stdout.splitlines()][-1] == "complete"
+            # Without the CA, the system's CAs do not know this certificate: one line.
+            refused = rpcstream("call", url, "add", "1", "2")
+            assert refused.returncode == 1
+            assert "CERTIFICATE_VERIFY_FAILED" in refused.stderr, refused.stderr
+            assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+        finally:
+            process.terminate()
+            process.wait(timeout=10)
+
+
+def test_tls_options_that_cannot_apply_are_refused_in_one_line(tmp_path: Path) -> None:
+    cases = {
+        ("call", "ws://127.0.0.1:9", "add", "--cafile", "x.pem"): "--cafile applies to wss://",
+        ("serve", "--port", "0", "--keyfile", "k.pem"): "--keyfile needs --certfile",
+        ("serve", "--port", "0", "--certfile", str(tmp_path / "missing.pem")): "rpcstream serve:",
+    }
+    for args, message in cases.items():
+        result = rpcstream(*args)
+        assert result.returncode == 1, (args, result.stderr)
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and message in lines[0], (args, result.stderr)
