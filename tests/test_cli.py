@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -32,25 +33,34 @@ def loop(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
-@pytest.fixture
-def server(tmp_path: Path, loop: str) -> Iterator[str]:
-    """``rpcstream serve`` of the built-in demo app on a free port, SQLite store."""
+@contextlib.contextmanager
+def serving(*args: str, expect: str = " on ws://127.0.0.1:") -> Iterator[str]:
+    """``rpcstream serve ARGS`` on a free port; yields the URL it prints when ready."""
     with subprocess.Popen(
-        [sys.executable, "-m", "rpcstream", "--loop", loop, "serve", "--port", "0",
-         "--store", f"sqlite:{tmp_path / 'runs.db'}"],
+        [sys.executable, "-m", "rpcstream", *args, "--port", "0"],
         stdout=subprocess.PIPE,
         text=True,
         cwd=ROOT,
         env=ENV,
-    ) as process:  # fmt: skip
+    ) as process:
         try:
             assert process.stdout is not None
             line = process.stdout.readline()  # blocks until the server prints its URL
-            assert "serving rpcstream.demo:runs on ws://127.0.0.1:" in line, line
+            assert expect in line, line
             yield line.split(" on ")[1].strip()
         finally:
             process.terminate()
             process.wait(timeout=10)
+
+
+@pytest.fixture
+def server(tmp_path: Path, loop: str) -> Iterator[str]:
+    """``rpcstream serve`` of the built-in demo app on a free port, SQLite store."""
+    store = f"sqlite:{tmp_path / 'runs.db'}"
+    with serving(
+        "--loop", loop, "serve", "--store", store, expect="rpcstream.demo:runs on ws://"
+    ) as url:
+        yield url
 
 
 def test_every_command_has_help() -> None:
@@ -105,21 +115,9 @@ def test_errors_are_one_clear_line_and_a_non_zero_exit(server: str) -> None:
 
 
 def test_serve_runs_a_module_attribute_app() -> None:
-    with subprocess.Popen(
-        [sys.executable, "-m", "rpcstream", "serve", "tests.apps:router", "--port", "0"],
-        stdout=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
-        env=ENV,
-    ) as process:
-        try:
-            assert process.stdout is not None
-            url = process.stdout.readline().split(" on ")[1].strip()
-            result = rpcstream("call", url, "echo", '{"a": [1, 2]}')
-            assert result.stdout.strip() == '{"a":[1,2]}'
-        finally:
-            process.terminate()
-            process.wait(timeout=10)
+    with serving("serve", "tests.apps:router") as url:
+        result = rpcstream("call", url, "echo", '{"a": [1, 2]}')
+        assert result.stdout.strip() == '{"a":[1,2]}'
 
 
 def test_the_demo_resumes_after_the_cut_with_no_gap(loop: str) -> None:
@@ -143,37 +141,22 @@ def test_serve_call_and_tail_over_tls_with_a_private_ca(tmp_path: Path, loop: st
     ca_file, chain = tmp_path / "ca.pem", tmp_path / "server.pem"
     ca.cert_pem.write_to_path(str(ca_file))
     ca.issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(str(chain))
-    with subprocess.Popen(
-        [sys.executable, "-m", "rpcstream", "--loop", loop, "serve", "--port", "0",
-         "--certfile", str(chain)],
-        stdout=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
-        env=ENV,
-    ) as process:  # fmt: skip
-        try:
-            assert process.stdout is not None
-            line = process.stdout.readline()
-            assert " on wss://127.0.0.1:" in line, line
-            url = line.split(" on ")[1].strip()
-            ok = rpcstream("--loop", loop, "call", url, "add", "1", "2", "--cafile", str(ca_file))
-            assert (ok.returncode, ok.stdout.strip()) == (0, "3"), ok.stderr
-            run = rpcstream(
-                "call", url, "runs.start", "ml-inference", '{"prompt": "x", "tokens": 2}',
-                "--cafile", str(ca_file),
-            )  # fmt: skip
-            run_id = json.loads(run.stdout)["run_id"]
-            tail = rpcstream("--loop", loop, "tail", url, run_id, "--cafile", str(ca_file))
-            assert tail.returncode == 0, tail.stderr
-            assert [json.loads(e)["type"] for e in tail.stdout.splitlines()][-1] == "complete"
-            # Without the CA, the system's CAs do not know this certificate: one line.
-            refused = rpcstream("call", url, "add", "1", "2")
-            assert refused.returncode == 1
-            assert "CERTIFICATE_VERIFY_FAILED" in refused.stderr, refused.stderr
-            assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
-        finally:
-            process.terminate()
-            process.wait(timeout=10)
+    with serving("--loop", loop, "serve", "--certfile", str(chain), expect=" on wss://") as url:
+        ok = rpcstream("--loop", loop, "call", url, "add", "1", "2", "--cafile", str(ca_file))
+        assert (ok.returncode, ok.stdout.strip()) == (0, "3"), ok.stderr
+        run = rpcstream(
+            "call", url, "runs.start", "ml-inference", '{"prompt": "x", "tokens": 2}',
+            "--cafile", str(ca_file),
+        )  # fmt: skip
+        run_id = json.loads(run.stdout)["run_id"]
+        tail = rpcstream("--loop", loop, "tail", url, run_id, "--cafile", str(ca_file))
+        assert tail.returncode == 0, tail.stderr
+        assert [json.loads(e)["type"] for e in tail.stdout.splitlines()][-1] == "complete"
+        # Without the CA, the system's CAs do not know this certificate: one line.
+        refused = rpcstream("call", url, "add", "1", "2")
+        assert refused.returncode == 1
+        assert "CERTIFICATE_VERIFY_FAILED" in refused.stderr, refused.stderr
+        assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
 
 
 def test_tls_options_that_cannot_apply_are_refused_in_one_line(tmp_path: Path) -> None:
