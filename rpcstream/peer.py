@@ -1001,6 +1001,8 @@ class RpcPeer:
         try:
             with scope:
                 try:
+                    if not method.may_stream:
+                        raise _not_a_stream(frame.method)
                     args, kwargs = self._bind(frame, method, opened)
                     with anyio.CancelScope(deadline=_deadline(frame.timeout)) as dl:
                         if method.streaming:
@@ -1012,9 +1014,7 @@ class RpcPeer:
                                 items = await method.func(*args, **kwargs)
                             if not isinstance(items, AsyncIterable):
                                 _close_awaitable(items)
-                                raise MethodNotFound(
-                                    f"{frame.method!r} does not stream: call it with call()"
-                                )
+                                raise _not_a_stream(frame.method)
                         await self._pump_items(sid, items)
                     if dl.cancelled_caught:
                         error = DeadlineExceeded(
@@ -1042,6 +1042,10 @@ class RpcPeer:
 
     def _error_frame(self, call_id: int, exc: RemoteError) -> Error:
         return Error(call_id, *wire_error(self.codec, exc))
+
+
+def _not_a_stream(method: str) -> MethodNotFound:
+    return MethodNotFound(f"{method!r} does not stream: call it with call()")
 
 
 def _close_awaitable(value: Any) -> bool:

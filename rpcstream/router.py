@@ -48,6 +48,14 @@ class _Param:
             self.stream_item = args[0] if args else Any
 
 
+def _may_be_async_iterable(hint: Any) -> bool:
+    """Whether a return annotation admits an async iterable (unknown ones do)."""
+    origin = typing.get_origin(hint) or hint
+    if not isinstance(origin, type) or origin in (inspect.Signature.empty, Any, object):
+        return True  # no annotation, a string, Any, a Union...: we cannot tell
+    return issubclass(origin, collections.abc.AsyncIterable)
+
+
 class Method:
     """One registered handler and what is known of its signature."""
 
@@ -59,6 +67,7 @@ class Method:
         "_var_pos",
         "func",
         "inline",
+        "may_stream",
         "name",
         "streaming",
     )
@@ -84,6 +93,11 @@ class Method:
                 break
             except Exception:  # unresolvable forward references: no conversion
                 continue
+        # stream() may call a unary handler that returns an async iterable; one
+        # whose annotation says it returns something else is refused unrun.
+        self.may_stream = self.streaming or _may_be_async_iterable(
+            hints.get("return", sig.return_annotation)
+        )
         params = [_Param(p, hints.get(p.name, p.annotation)) for p in sig.parameters.values()]
         P = inspect.Parameter
         self._positional = [

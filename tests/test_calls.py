@@ -515,3 +515,38 @@ async def test_closing_the_server_does_not_wait_for_sockets_that_never_sent_a_re
         with pytest.raises((anyio.EndOfStream, anyio.BrokenResourceError)):
             await idle.receive()  # the server dropped it
     await idle.aclose()
+
+
+async def test_stream_refuses_a_handler_annotated_unary_before_running_it() -> None:
+    router = rpcstream.Router()
+    ran: list[str] = []
+
+    @router.method
+    async def charge(amount: int) -> int:  # a side effect a refused stream() must not cause
+        ran.append("charge")
+        return amount
+
+    async def numbers(n: int) -> AsyncIterator[int]:
+        for i in range(n):
+            yield i
+
+    @router.method
+    async def unannotated(n):  # type: ignore[no-untyped-def]
+        ran.append("unannotated")
+        return numbers(n)  # an async iterable after all: it streams
+
+    @router.method
+    async def says_none(n: int) -> None:
+        ran.append("says_none")
+
+    async with (
+        rpcstream.serve(router, "127.0.0.1", 0) as server,
+        rpcstream.connect(server.url) as peer,
+    ):
+        for method in ("charge", "says_none"):
+            with pytest.raises(rpcstream.MethodNotFound, match="does not stream"):
+                async for _ in peer.stream(method, 5):
+                    pass
+        assert [i async for i in peer.stream("unannotated", 3)] == [0, 1, 2]
+        assert await peer.call("charge", 5) == 5  # call() still runs it
+    assert ran == ["unannotated", "charge"]
