@@ -10,7 +10,8 @@ with ``--calls`` more measured operations, divided by ``--calls``::
     python -m benchmarks.bench_instructions                   # asyncio and trio
     python -m benchmarks.bench_instructions --loop asyncio --calls 500
 
-Workloads (one JSON line per implementation; ``ratio_to_raw`` on the others):
+Workloads (one JSON line per implementation; ``ratio_to_baseline`` on all but the
+first of each workload):
 
 * ``W3``: a sequential echo call over loopback, client and server in one process
   (as in ``bench_peer``): ``raw`` websockets answering inline, rpcstream with an

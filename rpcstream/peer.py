@@ -841,6 +841,9 @@ class RpcPeer:
         if method is None:
             self._refuse(frame, MethodNotFound(f"no method {shorten(repr(frame.method))}"))
             return
+        if type(frame) is StreamCall and not method.may_stream:
+            self._refuse(frame, _not_a_stream(frame.method))  # its annotation says so
+            return
         if method.inline and type(frame) is not StreamCall:
             self._run_inline(frame, method)
             return
@@ -1001,8 +1004,6 @@ class RpcPeer:
         try:
             with scope:
                 try:
-                    if not method.may_stream:
-                        raise _not_a_stream(frame.method)
                     args, kwargs = self._bind(frame, method, opened)
                     with anyio.CancelScope(deadline=_deadline(frame.timeout)) as dl:
                         if method.streaming:
