@@ -58,7 +58,12 @@ def server(tmp_path: Path, loop: str) -> Iterator[str]:
     """``rpcstream serve`` of the built-in demo app on a free port, SQLite store."""
     store = f"sqlite:{tmp_path / 'runs.db'}"
     with serving(
-        "--loop", loop, "serve", "--store", store, expect="rpcstream.demo:runs on ws://"
+        "--loop",
+        loop,
+        "serve",
+        "--store",
+        store,
+        expect="serving rpcstream.demo:runs on ws://127.0.0.1:",
     ) as url:
         yield url
 
