@@ -182,12 +182,14 @@ class Method:
                 raise InvalidParams(f"{self.name}(): argument {p.name!r} must be a stream")
             try:
                 sid = codec.decode(raw, int)
-            except msgspec.ValidationError as exc:
+            except (msgspec.ValidationError, msgspec.DecodeError) as exc:
                 raise InvalidParams(f"{self.name}(): stream id of {p.name!r}: {exc}") from None
             return open_stream(sid, Any if p.stream_item is None else p.stream_item)
         try:
             return codec.decode(raw, p.type)
-        except msgspec.ValidationError as exc:
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            # DecodeError: a string that is not UTF-8, found only now that the
+            # value itself is decoded. Bad input either way, not our failure.
             raise InvalidParams(f"{self.name}(): argument {p.name!r}: {exc}") from None
 
 

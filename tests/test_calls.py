@@ -15,8 +15,8 @@ import msgspec
 import pytest
 
 import rpcstream
-from rpcstream.messages import MSGPACK, Call, Notify
-from rpcstream.peer import _PendingCall
+from rpcstream.messages import MSGPACK, Error, Notify
+from rpcstream.peer.driver import ANSWER
 from rpcstream.testing import memory_peer_pair
 
 pytestmark = pytest.mark.anyio
@@ -279,13 +279,14 @@ async def test_the_callee_answers_deadline_exceeded_when_its_deadline_passes() -
         await anyio.sleep_forever()
 
     async with memory_peer_pair(None, router) as (a, _b):
-        cid = a._proto.next_call_id()
-        pending = a._calls[cid] = _PendingCall()
-        a._proto.send(Call(cid, "forever", a.codec.empty_array, a.codec.empty_map, 0.1))
-        await pending.event.wait()
-        assert pending.answer is not None
-        assert pending.answer.code == rpcstream.ErrorCode.DEADLINE_EXCEEDED
-        del a._calls[cid]
+        driver = a._driver
+        cid = driver.proto.send_call("forever", a.codec.empty_array, a.codec.empty_map, 0.1)
+        answered = anyio.Event()
+        driver.waiters.add(ANSWER, cid, answered.set)
+        await answered.wait()
+        answer = driver.proto.take_answer(cid)
+        assert isinstance(answer, Error)
+        assert answer.code == rpcstream.ErrorCode.DEADLINE_EXCEEDED
 
 
 async def test_closing_the_client_fails_pending_calls_and_cancels_server_handlers(
@@ -495,7 +496,9 @@ async def test_a_frame_that_fails_to_encode_ends_the_connection_with_1011(
     # anyway, the connection ends (1011) whether the frame was being written
     # directly (asyncio) or by the writer (trio), and nothing is left waiting.
     async with rpcstream.connect(server.url) as peer:
-        peer._send_now(Notify("bad\ud800", MSGPACK.empty_array, MSGPACK.empty_map, []))
+        driver = peer._driver
+        bad = Notify("bad\ud800", MSGPACK.empty_array, MSGPACK.empty_map, [])
+        driver.send_now(driver.proto.send, bad)
         with anyio.fail_after(5):
             await peer.wait_closed()
         with pytest.raises(rpcstream.ConnectionClosed) as info:

@@ -1,0 +1,328 @@
+"""The callee side of a peer: the other side's calls, notifications and stream calls.
+
+Each incoming call is admitted or refused at once (rate, concurrency, unknown
+method, wrong kind), then run by one handler runner whatever its kind: bind the
+parameters (opening stream arguments), invoke the handler under the call's
+deadline, turn its outcome into what the kind calls for (a ``Result`` or
+``Error``, a log line for a notification, the end of the result stream), and
+close the stream arguments it did not read to the end. A plain ``def`` handler
+runs where the call arrives, with no task; anything else runs in a task of its
+own with a cancel scope in the waiters table, so a ``Cancel`` or
+``StreamCancel`` frame, the deadline or the end of the connection cancels
+exactly that work.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import inspect
+import logging
+import traceback
+from collections.abc import AsyncIterable
+from typing import TYPE_CHECKING, Any
+
+import anyio
+
+from ..errors import (
+    Cancelled,
+    DeadlineExceeded,
+    InternalError,
+    InvalidParams,
+    LocalProtocolError,
+    MethodNotFound,
+    Overloaded,
+    RateLimited,
+    RemoteError,
+)
+from ..limits import TokenBucket
+from ..messages import Call, Error, Notify, Result, StreamCall, StreamId
+from ..protocol import shorten, wire_error
+from ..router import Method, Router
+from .driver import HANDLER, PUMP, Driver
+from .streams import IncomingStream, Senders, deadline
+
+if TYPE_CHECKING:
+    from .rpcpeer import RpcPeer
+
+__all__ = ["PING", "Callee", "current_peer"]
+
+PING = "rpcstream.ping"
+"""A reserved method every peer answers with ``None`` at once: a liveness check for
+clients (browsers) that cannot send WebSocket pings."""
+
+log = logging.getLogger("rpcstream.peer")
+
+_current_peer: contextvars.ContextVar[RpcPeer] = contextvars.ContextVar("rpcstream_peer")
+
+
+def current_peer() -> RpcPeer:
+    """The :class:`RpcPeer` of the connection whose call is being handled.
+
+    Raises :class:`LookupError` outside a handler.
+    """
+    return _current_peer.get()
+
+
+IncomingCall = Call | Notify | StreamCall
+
+
+class Callee:
+    """Admits and runs the other side's calls (see the module docstring)."""
+
+    def __init__(
+        self,
+        driver: Driver,
+        senders: Senders,
+        peer: RpcPeer,
+        router: Router,
+        *,
+        max_concurrent_handlers: int,
+        call_rate: tuple[float, int] | None,
+        expose_tracebacks: bool,
+    ) -> None:
+        self._driver = driver
+        self._senders = senders
+        self._peer = peer
+        self.router = router
+        self.max_concurrent_handlers = max_concurrent_handlers
+        self.expose_tracebacks = expose_tracebacks
+        self._bucket = TokenBucket(*call_rate) if call_rate is not None else None
+        self.running = 0  # handlers running in tasks (plain functions hold no slot)
+        self.calls_received = 0
+
+    # -- admission ---------------------------------------------------------------------
+
+    def on_call(self, frame: IncomingCall) -> None:
+        """A call arrived: refuse it, run it at once, or start its task."""
+        self.calls_received += 1
+        driver = self._driver
+        method = self.router.get(frame.method)
+        if method is None and frame.method == PING and type(frame) is Call:
+            driver.proto.end_call(frame.id, Result(frame.id, driver.codec.encode_raw(None)))
+            return
+        if self._bucket is not None and not self._bucket.take():
+            self._refuse(frame, RateLimited(f"{frame.method}: too many calls on this connection"))
+            return
+        if self.running >= self.max_concurrent_handlers:
+            self._refuse(
+                frame,
+                Overloaded(
+                    f"{self.running} handlers running (max_concurrent_handlers="
+                    f"{self.max_concurrent_handlers})"
+                ),
+            )
+            return
+        if method is None:
+            self._refuse(frame, MethodNotFound(f"no method {shorten(repr(frame.method))}"))
+            return
+        if type(frame) is StreamCall and not method.may_stream:
+            self._refuse(frame, _not_a_stream(frame.method))  # its annotation says so
+            return
+        if method.inline and not isinstance(frame, StreamCall):
+            self._run_inline(frame, method)
+            return
+        self.running += 1
+        scope = anyio.CancelScope()
+        if type(frame) is Call:
+            driver.waiters.add(HANDLER, frame.id, scope.cancel)
+        elif type(frame) is StreamCall:
+            driver.waiters.add(PUMP, frame.stream_id, scope.cancel)
+        driver.spawn(self._run, frame, method, scope)
+
+    def _refuse(self, frame: IncomingCall, error: RemoteError) -> None:
+        if type(frame) is Notify:
+            log.warning("dropped notification %s: %s", shorten(repr(frame.method)), error)
+        else:
+            self._finish(frame, None, error)
+        self._close_stream_args(frame, {})
+
+    # -- the one handler runner ---------------------------------------------------------
+
+    def _run_inline(self, frame: Call | Notify, method: Method) -> None:
+        """A plain-function handler runs now, where the call arrived: no task to
+        start, nothing to wait for or cancel. It runs in a copy of the context,
+        so what it sets stays its own, as in a task."""
+        opened: dict[int, IncomingStream] = {}
+        answer: Result | None = None
+        failure: BaseException | None = None
+        try:
+            args, kwargs = self._bind(frame, method, opened)
+            result = contextvars.copy_context().run(self._call_plain, method, args, kwargs)
+            if type(frame) is Call:
+                answer = self._result(frame, result)
+        except Exception as exc:
+            failure = exc
+        self._finish(frame, answer, failure)
+        self._close_stream_args(frame, opened)
+
+    def _call_plain(self, method: Method, args: list[Any], kwargs: dict[str, Any]) -> Any:
+        _current_peer.set(self._peer)  # in the handler's own copy of the context
+        result = method.func(*args, **kwargs)
+        if _close_awaitable(result):
+            # A wrapped async function that does not look like one: say so
+            # rather than send a coroutine or leave it never awaited.
+            raise InternalError(
+                f"{method.name}: a plain function returned an awaitable; register the "
+                "async function itself (or mark the wrapper with inspect.markcoroutinefunction)"
+            )
+        return result
+
+    async def _run(self, frame: IncomingCall, method: Method, scope: anyio.CancelScope) -> None:
+        opened: dict[int, IncomingStream] = {}
+        answer: Result | None = None
+        failure: BaseException | None = None
+        timeout = None if type(frame) is Notify else frame.timeout  # type: ignore[union-attr]
+        token = _current_peer.set(self._peer)
+        try:
+            with scope:
+                try:
+                    args, kwargs = self._bind(frame, method, opened)
+                    if timeout is None:  # the common case: no scope to enter
+                        result = await self._invoke(frame, method, args, kwargs)
+                    else:
+                        with anyio.CancelScope(deadline=deadline(timeout)) as dl:
+                            result = await self._invoke(frame, method, args, kwargs)
+                        if dl.cancelled_caught:
+                            raise DeadlineExceeded(
+                                f"{frame.method}: deadline of {timeout} s exceeded"
+                            )
+                    if type(frame) is Call:
+                        answer = self._result(frame, result)
+                except Exception as exc:
+                    failure = exc
+            if (
+                type(frame) is StreamCall
+                and scope.cancelled_caught
+                and not self._driver.proto.streams.is_cancelled(frame.stream_id)
+            ):
+                failure = Cancelled(f"{frame.method}: the stream's sender was cancelled")
+        finally:
+            _current_peer.reset(token)
+            self.running -= 1
+            if type(frame) is Call:
+                self._driver.waiters.discard(HANDLER, frame.id)
+            elif type(frame) is StreamCall:
+                self._driver.waiters.discard(PUMP, frame.stream_id)
+            self._finish(frame, answer, failure)
+            self._close_stream_args(frame, opened)
+
+    async def _invoke(
+        self, frame: IncomingCall, method: Method, args: list[Any], kwargs: dict[str, Any]
+    ) -> Any:
+        """Run the handler as the frame's kind asks; a stream call pumps its items."""
+        if type(frame) is StreamCall:
+            if method.streaming:
+                items = method.func(*args, **kwargs)
+            else:
+                items = method.func(*args, **kwargs)
+                if not method.inline:
+                    items = await items
+                if not isinstance(items, AsyncIterable):
+                    _close_awaitable(items)
+                    raise _not_a_stream(frame.method)
+            await self._senders.pump(StreamId(frame.stream_id), items)
+            return None
+        if method.streaming:
+            raise MethodNotFound(f"{frame.method!r} streams its result: call it with stream()")
+        return await method.func(*args, **kwargs)
+
+    def _result(self, frame: Call, value: Any) -> Result:
+        try:
+            return Result(frame.id, self._driver.codec.encode_raw(value))
+        except TypeError as exc:
+            raise InternalError(f"{frame.method}: result cannot be encoded: {exc}") from exc
+
+    def _finish(
+        self, frame: IncomingCall, answer: Result | None, failure: BaseException | None
+    ) -> None:
+        """Deliver a handler's outcome as its kind calls for."""
+        driver = self._driver
+        t = type(frame)
+        if t is Notify:
+            if failure is not None:
+                log.error("notification handler %r failed", frame.method, exc_info=failure)
+            return
+        error = None if failure is None else self.remote_error(failure)
+        if t is Call:
+            assert isinstance(frame, Call)
+            reply: Result | Error | None = answer
+            if error is not None:
+                reply = Error(frame.id, *wire_error(driver.codec, error))
+            # No answer for a call the caller cancelled, or once closed: the protocol knows.
+            driver.send_now(driver.proto.end_call, frame.id, reply)
+        else:
+            assert isinstance(frame, StreamCall)
+            driver.proto.streams.end_outgoing(frame.stream_id, error)
+
+    def remote_error(self, exc: BaseException) -> RemoteError:
+        """What the caller is told of an exception: itself if it is a
+        :class:`RemoteError`, else ``internal_error`` (with the traceback when
+        ``expose_tracebacks``)."""
+        if isinstance(exc, RemoteError):
+            return exc
+        data = None
+        if self.expose_tracebacks:
+            data = {"traceback": "".join(traceback.format_exception(exc))}
+        log.debug("handler raised", exc_info=exc)
+        return InternalError(f"{type(exc).__name__}: {exc}", data)
+
+    # -- parameters and stream arguments ------------------------------------------------
+
+    def _bind(
+        self, frame: IncomingCall, method: Method, opened: dict[int, IncomingStream]
+    ) -> tuple[list[Any], dict[str, Any]]:
+        driver = self._driver
+
+        def open_stream(sid: int, item_type: Any) -> IncomingStream:
+            if driver.proto.streams.is_ours(sid):
+                raise InvalidParams(f"{frame.method}: stream id {sid} is of the wrong side")
+            try:
+                stream = IncomingStream(driver, StreamId(sid), item_type)
+            except LocalProtocolError as exc:
+                raise InvalidParams(f"{frame.method}: {exc}") from None
+            opened[sid] = stream
+            return stream
+
+        return method.bind(driver.codec, frame.args, frame.kwargs, frame.stream_args, open_stream)
+
+    def _close_stream_args(self, frame: IncomingCall, opened: dict[int, IncomingStream]) -> None:
+        """The call is over: close the stream arguments it opened, and refuse the
+        ones it never opened (they never will be)."""
+        if not frame.stream_args:
+            return
+        for stream in opened.values():
+            stream.close()
+        streams = self._driver.proto.streams
+        for sid in self._stream_arg_ids(frame):
+            if sid not in opened:
+                streams.refuse_incoming(sid)
+
+    def _stream_arg_ids(self, frame: IncomingCall) -> list[int]:
+        codec = self._driver.codec
+        decoded: dict[bool, Any] = {}  # positional? -> args or kwargs, decoded once
+        sids = []
+        for key in frame.stream_args:
+            positional = isinstance(key, int)
+            try:
+                if positional not in decoded:
+                    decoded[positional] = codec.decode(frame.args if positional else frame.kwargs)
+                sid = decoded[positional][key]
+            except Exception:  # malformed parameters were answered already
+                continue
+            if isinstance(sid, int):
+                sids.append(sid)
+        return sids
+
+
+def _not_a_stream(method: str) -> MethodNotFound:
+    return MethodNotFound(f"{method!r} does not stream: call it with call()")
+
+
+def _close_awaitable(value: Any) -> bool:
+    """Close ``value`` if it is an awaitable nobody will await; whether it was one."""
+    if not inspect.isawaitable(value):
+        return False
+    close = getattr(value, "close", None)
+    if close is not None:
+        close()
+    return True

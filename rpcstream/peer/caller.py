@@ -1,0 +1,152 @@
+"""The caller side of a peer: calls, notifications and stream calls to the other side.
+
+Async iterables among the arguments travel as streams: each gets a stream id of
+ours, pumped by :class:`~rpcstream.peer.streams.Senders`, and the call names
+them in ``stream_args``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterable
+from typing import Any
+
+import anyio
+import msgspec
+
+from ..errors import ConnectionClosed, DeadlineExceeded, InternalError, RemoteError
+from ..messages import Error, Notify, Result, StreamCall, StreamId
+from .driver import ANSWER, Driver
+from .streams import IncomingStream, Senders
+
+__all__ = ["Caller"]
+
+
+class Caller:
+    """Makes calls on the other side; see :class:`~rpcstream.RpcPeer` for the API."""
+
+    def __init__(self, driver: Driver, senders: Senders) -> None:
+        self._driver = driver
+        self._senders = senders
+
+    async def call(
+        self,
+        method: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        timeout: float | None,
+        result_type: Any,
+    ) -> Any:
+        """Call ``method`` and return its result (see :meth:`RpcPeer.call`)."""
+        driver = self._driver
+        driver.check_open()
+        _check_method(method)
+        proto = driver.proto
+        args_raw, kwargs_raw, stream_args, sids = self._encode_params(args, kwargs)
+        cid: int = driver.send_now(
+            proto.send_call, method, args_raw, kwargs_raw, timeout, stream_args
+        )
+        event = anyio.Event()
+        driver.waiters.add(ANSWER, cid, event.set)
+        try:
+            if timeout is None:
+                await event.wait()
+            else:
+                with anyio.move_on_after(timeout):
+                    await event.wait()
+                if not event.is_set():
+                    raise DeadlineExceeded(f"{method}: no answer within {timeout} s")
+        except BaseException:
+            proto.take_answer(cid)  # no answer yet: the callee is told to stop
+            self._senders.stop_unopened(sids)
+            raise
+        finally:
+            driver.waiters.discard(ANSWER, cid)
+        answer = proto.take_answer(cid)
+        if type(answer) is Result:
+            try:
+                return driver.codec.decode(answer.value, result_type)
+            except msgspec.ValidationError as exc:
+                raise InternalError(
+                    f"{method}: result did not match {result_type!r}: {exc}"
+                ) from None
+        self._senders.stop_unopened(sids)
+        if type(answer) is Error:
+            raise RemoteError.from_wire(answer.code, answer.message, answer.data)
+        assert isinstance(answer, ConnectionClosed)
+        raise ConnectionClosed(answer.code, answer.reason)
+
+    async def notify(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Call ``method`` expecting no answer (see :meth:`RpcPeer.notify`)."""
+        driver = self._driver
+        driver.check_open()
+        _check_method(method)
+        args_raw, kwargs_raw, stream_args, _ = self._encode_params(args, kwargs)
+        driver.proto.send(Notify(method, args_raw, kwargs_raw, stream_args))
+        await anyio.lowlevel.checkpoint()
+
+    def stream(
+        self,
+        method: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        timeout: float | None,
+        item_type: Any,
+        window_items: int | None,
+        window_bytes: int | None,
+    ) -> IncomingStream:
+        """Call a streaming ``method`` (see :meth:`RpcPeer.stream`)."""
+        driver = self._driver
+        driver.check_open()
+        _check_method(method)
+        proto = driver.proto
+        sid = proto.streams.next_stream_id()
+        # Open our end first: if that fails, no handler is left waiting for credit.
+        stream = IncomingStream(driver, sid, item_type, window_items, window_bytes, timeout)
+        try:
+            args_raw, kwargs_raw, stream_args, _ = self._encode_params(args, kwargs)
+        except BaseException:
+            stream.close()
+            raise
+        proto.send(StreamCall(sid, method, args_raw, kwargs_raw, timeout, stream_args))
+        return stream
+
+    def _encode_params(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[msgspec.Raw, msgspec.Raw, list[int | str], list[StreamId]]:
+        codec = self._driver.codec
+        stream_args: list[int | str] = []
+        sids: list[StreamId] = []
+        try:
+            if any(isinstance(a, AsyncIterable) for a in args) or any(
+                isinstance(v, AsyncIterable) for v in kwargs.values()
+            ):
+                start = self._senders.start
+                new_args = list(args)
+                for i, a in enumerate(args):
+                    if isinstance(a, AsyncIterable):
+                        new_args[i] = sid = start(a)
+                        stream_args.append(i)
+                        sids.append(sid)
+                new_kwargs = dict(kwargs)
+                for k, v in kwargs.items():
+                    if isinstance(v, AsyncIterable):
+                        new_kwargs[k] = sid = start(v)
+                        stream_args.append(k)
+                        sids.append(sid)
+                args, kwargs = tuple(new_args), new_kwargs
+            args_raw = codec.encode_raw(args) if args else codec.empty_array
+            kwargs_raw = codec.encode_raw(kwargs) if kwargs else codec.empty_map
+        except BaseException as exc:
+            for sid in sids:  # the call will not be made: stop its streams
+                self._senders.abort(sid)
+            if isinstance(exc, TypeError):
+                raise TypeError(f"parameters cannot be encoded: {exc}") from exc
+            raise
+        return args_raw, kwargs_raw, stream_args, sids
+
+
+def _check_method(method: str) -> None:
+    """A method name must be text the codecs can encode: refuse it here, where the
+    caller can see why, not in the writer (which would have to end the connection)."""
+    if not method.isascii():
+        method.encode()  # UnicodeEncodeError (a ValueError) for a lone surrogate

@@ -1,0 +1,284 @@
+"""RpcPeer: the public face of one connection, over the parts that do the work.
+
+* :class:`~rpcstream.peer.driver.Driver`: the transport, the Sans-I/O protocol,
+  the reader and writer, the waiters table and the peer's lifecycle;
+* :class:`~rpcstream.peer.caller.Caller`: calls, notifications, stream calls;
+* :class:`~rpcstream.peer.callee.Callee`: admits and runs the other side's calls;
+* :class:`~rpcstream.peer.streams.Senders` and
+  :class:`~rpcstream.peer.streams.IncomingStream`: the streams both ways.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterable
+from types import TracebackType
+from typing import Any, Self
+
+import anyio
+
+from ..messages import MSGPACK, Codec, StreamId
+from ..protocol import Protocol, Side, State
+from ..router import Router
+from ..transport.base import Transport
+from .callee import Callee
+from .caller import Caller
+from .driver import PUMP, Driver, Lifecycle
+from .streams import IncomingStream, Senders, close_receiving
+
+__all__ = ["RpcPeer"]
+
+
+class RpcPeer:
+    """One end of an rpcstream connection: call, notify and stream, both ways.
+
+    Use it as an async context manager; :func:`rpcstream.connect` and
+    :func:`rpcstream.serve` build it for you over a WebSocket, and
+    :func:`rpcstream.testing.memory_peer_pair` over memory.
+
+    Args:
+        transport: carries the messages.
+        router: the methods the other side may call on this one.
+        codec: the wire format (negotiated by subprotocol for WebSockets).
+        side: ``Side.CONNECTING`` or ``Side.ACCEPTING`` (fixes stream id parity).
+        max_concurrent_handlers: running handlers beyond which a call is
+            answered ``overloaded`` at once instead of queued (plain-function
+            handlers finish at once and hold no slot).
+        window_items, window_bytes: the credit each incoming stream grants at first.
+        max_window_bytes: a stream's byte window doubles, up to this, while the
+            window is what holds it back (its sender uses all its credit and its
+            consumer waits); ``window_bytes`` turns growth off.
+        max_window_growth: the total growth all incoming streams of the
+            connection may hold at once: the receive buffers stay within
+            ``max_streams * window_bytes + max_window_growth``.
+        max_buffered_amount: stream senders wait while more than this many bytes
+            are queued for the socket, until it drains below a quarter of it.
+        max_streams: open streams (both directions) per connection.
+        expose_tracebacks: send handler tracebacks to the caller in ``data``.
+        close_timeout: how long closing may wait to flush and say goodbye.
+        call_rate: ``(per_second, burst)``: incoming calls, notifications and
+            stream calls beyond this token bucket are answered ``rate_limited``.
+        max_queued_bytes: answers queued for a peer that does not read them
+            (it keeps calling but never reads) beyond this abort the connection
+            (local code 1008): stream data is bounded by credit, answers by this.
+    """
+
+    def __init__(
+        self,
+        transport: Transport,
+        *,
+        router: Router | None = None,
+        codec: Codec = MSGPACK,
+        side: Side = Side.CONNECTING,
+        max_concurrent_handlers: int = 256,
+        window_items: int = 256,
+        window_bytes: int = 256 * 1024,
+        max_window_bytes: int = 4 * 1024 * 1024,
+        max_window_growth: int = 16 * 1024 * 1024,
+        max_buffered_amount: int = 1024 * 1024,
+        max_streams: int = 4096,
+        expose_tracebacks: bool = False,
+        close_timeout: float = 5.0,
+        call_rate: tuple[float, int] | None = None,
+        max_queued_bytes: int = 16 * 1024 * 1024,
+    ) -> None:
+        self.transport = transport
+        self.router = router if router is not None else Router()
+        self.codec = codec
+        proto = Protocol(
+            codec,
+            side,
+            window_items=window_items,
+            window_bytes=window_bytes,
+            max_window_bytes=max_window_bytes,
+            max_window_growth=max_window_growth,
+            max_streams=max_streams,
+        )
+        self._driver = driver = Driver(
+            transport,
+            proto,
+            close_timeout=close_timeout,
+            max_buffered_amount=max_buffered_amount,
+            max_queued_bytes=max_queued_bytes,
+        )
+        driver.owner = self
+        self._senders = Senders(driver, self._report)
+        self._caller = Caller(driver, self._senders)
+        self._callee = Callee(
+            driver,
+            self._senders,
+            self,
+            self.router,
+            max_concurrent_handlers=max_concurrent_handlers,
+            call_rate=call_rate,
+            expose_tracebacks=expose_tracebacks,
+        )
+        driver.on_call = self._callee.on_call
+        self.principal: Any = None
+        """Who the other side is, as ``authenticate`` said (server side)."""
+
+    def _report(self, exc: BaseException) -> Any:
+        return self._callee.remote_error(exc)
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        await self._driver.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        return await self._driver.stop((exc_type, exc, tb))
+
+    @property
+    def state(self) -> Lifecycle:
+        """Where the peer is in its life: new, open, closing or closed."""
+        return self._driver.state
+
+    @property
+    def closed(self) -> bool:
+        """Whether the connection is closed (by either side) or broken."""
+        return self._driver.proto.state is State.CLOSED
+
+    async def wait_closed(self) -> None:
+        """Wait until the connection is closed, by either side, or breaks."""
+        await self._driver.wait_closed()
+
+    async def aclose(self, code: int = 1000, reason: str = "") -> None:
+        """Close the connection: fail pending calls, cancel handlers and streams,
+        flush what is queued and run the closing handshake, within ``close_timeout``."""
+        await self._driver.aclose(code, reason)
+
+    # -- settings and stats --------------------------------------------------------------
+
+    @property
+    def max_concurrent_handlers(self) -> int:
+        """Running handlers beyond which calls are refused ``overloaded``."""
+        return self._callee.max_concurrent_handlers
+
+    @property
+    def expose_tracebacks(self) -> bool:
+        """Whether handler tracebacks go to the caller in ``data``."""
+        return self._callee.expose_tracebacks
+
+    @property
+    def max_buffered_amount(self) -> int:
+        """Stream senders wait while more than this many bytes wait for the socket."""
+        return self._driver.max_buffered_amount
+
+    @property
+    def close_timeout(self) -> float:
+        """How long closing may wait to flush and say goodbye."""
+        return self._driver.close_timeout
+
+    @property
+    def calls_received(self) -> int:
+        """Calls, notifications and stream calls received so far."""
+        return self._callee.calls_received
+
+    @property
+    def buffered_amount(self) -> int:
+        """Bytes queued for the socket and not yet written to it (as in browsers)."""
+        return self._driver.buffered_amount
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """Counts of live work on this connection (all zero once it is closed and idle)."""
+        driver = self._driver
+        return {
+            "pending_calls": driver.proto.calls_waiting,
+            "running_handlers": self._callee.running,
+            "streams": driver.proto.streams.count,
+            "pumps": driver.waiters.count(PUMP),
+            "tasks": driver.tasks,
+        }
+
+    # -- calls -------------------------------------------------------------------------
+
+    async def call(
+        self,
+        method: str,
+        /,
+        *args: Any,
+        timeout: float | None = None,
+        result_type: Any = Any,
+        **kwargs: Any,
+    ) -> Any:
+        """Call ``method`` on the other side and return its result.
+
+        ``timeout`` (seconds) bounds the wait and travels with the call as a
+        deadline the callee enforces; when it passes, :class:`DeadlineExceeded`.
+        ``result_type`` converts the result (default: plain msgspec types).
+        Async iterables among the arguments travel as streams. Cancelling the
+        caller sends a ``Cancel`` frame, which cancels the handler.
+        """
+        return await self._caller.call(method, args, kwargs, timeout, result_type)
+
+    async def notify(self, method: str, /, *args: Any, **kwargs: Any) -> None:
+        """Call ``method`` on the other side without waiting for (or getting) an answer."""
+        await self._caller.notify(method, args, kwargs)
+
+    def stream(
+        self,
+        method: str,
+        /,
+        *args: Any,
+        timeout: float | None = None,
+        item_type: Any = Any,
+        window_items: int | None = None,
+        window_bytes: int | None = None,
+        **kwargs: Any,
+    ) -> IncomingStream:
+        """Call a streaming ``method``; iterate the result for its items.
+
+        ``async for item in peer.stream("count", 10): ...``. Leaving the loop
+        early (``break``, an exception, cancellation) stops the sender; use
+        ``async with peer.stream(...) as items:`` to stop it at a known point.
+        """
+        return self._caller.stream(
+            method, args, kwargs, timeout, item_type, window_items, window_bytes
+        )
+
+    # -- raw streams -------------------------------------------------------------------
+
+    async def send_stream(
+        self, items: AsyncIterable[Any], stream_id: int | None = None
+    ) -> StreamId:
+        """Send ``items`` as a stream, in the background; return its id.
+
+        With no ``stream_id`` one is allocated (tell the receiver by a call);
+        pass the id a receiver allocated with :meth:`receive_stream` otherwise.
+        Nothing is sent until the receiver opens the stream by granting credit.
+        """
+        self._driver.check_open()
+        sid = self._senders.start(items, stream_id)
+        await anyio.lowlevel.checkpoint()
+        return sid
+
+    def receive_stream(
+        self,
+        stream_id: int | None = None,
+        *,
+        item_type: Any = Any,
+        window_items: int | None = None,
+        window_bytes: int | None = None,
+    ) -> tuple[StreamId, IncomingStream]:
+        """Open a stream to receive: the id a sender allocated, or a new one to
+        hand to the sender. Returns the id and an async iterator of its items."""
+        driver = self._driver
+        driver.check_open()
+        streams = driver.proto.streams
+        sid = StreamId(streams.next_stream_id() if stream_id is None else stream_id)
+        stream = IncomingStream(driver, sid, item_type, window_items, window_bytes, None)
+        return sid, stream
+
+    def abort_stream(self, stream_id: int) -> None:
+        """Sender side: stop an outgoing stream; its receiver gets ``Cancelled``."""
+        self._senders.abort(stream_id)
+
+    def close_receiving_stream(self, stream_id: int) -> None:
+        """Receiver side: stop reading a stream; its sender is told to stop."""
+        close_receiving(self._driver, stream_id)
