@@ -20,13 +20,14 @@
     ├── ConnectionClosed                       the connection is gone; pending work failed
     │   ├── HandshakeRefused                   the server answered HTTP (401, 403, 429...)
     │   └── ReconnectFailed                    a RunClient gave up reconnecting
-    └── ProtocolError                          a frame broke the protocol (local or remote)
-        ├── LocalProtocolError                 we were asked to do something the protocol forbids
-        └── RemoteProtocolError                the peer sent something the protocol forbids
+    └── LocalProtocolError                     we were asked to do something the protocol forbids
 
-As in h11, ``LocalProtocolError`` and ``RemoteProtocolError`` say whose fault it
-was. Third-party exceptions (websockets, msgspec, sqlite3, redis) are mapped to
-these at the boundary, with the original chained as ``__cause__``.
+As in h11, the name says whose fault a broken protocol was: ``ProtocolViolation``
+(code ``PROTOCOL_ERROR``) is the peer's, and reaches us in a ``Fault``, a
+``StreamError`` or as the error of a stream it broke; ``LocalProtocolError`` is
+our own caller's, and never crosses the wire. Third-party exceptions
+(websockets, msgspec, sqlite3, redis) are mapped to these at the boundary, with
+the original chained as ``__cause__``.
 """
 
 from __future__ import annotations
@@ -46,12 +47,10 @@ __all__ = [
     "LocalProtocolError",
     "MethodNotFound",
     "Overloaded",
-    "ProtocolError",
     "ProtocolViolation",
     "RateLimited",
     "ReconnectFailed",
     "RemoteError",
-    "RemoteProtocolError",
     "RpcStreamError",
     "RunExpired",
     "RunFinished",
@@ -257,13 +256,6 @@ class ReconnectFailed(ConnectionClosed):
         super().__init__(1006, reason)
 
 
-class ProtocolError(RpcStreamError):
-    """A frame broke the rpcstream protocol."""
-
-
-class LocalProtocolError(ProtocolError):
-    """We were asked to do something the protocol forbids (our caller's fault)."""
-
-
-class RemoteProtocolError(ProtocolError):
-    """The peer sent something the protocol forbids (the peer's fault)."""
+class LocalProtocolError(RpcStreamError):
+    """We were asked to do something the protocol forbids (our caller's fault): a
+    stream id already in use, an item without credit, a peer not yet entered."""
