@@ -608,7 +608,7 @@ async def test_page_handlers_answer_like_python_ones_and_heartbeats_run(
               async log() { return log; },
             } });
             const out = await peer.call("probe");
-            out.alive = !peer.isClosed;  // heartbeats (METHOD_NOT_FOUND answers) ran meanwhile
+            out.alive = !peer.isClosed;  // heartbeats (rpcstream.ping, answered) ran meanwhile
             out.stats = peer.stats;
             return out;
             """,

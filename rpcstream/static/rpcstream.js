@@ -23,8 +23,8 @@
 //     peer.js      Peer (the connection: queues, dispatch, close) and connect()
 //     runs.js      RunClient and its resumable subscriptions
 //
-// Imports point down that list. All durations are in seconds, as on the wire
-// and in the Python API.
+// Each imports only modules above it in that list. All durations are in
+// seconds, as on the wire and in the Python API.
 
 export { SUBPROTOCOL } from "./rpcstream/protocol.js";
 export {

@@ -44,7 +44,8 @@ export class Callee {
       // The caller allocates the id of the stream it will receive.
       const streams = this.peer._streams;
       const sid = frame[1];
-      if (streams.isOurs(sid) || sid <= 0 || streams.outgoing.has(sid) || streams.incoming.has(sid)) {
+      const inUse = streams.outgoing.has(sid) || streams.incoming.has(sid);
+      if (streams.isOurs(sid) || sid <= 0 || inUse) {
         this.peer._fault(`StreamCall with a stream id of the wrong side or in use: ${sid}`);
         return;
       }

@@ -7,14 +7,10 @@
 // the handlers of the server's calls). Outgoing frames wait in two queues,
 // control frames ahead of stream data, and leave in one message per task.
 
-import {
-  ConnectionClosed, DeadlineExceeded, ErrorCode, RemoteError,
-} from "./errors.js";
+import { ConnectionClosed, DeadlineExceeded, ErrorCode, RemoteError } from "./errors.js";
 import { decodeBatch, streamDataSizes } from "./codec.js";
 import { Callee } from "./callee.js";
-import {
-  FrameTag, HEARTBEAT_METHOD, MAX_MESSAGE_BYTES, SUBPROTOCOL,
-} from "./protocol.js";
+import { FrameTag, HEARTBEAT_METHOD, MAX_MESSAGE_BYTES, SUBPROTOCOL } from "./protocol.js";
 import { IncomingStream, StreamTable } from "./streams.js";
 import { checkCall, deferred, safeUrl, socketUrl, soon } from "./util.js";
 

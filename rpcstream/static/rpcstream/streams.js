@@ -356,7 +356,7 @@ export class StreamTable {
     return out;
   }
 
-  /** Send `items` (an async iterable) in the background as stream `streamId` (default: a new id). */
+  /** Send `items` (an async iterable) in the background as `streamId` (or a new id). */
   startPump(items, streamId = undefined) {
     if (!isAsyncIterable(items)) throw new TypeError("a stream must be an async iterable");
     const sid = streamId ?? this.allocId();
