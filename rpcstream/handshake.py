@@ -101,12 +101,21 @@ class StaticFile:
 
 
 def builtin_routes() -> dict[str, StaticFile]:
-    """The browser module and its type declarations, when shipped."""
-    routes = {}
-    for name, kind in [
-        ("rpcstream.js", "text/javascript; charset=utf-8"),
+    """The browser module and its type declarations, when shipped.
+
+    ``/rpcstream.js`` is the entry point a page imports; it imports the modules
+    of ``static/rpcstream/`` relatively, so each is served at
+    ``/rpcstream/<name>.js``, as it is (no bundler).
+    """
+    js = "text/javascript; charset=utf-8"
+    files = [
+        ("rpcstream.js", js),
         ("rpcstream.d.ts", "application/typescript; charset=utf-8"),
-    ]:
+    ]
+    modules = sorted((STATIC_DIR / "rpcstream").glob("*.js"))
+    files += [(f"rpcstream/{path.name}", js) for path in modules]
+    routes = {}
+    for name, kind in files:
         path = STATIC_DIR / name
         if path.is_file():
             routes["/" + name] = StaticFile.from_path(path, kind)

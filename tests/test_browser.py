@@ -124,6 +124,10 @@ def make_app(state: State) -> rpcstream.RunServer:
         raise rpcstream.RemoteError(1001, "insufficient funds", {"balance": 100})
 
     @router.method
+    async def store_down() -> None:
+        raise rpcstream.StoreUnavailable("redis is down")
+
+    @router.method
     async def slow(tag: str) -> None:
         state.event(f"started {tag}").set()
         try:
@@ -246,6 +250,9 @@ async def test_calls_both_ways_errors_deadlines_and_cancel(page: Page, state: St
         out.withdraw = await catching(peer.call("withdraw", [500]));
         out.missing = await catching(peer.call("nope"));
         out.invalid = await catching(peer.call("add", ["x", 1]));
+        out.unavailable = await catching(peer.call("store_down"));
+        out.unavailableClass = await peer.call("store_down").catch(
+          (e) => e instanceof rs.StoreUnavailable && e.code === rs.ErrorCode.UNAVAILABLE);
         const t0 = performance.now();
         out.deadline = await catching(peer.call("slow", ["deadline"], {}, { timeout: 0.2 }));
         out.deadlineMs = performance.now() - t0;
@@ -273,6 +280,8 @@ async def test_calls_both_ways_errors_deadlines_and_cancel(page: Page, state: St
     }
     assert (out["missing"]["name"], out["missing"]["code"]) == ("MethodNotFound", 2)
     assert (out["invalid"]["name"], out["invalid"]["code"]) == ("InvalidParams", 3)
+    assert (out["unavailable"]["name"], out["unavailable"]["code"]) == ("StoreUnavailable", 14)
+    assert out["unavailable"]["message"] == "redis is down" and out["unavailableClass"] is True
     assert (out["deadline"]["name"], out["deadline"]["code"]) == ("DeadlineExceeded", 6)
     assert out["deadlineMs"] < 5000
     await state.wait("cancelled deadline")  # the server's handler was cancelled too
@@ -599,7 +608,7 @@ async def test_page_handlers_answer_like_python_ones_and_heartbeats_run(
               async log() { return log; },
             } });
             const out = await peer.call("probe");
-            out.alive = !peer.isClosed;  // heartbeats (METHOD_NOT_FOUND answers) ran meanwhile
+            out.alive = !peer.isClosed;  // heartbeats (rpcstream.ping, answered) ran meanwhile
             out.stats = peer.stats;
             return out;
             """,

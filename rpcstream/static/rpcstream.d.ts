@@ -1,5 +1,7 @@
 // Type declarations for rpcstream.js, the browser client of rpcstream
 // (wire protocol v1, JSON codec). Served by `rpcstream serve` at /rpcstream.d.ts.
+// They declare the public API, all of it exported by /rpcstream.js; the modules
+// under /rpcstream/ that it imports are an implementation detail.
 //
 // All durations are in seconds, as on the wire and in the Python API.
 
@@ -30,6 +32,7 @@ export declare const ErrorCode: Readonly<{
   RUN_FINISHED: 11;
   UNAUTHORIZED: 12;
   RATE_LIMITED: 13;
+  UNAVAILABLE: 14;
 }>;
 
 /** The event types that end a run: "complete", "error", "cancelled". */
@@ -102,6 +105,11 @@ export declare class RunFinished extends RemoteError {
 export declare class RateLimited extends RemoteError {
   constructor(message?: string, data?: unknown);
   static readonly code: 13;
+}
+/** The server's event store (Redis, say) failed or cannot be reached; retry later. */
+export declare class StoreUnavailable extends RemoteError {
+  constructor(message?: string, data?: unknown);
+  static readonly code: 14;
 }
 
 /** The connection closed (either side) or broke; pending work fails with this. */
