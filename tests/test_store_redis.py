@@ -28,10 +28,10 @@ from redis_server import RedisServer, free_port, redis_server, require_redis_ser
 
 import rpcstream
 from rpcstream.errors import RunExpired, RunFinished, RunNotFound
+from rpcstream.runs.writer import RunWriter
 from rpcstream.store.base import StoredEvent
 from rpcstream.store.redis import RedisStore, StoreUnavailable
 from rpcstream.testing.store_suite import EventStoreConformance, FakeClock, StoreFactory
-from rpcstream.writer import RunWriter
 
 __all__ = ["redis_server"]  # the fixture, re-exported for pytest
 

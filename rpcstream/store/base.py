@@ -55,6 +55,7 @@ import anyio
 import msgspec
 
 from ..errors import EventsTrimmed, RunExpired, RunFinished, RunNotFound
+from ..runs.events import TERMINAL_TYPES, RunStatus
 
 __all__ = [
     "RUNNING",
@@ -68,11 +69,11 @@ __all__ = [
 RunId = NewType("RunId", str)
 """The id of one run: chosen by whoever creates it, unique in its store."""
 
-RUNNING: Final = "running"
+RUNNING: Final[str] = RunStatus.RUNNING.value
 """The :attr:`RunInfo.status` of a run that has no terminal event yet."""
 
-TERMINAL_TYPES: Final[frozenset[str]] = frozenset({"complete", "error", "cancelled"})
-"""Event types that end a run; a run's status becomes its terminal event's type."""
+# TERMINAL_TYPES (event types that end a run) is defined with the rest of the run
+# vocabulary in rpcstream.runs.events, and re-exported here for store backends.
 
 
 class StoredEvent(msgspec.Struct, frozen=True, array_like=True):
