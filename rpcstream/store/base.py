@@ -38,7 +38,12 @@ the deque's length behind read from storage, where trimming raises
 
 The live deque only sees events published by this process: a backend shared by
 several processes must publish the events other processes append (Redis can
-use pub/sub for this).
+use pub/sub for this). The hooks a backend has for that, and the only ones:
+:meth:`EventStore._publish` (hand events to this process's followers),
+:meth:`EventStore._newest_published` (what they hold already, or ``None`` when
+nobody follows the run here), and overriding ``_follow`` around
+``super()._follow`` (to learn when a run gains or loses its followers here).
+The live records themselves stay private to this module.
 """
 
 from __future__ import annotations
@@ -359,6 +364,20 @@ class EventStore(abc.ABC):
         live = self._live.get(run_id)
         if live is not None:
             live.push(events, expires)
+
+    def _newest_published(self, run_id: str) -> int | None:
+        """The id of the newest event the run's live followers here have been given.
+
+        ``None`` when the run has no follower in this process (nothing to
+        publish to); 0 when its followers hold no event from :meth:`_publish`
+        yet (they read storage themselves). A backend that learns of events
+        from elsewhere (another process) uses it to skip what it already
+        published, and to catch up from there after missing notifications.
+        """
+        live = self._live.get(run_id)
+        if live is None:
+            return None
+        return live.events[-1].id if live.events else 0
 
     @staticmethod
     def _not_found(run_id: str) -> RunNotFound:

@@ -27,12 +27,13 @@ and stream (``PEXPIRE expire_after``) and on its tombstone (``expire_after +
 tombstone_ttl``), and adds the run to ``{prefix}expiring``. Last it
 ``PUBLISH``\\es the event on the run's channel. However many nodes append to a
 run at once, its ids stay contiguous: Redis runs one script at a time.
-Concurrent appends on one node share round trips (*pipelined appends*, like the
-SQLite store's group commit): whoever finds no pipeline in flight sends every
-queued append as one pipeline of ``EVALSHA``\\s, publishes the results in
-order and wakes the others; what queued meanwhile forms the next pipeline. A
-sent pipeline runs to its end shielded (bounded by ``command_timeout``), so an
-append cancelled then may still be stored; one cancelled while queued is not.
+Concurrent appends on one node share round trips, with the SQLite store's
+group commit (:mod:`rpcstream.store.commit`): whoever finds no pipeline in
+flight sends every queued append as one pipeline of ``EVALSHA``\\s, publishes
+the results in order and wakes the others; what queued meanwhile forms the
+next pipeline. A sent pipeline runs to its end shielded (bounded by
+``command_timeout``), so an append cancelled then may still be stored; one
+cancelled while queued is not.
 
 **Reads** (``read``, ``info``) are one read-only script each, so the metadata
 and the events they return are one consistent snapshot. Time decisions use the
@@ -90,7 +91,6 @@ from typing import Any
 
 import anyio
 import anyio.abc
-import anyio.lowlevel
 import sniffio
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.connection import AbstractConnection
@@ -101,6 +101,7 @@ from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from ..errors import StoreUnavailable
 from .base import RUNNING, EventStore, RunInfo, StoredEvent
+from .commit import GroupCommit, Request, Take
 
 __all__ = ["RedisStore", "StoreUnavailable"]
 
@@ -175,24 +176,14 @@ return removed
 """
 
 
-class _Pending:
-    """One append waiting for its batch."""
+class _Pending(Request):
+    """One append waiting for its pipeline."""
 
-    __slots__ = (
-        "command",
-        "data",
-        "done",
-        "error",
-        "event",
-        "expires",
-        "now",
-        "run_id",
-        "taken",
-        "type",
-    )
+    __slots__ = ("client", "command", "data", "event", "expires", "now", "run_id", "type")
 
     def __init__(
         self,
+        client: Redis,
         run_id: str,
         type: str,
         data: bytes,
@@ -200,16 +191,15 @@ class _Pending:
         expires: float | None,
         command: list[bytes | str | int],
     ) -> None:
+        super().__init__()
+        self.client = client  # the connection pool it was queued for
         self.run_id = run_id
         self.type = type
         self.data = data
         self.now = now
         self.expires = expires
         self.command = command  # the script's keys and arguments
-        self.taken = False  # in a batch being sent: can no longer be withdrawn
-        self.done = False
         self.event: StoredEvent | None = None
-        self.error: Exception | None = None
 
 
 class RedisStore(EventStore):
@@ -260,8 +250,6 @@ class RedisStore(EventStore):
             raise ValueError(f"tombstone_ttl must be positive, not {tombstone_ttl}")
         if max_connections < 1:
             raise ValueError(f"max_connections must be at least 1, not {max_connections}")
-        if max_pending < 1:
-            raise ValueError(f"max_pending must be at least 1, not {max_pending}")
         self.url = url
         self.prefix = prefix
         self.tombstone_ttl = float(tombstone_ttl)
@@ -281,12 +269,9 @@ class RedisStore(EventStore):
         self._scripts: dict[str, AsyncScript] = {}
         self._append_sha = ""
         # Appends waiting for the next pipeline; one pipeline is in flight at a time.
-        self._pending: list[_Pending] = []
-        self._flushing = False
-        self._batch_done = anyio.Event()
-        # Statistics for tests and benchmarks: pipelines sent, and appends they carried.
-        self._batches = 0
-        self._batched = 0
+        self._appends = GroupCommit(
+            self._send_appends, max_pending=max_pending, max_group=self.max_batch
+        )
         self._listener: asyncio.Task[None] | None = None
         # Runs followed on this node -> how many follow each; the listener subscribes to these.
         self._watchers: dict[str, int] = {}
@@ -416,34 +401,14 @@ class RedisStore(EventStore):
         return RunInfo(run_id, flow, owner, RUNNING, now, None, 0, 1, None)
 
     async def _append(self, run_id: str, type: str, data: bytes, terminal: bool) -> StoredEvent:
-        client = self._client()
-        request = self._request(run_id, type, data, terminal)
-        while len(self._pending) >= self.max_pending:
-            await self._batch_done.wait()  # backpressure: wait for a batch to leave
-        self._pending.append(request)
-        try:
-            while not request.done:
-                if self._flushing:
-                    await self._batch_done.wait()
-                    continue
-                self._flushing = True
-                try:
-                    await self._flush(client)
-                finally:
-                    self._flushing = False
-                    # Wake the waiters: theirs may be done, or one must flush next.
-                    self._batch_done.set()
-                    self._batch_done = anyio.Event()
-        except BaseException:
-            if not request.taken:
-                self._pending.remove(request)  # never sent: safe to withdraw
-            raise
-        if request.error is not None:
-            raise request.error
+        request = self._request(self._client(), run_id, type, data, terminal)
+        await self._appends.submit(request)
         assert request.event is not None
         return request.event
 
-    def _request(self, run_id: str, type: str, data: bytes, terminal: bool) -> _Pending:
+    def _request(
+        self, client: Redis, run_id: str, type: str, data: bytes, terminal: bool
+    ) -> _Pending:
         now = self.clock()
         expires = now + self.expire_after if terminal else None
         encoded_type = type.encode()
@@ -464,22 +429,21 @@ class RedisStore(EventStore):
             self.channel(run_id),
             header,
         ]
-        return _Pending(run_id, type, data, now, expires, command)
+        return _Pending(client, run_id, type, data, now, expires, command)
 
-    async def _flush(self, client: Redis) -> None:
-        """Send the queued appends as ONE pipeline, then publish them in order."""
-        # Let the tasks just woken by the previous batch queue their next append (a
-        # bigger batch), and let a cancelled flusher leave before it sends anything:
-        # from here on the batch runs shielded.
-        await anyio.lowlevel.checkpoint()
-        batch = self._pending[: self.max_batch]
-        del self._pending[: len(batch)]
-        for request in batch:
-            request.taken = True
-        if self._redis is not client:  # closed (and maybe reopened) since these queued
-            for request in batch:
-                request.error = anyio.ClosedResourceError()
-                request.done = True
+    async def _send_appends(self, take: Take[_Pending]) -> None:
+        """Send the queued appends as ONE pipeline, then publish them in order.
+
+        The GroupCommit's ``write``; it never raises: each append gets its outcome.
+        """
+        client = self._redis
+        batch = []
+        for request in take():
+            if request.client is not client:  # closed (and maybe reopened) since it queued
+                request.fail(anyio.ClosedResourceError())
+            else:
+                batch.append(request)
+        if client is None or not batch:
             return
         try:
             # Once sent, see it through (for at most command_timeout), even if the
@@ -488,11 +452,8 @@ class RedisStore(EventStore):
                 replies = await self._run_appends(client, batch)
         except Exception as exc:  # StoreUnavailable, ClosedResourceError
             for request in batch:
-                request.error = exc
-                request.done = True
+                request.fail(exc)
             return
-        self._batches += 1
-        self._batched += len(batch)
         errors = (self._not_found, self._expired, self._finished)
         for request, reply in zip(batch, replies, strict=True):
             request.done = True
@@ -745,13 +706,13 @@ class RedisStore(EventStore):
 
     def _deliver(self, run_id: str, message: bytes) -> None:
         """Publish one event another node (or this one) appended."""
-        live = self._live.get(run_id)
-        if live is None:
-            return
+        newest = self._newest_published(run_id)
+        if newest is None:
+            return  # nobody follows it here (any more)
         try:
             id_text, timestamp, expires, type_length, rest = message.split(b" ", 4)
             event_id = int(id_text)
-            if live.events and event_id <= live.events[-1].id:
+            if event_id <= newest:
                 return  # already published: this node's own append, or a catch-up read
             length = int(type_length)
             event = StoredEvent(event_id, rest[:length].decode(), rest[length:], float(timestamp))
@@ -763,13 +724,12 @@ class RedisStore(EventStore):
 
     async def _catch_up(self, run_id: str) -> None:
         """After Redis confirms a subscription: publish what it may have missed."""
-        live = self._live.get(run_id)
-        if live is None:
+        after = self._newest_published(run_id)
+        if after is None:
             return
-        if not live.events:
+        if not after:
             self._publish(run_id, ())  # nothing cached: wake the followers to read storage
             return
-        after = live.events[-1].id
         batch = self.follow_batch
         while True:
             try:
