@@ -24,6 +24,7 @@ from typing import Any, Final, Protocol
 import msgspec
 
 __all__ = [
+    "MAX_EVENT_ID",
     "TERMINAL_TYPES",
     "ErrorData",
     "EventType",
@@ -51,6 +52,10 @@ class EventType(enum.StrEnum):
     CANCELLED = "cancelled"
     """Terminal: ``runs.cancel``, or the server stopped; data is ``null``."""
 
+
+MAX_EVENT_ID: Final = 2**63 - 1
+"""The largest event id: ids are signed 64-bit integers in every store (SQLite
+``INTEGER``, Redis ``HINCRBY``), so ``after`` beyond it names no event."""
 
 TERMINAL_TYPES: Final[frozenset[str]] = frozenset(
     {EventType.COMPLETE.value, EventType.ERROR.value, EventType.CANCELLED.value}

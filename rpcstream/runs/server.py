@@ -58,6 +58,7 @@ from ..router import Router
 from ..store.base import EventStore, RunInfo, StoredEvent
 from ..store.memory import MemoryStore
 from .events import (
+    MAX_EVENT_ID,
     TERMINAL_TYPES,
     ErrorData,
     EventType,
@@ -438,6 +439,11 @@ class RunServer:
         return {"run_id": run_id, "stream_id": run_id}
 
     async def _subscribe(self, run_id: str, after: int = 0) -> AsyncIterator[RunEvent]:
+        if not 0 <= after <= MAX_EVENT_ID:
+            # The caller's mistake, not ours: the store would raise ValueError.
+            raise InvalidParams(
+                f"runs.subscribe(): 'after' must be an event id, 0 to {MAX_EVENT_ID}, not {after}"
+            )
         info = await self._check_access(run_id, "subscribe")
         as_raw = not current_peer().codec.binary  # JSON clients: stored JSON passes through
         self._subscribers[run_id] = self._subscribers.get(run_id, 0) + 1

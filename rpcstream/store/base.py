@@ -60,7 +60,7 @@ import anyio
 import msgspec
 
 from ..errors import EventsTrimmed, RunExpired, RunFinished, RunNotFound
-from ..runs.events import TERMINAL_TYPES, RunStatus
+from ..runs.events import MAX_EVENT_ID, TERMINAL_TYPES, RunStatus
 
 __all__ = [
     "RUNNING",
@@ -446,5 +446,6 @@ class EventStore(abc.ABC):
 
 
 def _check_after(after: int) -> None:
-    if after < 0:
-        raise ValueError(f"after must not be negative, not {after}")
+    if not 0 <= after <= MAX_EVENT_ID:
+        # Beyond the id space SQLite cannot bind it, and Redis refuses the stream id.
+        raise ValueError(f"after must be an event id from 0 to {MAX_EVENT_ID}, not {after}")

@@ -29,6 +29,7 @@ import pytest
 from anyio.abc import ObjectSendStream, TaskGroup
 
 from ..errors import EventsTrimmed, RunExpired, RunFinished, RunNotFound
+from ..runs.events import MAX_EVENT_ID
 from ..store.base import RUNNING, TERMINAL_TYPES, EventStore, RunInfo, StoredEvent
 
 __all__ = ["EXPIRE_AFTER", "EventStoreConformance", "FakeClock", "StoreFactory"]
@@ -150,16 +151,23 @@ class EventStoreConformance:
         assert await store.read("r", 10) == []
         assert await store.read("r", 50) == []
 
-    async def test_read_rejects_a_negative_after_or_a_limit_below_one(
+    async def test_read_rejects_an_after_outside_the_ids_or_a_limit_below_one(
         self, store: EventStore
     ) -> None:
         await store.create_run("r", "flow")
+        await store.append("r", "progress", b"1")
         with pytest.raises(ValueError):
             await store.read("r", -1)
         with pytest.raises(ValueError):
             await store.read("r", 0, limit=0)
         with pytest.raises(ValueError):
             store.follow("r", -1)
+        # Ids are signed 64-bit: past that, no backend could even ask for it.
+        with pytest.raises(ValueError):
+            await store.read("r", MAX_EVENT_ID + 1)
+        with pytest.raises(ValueError):
+            store.follow("r", MAX_EVENT_ID + 1)
+        assert await store.read("r", MAX_EVENT_ID) == []
 
     async def test_a_new_run_is_running_with_no_events(
         self, store: EventStore, clock: FakeClock
