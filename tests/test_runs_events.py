@@ -110,3 +110,17 @@ async def test_a_run_server_and_a_run_writer_begin_and_fail_runs_alike() -> None
     assert msgspec.convert(started_data, StartedData) == StartedData("fails")
     assert error_type == EventType.ERROR
     assert msgspec.json.decode(error_data, type=ErrorData) == ErrorData("it broke", "RuntimeError")
+
+
+def test_the_protocol_documents_every_runs_method_and_the_whole_vocabulary() -> None:
+    # docs/protocol.md must be enough for a client in another language.
+    text = (PACKAGE.parent / "docs" / "protocol.md").read_text()
+    section = text[text.index("## 13. Run streams") :]
+    methods = [name for name in rpcstream.RunServer().router if name.startswith("runs.")]
+    assert len(methods) == 5
+    for name in methods:
+        assert f"### `{name}(" in section, name
+    for word in VOCABULARY:
+        assert f"`{word}`" in section or f'"{word}"' in section, word
+    assert "2^63 - 1" in section  # MAX_EVENT_ID
+    assert events.MAX_EVENT_ID == 2**63 - 1
