@@ -227,7 +227,7 @@ class RedisStore(EventStore):
     sweep_chunk: int = 500
     """Runs expired per round trip by :meth:`sweep`."""
     max_batch: int = 256
-    """Appends sent in one pipeline at most."""
+    """Appends sent in one pipeline at most (read when the store is created)."""
 
     def __init__(
         self,
