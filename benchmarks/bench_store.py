@@ -59,14 +59,14 @@ def group_stats(store: EventStore, before: tuple[int, int]) -> dict[str, Any]:
     """Average appends per SQLite transaction since ``before`` (empty for other stores)."""
     if not isinstance(store, SQLiteStore):
         return {}
-    commits = store._commits - before[0]
-    appends = store._committed - before[1]
+    commits = store._appends.groups - before[0]
+    appends = store._appends.requests - before[1]
     return {"commits": commits, "appends_per_commit": round(appends / commits, 1)}
 
 
 def counters(store: EventStore) -> tuple[int, int]:
     if isinstance(store, SQLiteStore):
-        return store._commits, store._committed
+        return store._appends.groups, store._appends.requests
     return 0, 0
 
 

@@ -31,13 +31,14 @@ from .handshake import HandshakeRequest, Refused, StaticFile, current_principal
 from .messages import StreamId
 from .peer import IncomingStream, RpcPeer, current_peer
 from .router import Router
-from .runclient import RunClient
-from .runs import ClientEvent, EventValidationError, RunChannel, RunContext, RunEvent, RunServer
+from .runs.client import RunClient
+from .runs.events import RunEvent
+from .runs.server import ClientEvent, EventValidationError, RunChannel, RunContext, RunServer
+from .runs.writer import RunWriter
 from .server import Server, serve
 from .store.base import EventStore, RunInfo, StoredEvent
 from .store.memory import MemoryStore
 from .store.sqlite import SQLiteStore
-from .writer import RunWriter
 
 __version__ = "0.1.0"
 

@@ -162,7 +162,7 @@ def make_store(spec: str) -> Any:
 
 
 async def _serve(args: argparse.Namespace) -> int:
-    from .runs import RunServer
+    from .runs.server import RunServer
     from .server import serve
 
     app = _load_app(args.app)
@@ -216,7 +216,7 @@ async def _call(args: argparse.Namespace) -> int:
 
 
 async def _tail(args: argparse.Namespace) -> int:
-    from .runclient import RunClient
+    from .runs.client import RunClient
 
     progress = sys.stderr
     count = 0

@@ -23,8 +23,8 @@ from .errors import ConnectionClosed
 from .handshake import StaticFile
 from .peer import current_peer
 from .router import Router
-from .runclient import RunClient
-from .runs import RunContext, RunServer
+from .runs.client import RunClient
+from .runs.server import RunContext, RunServer
 from .server import Server, serve
 from .store.base import EventStore
 from .store.sqlite import SQLiteStore

@@ -18,7 +18,7 @@ import websockets.exceptions
 
 import rpcstream
 from rpcstream.limits import TokenBucket
-from rpcstream.runclient import RunClient
+from rpcstream.runs.client import RunClient
 
 pytestmark = pytest.mark.anyio
 

@@ -28,10 +28,10 @@ from redis_server import RedisServer, free_port, redis_server, require_redis_ser
 
 import rpcstream
 from rpcstream.errors import RunExpired, RunFinished, RunNotFound
+from rpcstream.runs.writer import RunWriter
 from rpcstream.store.base import StoredEvent
 from rpcstream.store.redis import RedisStore, StoreUnavailable
 from rpcstream.testing.store_suite import EventStoreConformance, FakeClock, StoreFactory
-from rpcstream.writer import RunWriter
 
 __all__ = ["redis_server"]  # the fixture, re-exported for pytest
 
@@ -423,7 +423,7 @@ async def test_concurrent_appends_share_pipelines(url: str, prefix: str) -> None
     async with RedisStore(url, prefix=prefix) as store:
         for index in range(50):
             await store.create_run(f"run-{index}", "flow")
-        batches_before = store._batches
+        batches_before = store._appends.groups
 
         async def append(index: int) -> None:
             for _ in range(4):
@@ -432,7 +432,7 @@ async def test_concurrent_appends_share_pipelines(url: str, prefix: str) -> None
         async with anyio.create_task_group() as tg:
             for index in range(50):
                 tg.start_soon(append, index)
-        batches = store._batches - batches_before
+        batches = store._appends.groups - batches_before
         assert batches <= 50, batches  # 200 appends from 50 tasks: far fewer round trips
         for index in range(50):
             assert [e.id for e in await store.read(f"run-{index}", 0)] == [1, 2, 3, 4]

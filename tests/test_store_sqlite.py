@@ -9,6 +9,7 @@ from contextlib import aclosing
 from pathlib import Path
 
 import anyio
+import anyio.lowlevel
 import pytest
 
 # Show values in the shared suite's failed asserts too (it lives outside tests/);
@@ -138,7 +139,7 @@ async def test_concurrent_appends_share_commits(db: Path) -> None:
     async with SQLiteStore(db) as store:
         for index in range(100):
             await store.create_run(f"run-{index}", "flow")
-        commits_before = store._commits
+        commits_before = store._appends.groups
 
         async def append(index: int) -> None:
             for _ in range(5):
@@ -147,8 +148,8 @@ async def test_concurrent_appends_share_commits(db: Path) -> None:
         async with anyio.create_task_group() as tg:
             for index in range(100):
                 tg.start_soon(append, index)
-        commits = store._commits - commits_before
-        assert store._committed == 500
+        commits = store._appends.groups - commits_before
+        assert store._appends.requests == 500
         # 500 appends from 100 tasks: a handful of groups, far from one commit each.
         assert commits <= 50, commits
         for index in range(100):
@@ -183,15 +184,44 @@ async def test_the_pending_list_is_bounded(db: Path) -> None:
 
         async def append() -> None:
             nonlocal most
-            most = max(most, len(store._pending))
+            most = max(most, store._appends.pending)
             await store.append("r", "progress", b"1")
-            most = max(most, len(store._pending))
+            most = max(most, store._appends.pending)
 
         async with anyio.create_task_group() as tg:
             for _ in range(40):
                 tg.start_soon(append)
         assert most <= 4
         assert (await store.info("r")).last_id == 40
+
+
+@pytest.mark.anyio
+async def test_an_append_cancelled_while_its_group_waits_for_the_lock_is_not_stored(
+    db: Path,
+) -> None:
+    async with SQLiteStore(db) as store:
+        await store.create_run("r", "flow")
+        first_scope = anyio.CancelScope()
+
+        async def first() -> None:
+            with first_scope:
+                await store.append("r", "first", b"1")
+
+        async def until_pending(count: int) -> None:
+            with anyio.fail_after(10):
+                while store._appends.pending != count:
+                    await anyio.lowlevel.checkpoint()
+
+        # The committer waits for the lock before taking its group.
+        async with anyio.create_task_group() as tg, store._lock:
+            tg.start_soon(first)
+            await until_pending(1)
+            tg.start_soon(store.append, "r", "second", b"2")
+            await until_pending(2)
+            first_scope.cancel()
+            await until_pending(1)
+        # The cancelled committer took nothing: the next appender wrote the rest.
+        assert [(e.id, e.type) for e in await store.read("r", 0)] == [(1, "second")]
 
 
 @pytest.mark.anyio

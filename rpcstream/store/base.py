@@ -38,7 +38,12 @@ the deque's length behind read from storage, where trimming raises
 
 The live deque only sees events published by this process: a backend shared by
 several processes must publish the events other processes append (Redis can
-use pub/sub for this).
+use pub/sub for this). The hooks a backend has for that, and the only ones:
+:meth:`EventStore._publish` (hand events to this process's followers),
+:meth:`EventStore._newest_published` (what they hold already, or ``None`` when
+nobody follows the run here), and overriding ``_follow`` around
+``super()._follow`` (to learn when a run gains or loses its followers here).
+The live records themselves stay private to this module.
 """
 
 from __future__ import annotations
@@ -55,6 +60,7 @@ import anyio
 import msgspec
 
 from ..errors import EventsTrimmed, RunExpired, RunFinished, RunNotFound
+from ..runs.events import MAX_EVENT_ID, TERMINAL_TYPES, RunStatus
 
 __all__ = [
     "RUNNING",
@@ -68,11 +74,11 @@ __all__ = [
 RunId = NewType("RunId", str)
 """The id of one run: chosen by whoever creates it, unique in its store."""
 
-RUNNING: Final = "running"
+RUNNING: Final[str] = RunStatus.RUNNING.value
 """The :attr:`RunInfo.status` of a run that has no terminal event yet."""
 
-TERMINAL_TYPES: Final[frozenset[str]] = frozenset({"complete", "error", "cancelled"})
-"""Event types that end a run; a run's status becomes its terminal event's type."""
+# TERMINAL_TYPES (event types that end a run) is defined with the rest of the run
+# vocabulary in rpcstream.runs.events, and re-exported here for store backends.
 
 
 class StoredEvent(msgspec.Struct, frozen=True, array_like=True):
@@ -359,6 +365,20 @@ class EventStore(abc.ABC):
         if live is not None:
             live.push(events, expires)
 
+    def _newest_published(self, run_id: str) -> int | None:
+        """The id of the newest event the run's live followers here have been given.
+
+        ``None`` when the run has no follower in this process (nothing to
+        publish to); 0 when its followers hold no event from :meth:`_publish`
+        yet (they read storage themselves). A backend that learns of events
+        from elsewhere (another process) uses it to skip what it already
+        published, and to catch up from there after missing notifications.
+        """
+        live = self._live.get(run_id)
+        if live is None:
+            return None
+        return live.events[-1].id if live.events else 0
+
     @staticmethod
     def _not_found(run_id: str) -> RunNotFound:
         return RunNotFound(f"unknown run {run_id!r}")
@@ -426,5 +446,6 @@ class EventStore(abc.ABC):
 
 
 def _check_after(after: int) -> None:
-    if after < 0:
-        raise ValueError(f"after must not be negative, not {after}")
+    if not 0 <= after <= MAX_EVENT_ID:
+        # Beyond the id space SQLite cannot bind it, and Redis refuses the stream id.
+        raise ValueError(f"after must be an event id from 0 to {MAX_EVENT_ID}, not {after}")

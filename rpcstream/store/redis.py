@@ -27,12 +27,13 @@ and stream (``PEXPIRE expire_after``) and on its tombstone (``expire_after +
 tombstone_ttl``), and adds the run to ``{prefix}expiring``. Last it
 ``PUBLISH``\\es the event on the run's channel. However many nodes append to a
 run at once, its ids stay contiguous: Redis runs one script at a time.
-Concurrent appends on one node share round trips (*pipelined appends*, like the
-SQLite store's group commit): whoever finds no pipeline in flight sends every
-queued append as one pipeline of ``EVALSHA``\\s, publishes the results in
-order and wakes the others; what queued meanwhile forms the next pipeline. A
-sent pipeline runs to its end shielded (bounded by ``command_timeout``), so an
-append cancelled then may still be stored; one cancelled while queued is not.
+Concurrent appends on one node share round trips, with the SQLite store's
+group commit (:mod:`rpcstream.store.commit`): whoever finds no pipeline in
+flight sends every queued append as one pipeline of ``EVALSHA``\\s, publishes
+the results in order and wakes the others; what queued meanwhile forms the
+next pipeline. A sent pipeline runs to its end shielded (bounded by
+``command_timeout``), so an append cancelled then may still be stored; one
+cancelled while queued is not.
 
 **Reads** (``read``, ``info``) are one read-only script each, so the metadata
 and the events they return are one consistent snapshot. Time decisions use the
@@ -40,19 +41,20 @@ store's ``clock``: a run is expired once ``clock() >= expires``, as in every
 backend. The Redis expiry (in milliseconds) only removes the keys; with a clock
 that follows real time the two agree.
 
-**Live follow across nodes.** The base class serves a node's followers from a
-per-run live cache that ``_publish`` feeds. Appends made on this node publish
-at once. For the others, each open store runs ONE listener task with ONE
-dedicated Redis connection, subscribed to the channel of every run followed on
-this node (however many follow it); it publishes what arrives. So a node holds
-at most ``max_connections`` pooled connections plus that one, whatever the
-number of followers; a run followed on no node costs Redis one ``PUBLISH`` to
-nobody. The subscription starts with a run's first follower on the node and
-ends with its last. Pub/sub delivers only to subscribers connected at the time,
-so whenever Redis confirms a subscription (the first, or again after a
-reconnect) the listener reads what the run stored after the newest event the
-cache holds and publishes it (an empty cache only wakes the followers, which
-then read storage themselves). Echoes of this node's own appends are dropped.
+**Live follow across nodes** (:mod:`rpcstream.store.redis_listener`). The base
+class serves a node's followers from a per-run live cache that ``_publish``
+feeds. Appends made on this node publish at once. For the others, each open
+store runs ONE listener task with ONE dedicated Redis connection, subscribed to
+the channel of every run followed on this node (however many follow it); it
+publishes what arrives. So a node holds at most ``max_connections`` pooled
+connections plus that one, whatever the number of followers; a run followed on
+no node costs Redis one ``PUBLISH`` to nobody. The subscription starts with a
+run's first follower on the node and ends with its last. Pub/sub delivers only
+to subscribers connected at the time, so whenever Redis confirms a subscription
+(the first, or again after a reconnect) the listener reads what the run stored
+after the newest event the cache holds and publishes it (an empty cache only
+wakes the followers, which then read storage themselves). Echoes of this node's
+own appends are dropped.
 
 **Outages.** Every Redis failure (refused or broken connection, timeout, a
 ``LOADING`` server...) raises :class:`StoreUnavailable`, with the redis-py
@@ -78,22 +80,18 @@ Redis restart.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import math
 import time
 import urllib.parse
-import uuid
 from collections.abc import AsyncGenerator, Callable, Iterator
 from typing import Any
 
 import anyio
 import anyio.abc
-import anyio.lowlevel
 import sniffio
 from redis.asyncio import BlockingConnectionPool, Redis
-from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
@@ -101,6 +99,8 @@ from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from ..errors import StoreUnavailable
 from .base import RUNNING, EventStore, RunInfo, StoredEvent
+from .commit import GroupCommit, Request, Take
+from .redis_listener import Listener
 
 __all__ = ["RedisStore", "StoreUnavailable"]
 
@@ -175,24 +175,14 @@ return removed
 """
 
 
-class _Pending:
-    """One append waiting for its batch."""
+class _Pending(Request):
+    """One append waiting for its pipeline."""
 
-    __slots__ = (
-        "command",
-        "data",
-        "done",
-        "error",
-        "event",
-        "expires",
-        "now",
-        "run_id",
-        "taken",
-        "type",
-    )
+    __slots__ = ("client", "command", "data", "event", "expires", "now", "run_id", "type")
 
     def __init__(
         self,
+        client: Redis,
         run_id: str,
         type: str,
         data: bytes,
@@ -200,16 +190,15 @@ class _Pending:
         expires: float | None,
         command: list[bytes | str | int],
     ) -> None:
+        super().__init__()
+        self.client = client  # the connection pool it was queued for
         self.run_id = run_id
         self.type = type
         self.data = data
         self.now = now
         self.expires = expires
         self.command = command  # the script's keys and arguments
-        self.taken = False  # in a batch being sent: can no longer be withdrawn
-        self.done = False
         self.event: StoredEvent | None = None
-        self.error: Exception | None = None
 
 
 class RedisStore(EventStore):
@@ -238,7 +227,7 @@ class RedisStore(EventStore):
     sweep_chunk: int = 500
     """Runs expired per round trip by :meth:`sweep`."""
     max_batch: int = 256
-    """Appends sent in one pipeline at most."""
+    """Appends sent in one pipeline at most (read when the store is created)."""
 
     def __init__(
         self,
@@ -260,8 +249,6 @@ class RedisStore(EventStore):
             raise ValueError(f"tombstone_ttl must be positive, not {tombstone_ttl}")
         if max_connections < 1:
             raise ValueError(f"max_connections must be at least 1, not {max_connections}")
-        if max_pending < 1:
-            raise ValueError(f"max_pending must be at least 1, not {max_pending}")
         self.url = url
         self.prefix = prefix
         self.tombstone_ttl = float(tombstone_ttl)
@@ -270,8 +257,6 @@ class RedisStore(EventStore):
         self.connect_timeout = connect_timeout
         self.command_timeout = command_timeout
         self.max_pending = max_pending
-        self.listener_name = f"{prefix}listener:{uuid.uuid4().hex[:12]}"
-        """The Redis client name of this store's listener connection (``CLIENT LIST``)."""
         self._expiring = f"{prefix}expiring"
         self._channel_prefix = f"{prefix}events:".encode()
         self._run_ttl_ms = math.ceil(self.expire_after * 1000)
@@ -281,23 +266,16 @@ class RedisStore(EventStore):
         self._scripts: dict[str, AsyncScript] = {}
         self._append_sha = ""
         # Appends waiting for the next pipeline; one pipeline is in flight at a time.
-        self._pending: list[_Pending] = []
-        self._flushing = False
-        self._batch_done = anyio.Event()
-        # Statistics for tests and benchmarks: pipelines sent, and appends they carried.
-        self._batches = 0
-        self._batched = 0
-        self._listener: asyncio.Task[None] | None = None
-        # Runs followed on this node -> how many follow each; the listener subscribes to these.
-        self._watchers: dict[str, int] = {}
-        # The listener's connection, the channels it asked Redis for (run ids), and the
-        # task group where subscription changes are sent; None while disconnected.
-        self._sub_conn: AbstractConnection | None = None
-        self._sub_sent: set[str] = set()
-        self._sub_tg: anyio.abc.TaskGroup | None = None
-        self._sub_lock: anyio.Lock | None = None
-        self._heard = 0.0
+        self._appends = GroupCommit(
+            self._send_appends, max_pending=max_pending, max_group=self.max_batch
+        )
+        self._listener = Listener(self)
         self._closing = anyio.Event()
+
+    @property
+    def listener_name(self) -> str:
+        """The Redis client name of this store's listener connection (``CLIENT LIST``)."""
+        return self._listener.name
 
     # -- names --------------------------------------------------------------------
 
@@ -350,18 +328,11 @@ class RedisStore(EventStore):
         self._append_sha = self._scripts["append"].sha
         self._redis, self._pool = client, pool
         self._closing = anyio.Event()
-        self._sub_lock = anyio.Lock()
-        self._listener = asyncio.get_running_loop().create_task(
-            self._listen(), name=f"RedisStore listener ({self.prefix})"
-        )
+        self._listener.start()
 
     async def _aclose(self) -> None:
         self._closing.set()
-        listener, self._listener = self._listener, None
-        if listener is not None:
-            listener.cancel()
-            with anyio.move_on_after(5):
-                await asyncio.wait([listener])
+        await self._listener.stop()
         client, self._redis = self._redis, None
         pool, self._pool = self._pool, None
         if client is not None:
@@ -416,34 +387,14 @@ class RedisStore(EventStore):
         return RunInfo(run_id, flow, owner, RUNNING, now, None, 0, 1, None)
 
     async def _append(self, run_id: str, type: str, data: bytes, terminal: bool) -> StoredEvent:
-        client = self._client()
-        request = self._request(run_id, type, data, terminal)
-        while len(self._pending) >= self.max_pending:
-            await self._batch_done.wait()  # backpressure: wait for a batch to leave
-        self._pending.append(request)
-        try:
-            while not request.done:
-                if self._flushing:
-                    await self._batch_done.wait()
-                    continue
-                self._flushing = True
-                try:
-                    await self._flush(client)
-                finally:
-                    self._flushing = False
-                    # Wake the waiters: theirs may be done, or one must flush next.
-                    self._batch_done.set()
-                    self._batch_done = anyio.Event()
-        except BaseException:
-            if not request.taken:
-                self._pending.remove(request)  # never sent: safe to withdraw
-            raise
-        if request.error is not None:
-            raise request.error
+        request = self._request(self._client(), run_id, type, data, terminal)
+        await self._appends.submit(request)
         assert request.event is not None
         return request.event
 
-    def _request(self, run_id: str, type: str, data: bytes, terminal: bool) -> _Pending:
+    def _request(
+        self, client: Redis, run_id: str, type: str, data: bytes, terminal: bool
+    ) -> _Pending:
         now = self.clock()
         expires = now + self.expire_after if terminal else None
         encoded_type = type.encode()
@@ -464,22 +415,21 @@ class RedisStore(EventStore):
             self.channel(run_id),
             header,
         ]
-        return _Pending(run_id, type, data, now, expires, command)
+        return _Pending(client, run_id, type, data, now, expires, command)
 
-    async def _flush(self, client: Redis) -> None:
-        """Send the queued appends as ONE pipeline, then publish them in order."""
-        # Let the tasks just woken by the previous batch queue their next append (a
-        # bigger batch), and let a cancelled flusher leave before it sends anything:
-        # from here on the batch runs shielded.
-        await anyio.lowlevel.checkpoint()
-        batch = self._pending[: self.max_batch]
-        del self._pending[: len(batch)]
-        for request in batch:
-            request.taken = True
-        if self._redis is not client:  # closed (and maybe reopened) since these queued
-            for request in batch:
-                request.error = anyio.ClosedResourceError()
-                request.done = True
+    async def _send_appends(self, take: Take[_Pending]) -> None:
+        """Send the queued appends as ONE pipeline, then publish them in order.
+
+        The GroupCommit's ``write``; it never raises: each append gets its outcome.
+        """
+        client = self._redis
+        batch = []
+        for request in take():
+            if request.client is not client:  # closed (and maybe reopened) since it queued
+                request.fail(anyio.ClosedResourceError())
+            else:
+                batch.append(request)
+        if client is None or not batch:
             return
         try:
             # Once sent, see it through (for at most command_timeout), even if the
@@ -488,11 +438,8 @@ class RedisStore(EventStore):
                 replies = await self._run_appends(client, batch)
         except Exception as exc:  # StoreUnavailable, ClosedResourceError
             for request in batch:
-                request.error = exc
-                request.done = True
+                request.fail(exc)
             return
-        self._batches += 1
-        self._batched += len(batch)
         errors = (self._not_found, self._expired, self._finished)
         for request, reply in zip(batch, replies, strict=True):
             request.done = True
@@ -608,7 +555,7 @@ class RedisStore(EventStore):
     async def _follow(self, run_id: str, after: int) -> AsyncGenerator[StoredEvent, None]:
         # Subscribe before the base loop first looks at storage; the subscription's
         # confirmation catches up whatever it missed meanwhile.
-        self._watch(run_id)
+        self._listener.watch(run_id)
         position = after
         delay = self.reconnect_delay
         try:
@@ -628,185 +575,4 @@ class RedisStore(EventStore):
                         await self._closing.wait()  # aclose() ends the wait at once
                     delay = min(delay * 2, self.reconnect_delay_max)
         finally:
-            self._unwatch(run_id)
-
-    def _watch(self, run_id: str) -> None:
-        self._watchers[run_id] = self._watchers.get(run_id, 0) + 1
-        self._sync_soon(run_id)
-
-    def _unwatch(self, run_id: str) -> None:
-        left = self._watchers[run_id] - 1
-        if left:
-            self._watchers[run_id] = left
-        else:
-            del self._watchers[run_id]
-            self._sync_soon(run_id)
-
-    def _sync_soon(self, run_id: str) -> None:
-        """Have the listener (un)subscribe the run if that changed; never blocks."""
-        tg = self._sub_tg
-        if tg is not None and (run_id in self._watchers) != (run_id in self._sub_sent):
-            tg.start_soon(self._sync_subscription, run_id)
-
-    async def _sync_subscription(self, run_id: str) -> None:
-        assert self._sub_lock is not None
-        async with self._sub_lock:
-            conn = self._sub_conn
-            wanted = run_id in self._watchers
-            if conn is None or wanted == (run_id in self._sub_sent):
-                return
-            try:
-                if wanted:
-                    self._sub_sent.add(run_id)
-                    await conn.send_command("SUBSCRIBE", self.channel(run_id), check_health=False)
-                else:
-                    self._sub_sent.discard(run_id)
-                    await conn.send_command("UNSUBSCRIBE", self.channel(run_id), check_health=False)
-            except Exception as exc:
-                # The reader sees the broken connection too, and reconnects.
-                log.debug("listener: could not send a subscription change: %r", exc)
-                await _drop(conn)
-
-    async def _listen(self) -> None:
-        """The listener task: connect, subscribe, read; on any failure, reconnect."""
-        delay = self.reconnect_delay
-        warned = False
-        while True:
-            conn = self._listener_connection()
-            try:
-                await conn.connect()  # type: ignore[no-untyped-call]
-                delay = self.reconnect_delay
-                if warned:
-                    log.info("the Redis listener is back at %s", self._where())
-                    warned = False
-                await self._listen_on(conn)
-            except Exception as exc:
-                if not warned:
-                    log.warning(
-                        "the Redis listener lost %s (%s: %s); reconnecting in the background",
-                        self._where(),
-                        type(exc).__name__,
-                        exc,
-                    )
-                    warned = True
-                else:
-                    log.debug("the Redis listener failed again: %r", exc)
-            finally:
-                self._sub_conn = self._sub_tg = None
-                with anyio.CancelScope(shield=True):
-                    await _drop(conn)
-            await anyio.sleep(delay)
-            delay = min(delay * 2, self.reconnect_delay_max)
-
-    def _listener_connection(self) -> AbstractConnection:
-        assert self._pool is not None
-        kwargs = dict(self._pool.connection_kwargs)
-        # Wait for messages indefinitely; the keepalive notices a dead link instead.
-        kwargs["socket_timeout"] = None
-        kwargs["client_name"] = self.listener_name
-        connection: AbstractConnection = self._pool.connection_class(**kwargs)
-        return connection
-
-    async def _listen_on(self, conn: AbstractConnection) -> None:
-        assert self._sub_lock is not None
-        failure: Exception | None = None
-        # Failures leave the task group as themselves, not wrapped in an ExceptionGroup:
-        # the helpers started in it never raise.
-        async with anyio.create_task_group() as tg:
-            try:
-                async with self._sub_lock:
-                    sent = self._sub_sent = set(self._watchers)
-                    if sent:
-                        channels = [self.channel(run_id) for run_id in sent]
-                        await conn.send_command("SUBSCRIBE", *channels, check_health=False)
-                    self._sub_conn, self._sub_tg = conn, tg
-                self._heard = time.monotonic()
-                tg.start_soon(self._keepalive, conn)
-                await self._read_messages(conn)
-            except Exception as exc:
-                failure = exc
-            finally:
-                self._sub_conn = self._sub_tg = None
-                tg.cancel_scope.cancel()
-        raise failure or ConnectionError("the listener connection ended")
-
-    async def _read_messages(self, conn: AbstractConnection) -> None:
-        skip = len(self._channel_prefix)
-        while True:
-            reply = await conn.read_response()
-            self._heard = time.monotonic()
-            if not isinstance(reply, list) or len(reply) < 2:
-                continue
-            kind = reply[0]
-            if kind == b"message":
-                self._deliver(reply[1][skip:].decode(), reply[2])
-            elif kind == b"subscribe":
-                await self._catch_up(reply[1][skip:].decode())
-
-    def _deliver(self, run_id: str, message: bytes) -> None:
-        """Publish one event another node (or this one) appended."""
-        live = self._live.get(run_id)
-        if live is None:
-            return
-        try:
-            id_text, timestamp, expires, type_length, rest = message.split(b" ", 4)
-            event_id = int(id_text)
-            if live.events and event_id <= live.events[-1].id:
-                return  # already published: this node's own append, or a catch-up read
-            length = int(type_length)
-            event = StoredEvent(event_id, rest[:length].decode(), rest[length:], float(timestamp))
-            until = None if expires == b"-" else float(expires)
-        except ValueError:
-            log.warning("ignored a malformed message on %r", self.channel(run_id))
-            return
-        self._publish(run_id, (event,), until)
-
-    async def _catch_up(self, run_id: str) -> None:
-        """After Redis confirms a subscription: publish what it may have missed."""
-        live = self._live.get(run_id)
-        if live is None:
-            return
-        if not live.events:
-            self._publish(run_id, ())  # nothing cached: wake the followers to read storage
-            return
-        after = live.events[-1].id
-        batch = self.follow_batch
-        while True:
-            try:
-                info, events = await self._fetch(run_id, after, batch)
-            except LookupError:  # RunNotFound, RunExpired: the followers will find out
-                self._publish(run_id, ())
-                return
-            if after + 1 < info.first_id and after < info.last_id:
-                after = info.first_id - 1  # trimmed meanwhile: followers behind see the gap
-                continue
-            self._publish(run_id, events, info.expires)
-            if len(events) < batch:
-                return
-            after = events[-1].id
-
-    async def _keepalive(self, conn: AbstractConnection) -> None:
-        assert self._sub_lock is not None
-        interval = self.ping_interval
-        while True:
-            await anyio.sleep(interval)
-            if time.monotonic() - self._heard > 3 * interval:
-                log.warning(
-                    "the Redis listener heard nothing for %.0f s: reconnecting", 3 * interval
-                )
-                await _drop(conn)
-                return
-            async with self._sub_lock:
-                if conn is not self._sub_conn:
-                    return
-                try:
-                    await conn.send_command("PING", check_health=False)
-                except Exception:
-                    await _drop(conn)
-                    return
-
-
-async def _drop(conn: AbstractConnection) -> None:
-    """Close a listener connection; its reader then fails and the listener reconnects."""
-    with contextlib.suppress(Exception):
-        await conn.disconnect(nowait=True)
+            self._listener.unwatch(run_id)

@@ -9,19 +9,14 @@ commits). Every use of it runs in a worker thread through
 so the event loop never blocks on disk and the connection is never shared
 between threads at once.
 
-Appends use *group commit*. ``append`` puts a request on a bounded pending
-list and waits. Whoever finds no committer at work becomes the committer: it
-takes the lock, takes every pending request, and writes them all in ONE
-transaction, allocating ids inside it (so they are contiguous per run however
-many tasks append), then publishes the new events to live followers and wakes
-the waiters. Requests queued meanwhile form the next group, whose first waiter
-to wake commits it. One committer per group means no background task: the
-store works without being entered, and nothing outlives the callers.
-
-A committer cancelled before its transaction started puts its group back on
-the pending list for the next one; once a transaction starts it runs to its end
-(``to_thread.run_sync`` shields it), so an append cancelled at that point may
-still be stored.
+Appends use *group commit* (:mod:`rpcstream.store.commit`): concurrent
+appends queue, and one committer takes the lock, takes every pending request
+and writes them all in ONE transaction, allocating ids inside it (so they are
+contiguous per run however many tasks append), then publishes the new events
+to live followers and wakes the waiters. An append cancelled while queued is
+withdrawn; once its group is taken the transaction runs to its end, shielded
+(bounded by SQLite's busy timeout), so an append cancelled then may still be
+stored.
 
 Schema: ``runs`` holds one row per run, and keeps it as a tombstone (status
 ``'expired'``, events deleted) after retention; ``events`` is keyed by
@@ -43,9 +38,9 @@ from itertools import starmap
 from typing import Any, TypeVar
 
 import anyio
-import anyio.lowlevel
 
 from .base import RUNNING, EventStore, RunInfo, StoredEvent
+from .commit import GroupCommit, Request, Take
 
 __all__ = ["SQLiteStore"]
 
@@ -92,34 +87,18 @@ _UPDATE_RUN = (
 _SWEEP_CHUNK = 500
 
 
-class _Pending:
+class _Pending(Request):
     """One append waiting for its group's commit."""
 
-    __slots__ = (
-        "abandoned",
-        "data",
-        "done",
-        "error",
-        "event",
-        "expires",
-        "resolved",
-        "run_id",
-        "taken",
-        "terminal",
-        "type",
-    )
+    __slots__ = ("data", "event", "expires", "run_id", "terminal", "type")
 
     def __init__(self, run_id: str, type: str, data: bytes, terminal: bool) -> None:
+        super().__init__()
         self.run_id = run_id
         self.type = type
         self.data = data
         self.terminal = terminal
-        self.taken = False  # in a group being committed: can no longer be withdrawn
-        self.abandoned = False  # its caller left (cancelled) while it was taken
-        self.resolved = False  # the transaction gave it an outcome (set in the worker thread)
-        self.done = False  # the outcome is published; the waiter may return it
         self.event: StoredEvent | None = None
-        self.error: BaseException | None = None
         self.expires: float | None = None
 
 
@@ -158,19 +137,14 @@ class SQLiteStore(EventStore):
         super().__init__(max_events=max_events, expire_after=expire_after, clock=clock)
         if max_tombstones < 0:
             raise ValueError(f"max_tombstones must not be negative, not {max_tombstones}")
-        if max_pending < 1:
-            raise ValueError(f"max_pending must be at least 1, not {max_pending}")
         self.path = os.fspath(path)
         self.max_tombstones = max_tombstones
         self.max_pending = max_pending
         self._conn: sqlite3.Connection | None = None
         self._lock = anyio.Lock()
-        self._pending: list[_Pending] = []
-        self._committing = False
-        self._group_done = anyio.Event()
-        # Statistics for tests and benchmarks: append transactions, and appends they wrote.
-        self._commits = 0
-        self._committed = 0
+        # Its ``groups`` and ``requests`` count append transactions and the appends
+        # they wrote, for tests and benchmarks.
+        self._appends = GroupCommit(self._write_appends, max_pending=max_pending)
 
     # -- connection -------------------------------------------------------------
 
@@ -323,58 +297,26 @@ class SQLiteStore(EventStore):
     async def _append(self, run_id: str, type: str, data: bytes, terminal: bool) -> StoredEvent:
         await self._ensure_open()
         request = _Pending(run_id, type, data, terminal)
-        while len(self._pending) >= self.max_pending:
-            await self._group_done.wait()  # backpressure: wait for a group to leave
-        self._pending.append(request)
-        try:
-            while not request.done:
-                if self._committing:
-                    await self._group_done.wait()
-                    continue
-                self._committing = True
-                try:
-                    await self._commit_pending()
-                finally:
-                    self._committing = False
-                    # Wake the waiters: theirs may be done, or one must commit next.
-                    self._group_done.set()
-                    self._group_done = anyio.Event()
-        except BaseException:
-            if request.taken:
-                # Its group may still be written (then the event stays stored) or be
-                # requeued, which must then leave this request out.
-                request.abandoned = True
-            else:
-                self._pending.remove(request)  # never written: safe to withdraw
-            raise
-        if request.error is not None:
-            raise request.error
+        await self._appends.submit(request)
         assert request.event is not None
         return request.event
 
-    async def _commit_pending(self) -> None:
+    async def _write_appends(self, take: Take[_Pending]) -> None:
+        """Write a group of appends in one transaction (the GroupCommit's ``write``)."""
         async with self._lock:
-            # One more turn of the event loop lets the tasks just woken by the previous
-            # group queue their next append (trio runs them in random order, so some
-            # may not have run yet). Then take the group as late as possible, under the
-            # lock, so it is as large as it can be.
-            await anyio.lowlevel.checkpoint()
-            group = self._pending[: self.max_pending]
-            del self._pending[: len(group)]
-            for request in group:
-                request.taken = True
+            group = take()
             now = self.clock()
-            try:
+            # The group is ours alone now: see it to an outcome even if we are
+            # cancelled. to_thread.run_sync waits for its thread anyway; the shield
+            # also covers the wait for a worker thread before it starts.
+            with anyio.CancelScope(shield=True):
                 conn = self._conn
                 if conn is None:
                     for request in group:
-                        request.error = anyio.ClosedResourceError()
-                        request.resolved = True
-                else:
-                    await anyio.to_thread.run_sync(self._commit_group, conn, group, now)
-            finally:
-                # No await in here: this runs to the end even when we are cancelled.
-                self._finish_group(group)
+                        request.fail(anyio.ClosedResourceError())
+                    return
+                await anyio.to_thread.run_sync(self._commit_group, conn, group, now)
+            self._finish_group(group)
 
     def _commit_group(self, conn: sqlite3.Connection, group: list[_Pending], now: float) -> None:
         """Write a group of appends in one transaction (in a worker thread)."""
@@ -392,9 +334,6 @@ class SQLiteStore(EventStore):
                 request.event = None
                 request.expires = None
                 request.error = exc
-        finally:
-            for request in group:
-                request.resolved = True
 
     def _write_group(self, conn: sqlite3.Connection, group: list[_Pending], now: float) -> None:
         states: dict[str, _RunState | BaseException] = {}
@@ -440,28 +379,15 @@ class SQLiteStore(EventStore):
         conn.executemany(_UPDATE_RUN, updates)
 
     def _finish_group(self, group: list[_Pending]) -> None:
-        """Publish a committed group in id order and mark it done; requeue what never ran."""
-        unresolved = [request for request in group if not request.resolved]
-        if unresolved:
-            # Cancelled before the transaction started: the next committer writes those
-            # whose callers still wait for them.
-            waiting = [request for request in unresolved if not request.abandoned]
-            for request in waiting:
-                request.taken = False
-            self._pending[:0] = waiting
+        """Publish a committed group in id order and mark it done."""
         by_run: dict[str, list[StoredEvent]] = {}
         expires: dict[str, float] = {}
         for request in group:
-            if not request.resolved:
-                continue
             request.done = True
             if request.event is not None:
                 by_run.setdefault(request.run_id, []).append(request.event)
                 if request.expires is not None:
                     expires[request.run_id] = request.expires
-        if len(unresolved) < len(group):
-            self._commits += 1
-            self._committed += sum(map(len, by_run.values()))
         for run_id, events in by_run.items():
             self._publish(run_id, events, expires.get(run_id))
 

@@ -29,6 +29,7 @@ import pytest
 from anyio.abc import ObjectSendStream, TaskGroup
 
 from ..errors import EventsTrimmed, RunExpired, RunFinished, RunNotFound
+from ..runs.events import MAX_EVENT_ID
 from ..store.base import RUNNING, TERMINAL_TYPES, EventStore, RunInfo, StoredEvent
 
 __all__ = ["EXPIRE_AFTER", "EventStoreConformance", "FakeClock", "StoreFactory"]
@@ -94,31 +95,8 @@ def _ids(events: list[StoredEvent]) -> list[int]:
     return [event.id for event in events]
 
 
-class EventStoreConformance:
-    """The contract every :class:`~rpcstream.store.base.EventStore` backend must meet.
-
-    Subclasses provide the ``store_factory`` fixture (see the module docstring).
-    """
-
-    pytestmark = pytest.mark.anyio
-
-    @pytest.fixture
-    def store_factory(self) -> StoreFactory:
-        """Override in the backend's test class."""
-        raise NotImplementedError("define a store_factory fixture in the subclass")
-
-    @pytest.fixture
-    def clock(self) -> FakeClock:
-        """The fake clock the ``store`` fixture runs on."""
-        return FakeClock()
-
-    @pytest.fixture
-    async def store(
-        self, store_factory: StoreFactory, clock: FakeClock
-    ) -> AsyncIterator[EventStore]:
-        """An open store on the fake clock, with ``expire_after=EXPIRE_AFTER``."""
-        async with store_factory(clock=clock, expire_after=EXPIRE_AFTER) as store:
-            yield store
+class _AppendAndRead:
+    """The contract, part 1: appending, reading, terminal events, concurrency."""
 
     # -- appending and reading ------------------------------------------------
 
@@ -150,16 +128,23 @@ class EventStoreConformance:
         assert await store.read("r", 10) == []
         assert await store.read("r", 50) == []
 
-    async def test_read_rejects_a_negative_after_or_a_limit_below_one(
+    async def test_read_rejects_an_after_outside_the_ids_or_a_limit_below_one(
         self, store: EventStore
     ) -> None:
         await store.create_run("r", "flow")
+        await store.append("r", "progress", b"1")
         with pytest.raises(ValueError):
             await store.read("r", -1)
         with pytest.raises(ValueError):
             await store.read("r", 0, limit=0)
         with pytest.raises(ValueError):
             store.follow("r", -1)
+        # Ids are signed 64-bit: past that, no backend could even ask for it.
+        with pytest.raises(ValueError):
+            await store.read("r", MAX_EVENT_ID + 1)
+        with pytest.raises(ValueError):
+            store.follow("r", MAX_EVENT_ID + 1)
+        assert await store.read("r", MAX_EVENT_ID) == []
 
     async def test_a_new_run_is_running_with_no_events(
         self, store: EventStore, clock: FakeClock
@@ -305,6 +290,10 @@ class EventStoreConformance:
         assert set(returned) <= set(stored)
         # The store is still usable, and carries on from the last id.
         assert (await store.append("r", "progress", b"2")).id == len(stored) + 1
+
+
+class _FollowAndRetain:
+    """The contract, part 2: follow, trimming, retention, lifecycle."""
 
     # -- follow -----------------------------------------------------------------
 
@@ -588,3 +577,31 @@ class EventStoreConformance:
                 await store.aclose()
                 with anyio.fail_after(10):
                     await failed.wait()
+
+
+class EventStoreConformance(_AppendAndRead, _FollowAndRetain):
+    """The contract every :class:`~rpcstream.store.base.EventStore` backend must meet.
+
+    Subclasses provide the ``store_factory`` fixture (see the module docstring).
+    The tests live in two mixins, by subject; the fixtures they use are here.
+    """
+
+    pytestmark = pytest.mark.anyio
+
+    @pytest.fixture
+    def store_factory(self) -> StoreFactory:
+        """Override in the backend's test class."""
+        raise NotImplementedError("define a store_factory fixture in the subclass")
+
+    @pytest.fixture
+    def clock(self) -> FakeClock:
+        """The fake clock the ``store`` fixture runs on."""
+        return FakeClock()
+
+    @pytest.fixture
+    async def store(
+        self, store_factory: StoreFactory, clock: FakeClock
+    ) -> AsyncIterator[EventStore]:
+        """An open store on the fake clock, with ``expire_after=EXPIRE_AFTER``."""
+        async with store_factory(clock=clock, expire_after=EXPIRE_AFTER) as store:
+            yield store

@@ -32,16 +32,16 @@ from typing import Any, Self
 import anyio
 from anyio.abc import TaskGroup
 
-from ._tasks import task_group
-from .client import connect
-from .errors import ConnectionClosed, DeadlineExceeded, HandshakeRefused, ReconnectFailed
-from .peer import RpcPeer
-from .router import Router
-from .store.base import TERMINAL_TYPES
+from .._tasks import task_group
+from ..client import connect
+from ..errors import ConnectionClosed, DeadlineExceeded, HandshakeRefused, ReconnectFailed
+from ..peer import RpcPeer
+from ..router import Router
+from .events import TERMINAL_TYPES
 
 __all__ = ["RunClient"]
 
-log = logging.getLogger("rpcstream.runclient")
+log = logging.getLogger("rpcstream.runs.client")
 
 
 class RunClient:

@@ -40,8 +40,8 @@ import msgspec
 from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from ._tasks import task_group
-from .errors import (
+from .._tasks import task_group
+from ..errors import (
     InvalidParams,
     MethodNotFound,
     Overloaded,
@@ -51,19 +51,29 @@ from .errors import (
     RunFinished,
     RunNotFound,
 )
-from .handshake import StaticFile, current_principal, principal_id
-from .limits import TokenBucket
-from .peer import current_peer
-from .router import Router
-from .store.base import TERMINAL_TYPES, EventStore, RunInfo, StoredEvent
-from .store.memory import MemoryStore
+from ..handshake import StaticFile, current_principal, principal_id
+from ..limits import TokenBucket
+from ..peer import current_peer
+from ..router import Router
+from ..store.base import EventStore, RunInfo, StoredEvent
+from ..store.memory import MemoryStore
+from .events import (
+    MAX_EVENT_ID,
+    TERMINAL_TYPES,
+    ErrorData,
+    EventType,
+    RunEvent,
+    RunStatus,
+    begin_run,
+    decode_data,
+    encode_data,
+)
 
 __all__ = [
     "ClientEvent",
     "EventValidationError",
     "RunChannel",
     "RunContext",
-    "RunEvent",
     "RunServer",
     "owner_only",
 ]
@@ -72,25 +82,13 @@ log = logging.getLogger("rpcstream.runs")
 
 F = TypeVar("F", bound=Callable[..., Awaitable[None]])
 
-_json_encode = msgspec.json.Encoder().encode
-_json_decode = msgspec.json.Decoder().decode
-_RESERVED = frozenset({"started"} | TERMINAL_TYPES - {"complete"})
+# Types only the framework writes: a flow ends itself only by returning (or sending
+# ``complete``), so ``error`` and ``cancelled`` always mean what they say.
+_RESERVED = frozenset({EventType.STARTED.value} | TERMINAL_TYPES - {EventType.COMPLETE.value})
 
 
 class EventValidationError(RpcStreamError, ValueError):
     """``ctx.client.send`` got data that does not fit the event's declared type."""
-
-
-class RunEvent(msgspec.Struct):
-    """One event as a subscriber receives it."""
-
-    id: int
-    type: str
-    data: Any
-    timestamp: str
-    """ISO 8601, UTC, millisecond precision."""
-    run_id: str
-    flow: str
 
 
 class ClientEvent(msgspec.Struct, frozen=True):
@@ -124,10 +122,10 @@ class RunChannel:
         try:
             if declared is not None:
                 data = msgspec.convert(data, declared)
-            encoded = _json_encode(data)
+            encoded = encode_data(data)
         except (msgspec.ValidationError, TypeError) as exc:
             raise EventValidationError(f"event {type!r} of flow {run.flow.name!r}: {exc}") from exc
-        terminal = type == "complete"
+        terminal = type == EventType.COMPLETE
         if run.finished:
             raise RunFinished(f"run {run.run_id} already ended")
         event = await self._server.store.append(run.run_id, type, encoded, terminal=terminal)
@@ -345,12 +343,12 @@ class RunServer:
             orphans = await self.store.running_runs()
         except NotImplementedError:  # a shared store: another node may own them
             return
-        data = _json_encode(
-            {"message": "the server stopped while the run was in flight", "type": "Interrupted"}
+        data = encode_data(
+            ErrorData("the server stopped while the run was in flight", "Interrupted")
         )
         for run_id in orphans:
             with contextlib.suppress(RunFinished, RunNotFound, RunExpired):
-                await self.store.append(run_id, "error", data, terminal=True)
+                await self.store.append(run_id, EventType.ERROR.value, data, terminal=True)
                 log.warning("run %s was interrupted by a restart: ended with an error", run_id)
 
     def _cancel_all(self) -> None:
@@ -392,31 +390,31 @@ class RunServer:
             raise InvalidParams(f"flow {name!r}: {exc}") from None
         kwargs = {n: getattr(values, n) for n in found.param_names}
         run_id = uuid.uuid4().hex
-        await self.store.create_run(run_id, name, owner)
-        await self.store.append(run_id, "started", _json_encode({"flow": name}))
+        await begin_run(self.store, run_id, name, owner)
         run = self._runs[run_id] = _Run(run_id, found, self.inbox_size, owner, self.send_rate)
         self._tg.start_soon(self._execute, run, kwargs)
         return run_id
 
     async def _execute(self, run: _Run, kwargs: dict[str, Any]) -> None:
         ctx = RunContext(self, run)
-        terminal, data = "complete", None
+        terminal: str = EventType.COMPLETE.value
+        data: Any = None
         try:
             with run.scope:
                 try:
                     data = await run.flow.func(ctx, **kwargs)
                 except Exception as exc:
                     log.info("flow %s run %s failed", run.flow.name, run.run_id, exc_info=True)
-                    terminal, data = "error", {"message": str(exc), "type": type(exc).__name__}
+                    terminal, data = EventType.ERROR.value, ErrorData.from_exception(exc)
             if run.scope.cancelled_caught:
-                terminal, data = "cancelled", None
+                terminal, data = EventType.CANCELLED.value, None
             if not run.finished:
                 try:
-                    encoded = _json_encode(data)
+                    encoded = encode_data(data)
                 except TypeError:
-                    terminal = "error"
-                    encoded = _json_encode(
-                        {"message": f"result cannot be encoded: {data!r}", "type": "TypeError"}
+                    terminal = EventType.ERROR.value
+                    encoded = encode_data(
+                        ErrorData(f"result cannot be encoded: {data!r}", "TypeError")
                     )
                 with anyio.CancelScope(shield=True), anyio.move_on_after(self.cancel_timeout):
                     await self.store.append(run.run_id, terminal, encoded, terminal=True)
@@ -441,6 +439,11 @@ class RunServer:
         return {"run_id": run_id, "stream_id": run_id}
 
     async def _subscribe(self, run_id: str, after: int = 0) -> AsyncIterator[RunEvent]:
+        if not 0 <= after <= MAX_EVENT_ID:
+            # The caller's mistake, not ours: the store would raise ValueError.
+            raise InvalidParams(
+                f"runs.subscribe(): 'after' must be an event id, 0 to {MAX_EVENT_ID}, not {after}"
+            )
         info = await self._check_access(run_id, "subscribe")
         as_raw = not current_peer().codec.binary  # JSON clients: stored JSON passes through
         self._subscribers[run_id] = self._subscribers.get(run_id, 0) + 1
@@ -465,7 +468,7 @@ class RunServer:
         if run is None:  # finished, or running on another node
             return _status(info, self._subscribers.get(run_id, 0))
         run.scope.cancel()
-        return {"run_id": run_id, "status": "cancelling"}
+        return {"run_id": run_id, "status": RunStatus.CANCELLING.value}
 
     async def _send(self, run_id: str, type: str, data: Any = None) -> None:
         info = await self._check_access(run_id, "send")
@@ -492,7 +495,7 @@ def owner_only(principal: Any, info: RunInfo, action: str) -> bool:
 
 
 def _to_wire(event: StoredEvent, info: RunInfo, as_raw: bool) -> RunEvent:
-    data = msgspec.Raw(event.data) if as_raw else _json_decode(event.data)
+    data = msgspec.Raw(event.data) if as_raw else decode_data(event.data)
     return RunEvent(event.id, event.type, data, _iso(event.timestamp), info.run_id, info.flow)
 
 

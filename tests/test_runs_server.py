@@ -370,3 +370,87 @@ async def test_runs_in_a_sqlite_file_stay_readable_after_a_restart(
     ):
         after = await collect(peer, run["run_id"])
     assert after == before and len(after) == 22
+
+
+# -- every runs.* method, given bad arguments ----------------------------------------------
+
+# (method, args, kwargs, the error expected). ``RUN`` stands for the id of a real run
+# that has ended. Arguments of the wrong shape answer INVALID_PARAMS; well-formed
+# arguments that name nothing answer the run error that says so.
+RUN = "<run>"
+BAD_CALLS: list[tuple[str, tuple[Any, ...], dict[str, Any], type[rpcstream.RemoteError]]] = [
+    ("runs.start", (), {}, rpcstream.InvalidParams),
+    ("runs.start", (5,), {}, rpcstream.InvalidParams),
+    ("runs.start", ("count", [1]), {}, rpcstream.InvalidParams),
+    ("runs.start", ("count", {}), {}, rpcstream.InvalidParams),
+    ("runs.start", ("count", {"n": "three"}), {}, rpcstream.InvalidParams),
+    ("runs.start", ("count", {"n": 1, "m": 2}), {}, rpcstream.InvalidParams),
+    ("runs.start", ("count", {"n": 1}, "more"), {}, rpcstream.InvalidParams),
+    ("runs.start", ("count",), {"param": {}}, rpcstream.InvalidParams),
+    ("runs.start", ("no-such-flow",), {}, rpcstream.MethodNotFound),
+    ("runs.subscribe", (), {}, rpcstream.InvalidParams),
+    ("runs.subscribe", (5,), {}, rpcstream.InvalidParams),
+    ("runs.subscribe", (None,), {}, rpcstream.InvalidParams),
+    ("runs.subscribe", (RUN,), {"after": -1}, rpcstream.InvalidParams),
+    ("runs.subscribe", (RUN, -5), {}, rpcstream.InvalidParams),
+    ("runs.subscribe", (RUN,), {"after": "2"}, rpcstream.InvalidParams),
+    ("runs.subscribe", (RUN,), {"after": 1.5}, rpcstream.InvalidParams),
+    ("runs.subscribe", (RUN,), {"after": True}, rpcstream.InvalidParams),
+    ("runs.subscribe", (RUN,), {"after": 2**63}, rpcstream.InvalidParams),
+    ("runs.subscribe", (RUN,), {"after": 2**64 - 1}, rpcstream.InvalidParams),
+    ("runs.subscribe", (RUN,), {"since": 1}, rpcstream.InvalidParams),
+    ("runs.subscribe", ("",), {}, rpcstream.RunNotFound),
+    ("runs.subscribe", ("x" * 1000,), {}, rpcstream.RunNotFound),
+    ("runs.subscribe", ("a\x00b",), {}, rpcstream.RunNotFound),
+    ("runs.subscribe", ("../../etc/passwd",), {}, rpcstream.RunNotFound),
+    ("runs.subscribe", ("*",), {"after": 2**63 - 1}, rpcstream.RunNotFound),
+    ("runs.status", (), {}, rpcstream.InvalidParams),
+    ("runs.status", (5,), {}, rpcstream.InvalidParams),
+    ("runs.status", (RUN, 1), {}, rpcstream.InvalidParams),
+    ("runs.status", ("",), {}, rpcstream.RunNotFound),
+    ("runs.status", ("a\x00b",), {}, rpcstream.RunNotFound),
+    ("runs.cancel", (), {}, rpcstream.InvalidParams),
+    ("runs.cancel", ([RUN],), {}, rpcstream.InvalidParams),
+    ("runs.cancel", ("nope",), {}, rpcstream.RunNotFound),
+    ("runs.send", (), {}, rpcstream.InvalidParams),
+    ("runs.send", (RUN,), {}, rpcstream.InvalidParams),
+    ("runs.send", (RUN, 5), {}, rpcstream.InvalidParams),
+    ("runs.send", (RUN, "stop", None, "more"), {}, rpcstream.InvalidParams),
+    ("runs.send", ("nope", "stop"), {}, rpcstream.RunNotFound),
+    ("runs.send", (RUN, "stop"), {}, rpcstream.RunFinished),
+]
+
+
+async def _answer(
+    peer: rpcstream.RpcPeer, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> type[BaseException] | None:
+    try:
+        with anyio.fail_after(10):
+            if method == "runs.subscribe":
+                async with peer.stream(method, *args, **kwargs) as events:
+                    async for _ in events:
+                        pass
+            else:
+                await peer.call(method, *args, **kwargs)
+    except rpcstream.RemoteError as exc:
+        return type(exc)
+    return None
+
+
+@pytest.mark.parametrize("codec", ["msgpack", "json"])
+async def test_every_runs_method_answers_bad_arguments_with_a_typed_error(
+    server: rpcstream.Server, codec: str
+) -> None:
+    async with rpcstream.connect(server.url, codec=codec) as peer:
+        run_id = (await peer.call("runs.start", "count", {"n": 1}))["run_id"]
+        await collect(peer, run_id)  # it has ended
+        wrong = []
+        for method, args, kwargs, expected in BAD_CALLS:
+            args = tuple(run_id if a == RUN else a for a in args)
+            got = await _answer(peer, method, args, kwargs)
+            if got is not expected:
+                name = "no error" if got is None else got.__name__
+                wrong.append(f"{method}{args}, {kwargs}: {name}, not {expected.__name__}")
+        # Still a working connection: no bad argument broke it.
+        assert (await peer.call("runs.status", run_id))["status"] == "complete"
+    assert wrong == []

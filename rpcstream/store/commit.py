@@ -1,0 +1,155 @@
+"""Group commit: concurrent appends share one write (a transaction, a pipeline).
+
+Theory of operation
+-------------------
+``submit`` puts a request on a bounded pending list and waits. Whoever finds
+no committer at work becomes the committer: it calls the store's ``write``
+with a ``take`` function; ``write`` does whatever waiting it needs (a lock),
+calls ``take()`` to get every pending request (up to ``max_group``) and writes
+them all at once, giving each an outcome. Requests queued meanwhile form the
+next group, whose first waiter to wake commits it. One committer per group
+means no background task: the store works without being entered, and nothing
+outlives the callers.
+
+Cancellation. A request still on the pending list is withdrawn when its
+caller is cancelled: it was never written. A taken request is never put back
+(no *requeue*): ``write`` must see a taken group through to an outcome,
+shielded from cancellation (bounded by the store's own timeouts), so an append
+whose caller was cancelled at that point may still be stored, exactly as when
+the cancellation arrives a moment after the write. Requeueing a group whose
+committer was cancelled before it wrote would let the committer leave a few
+milliseconds sooner, but at the price of requests that are "taken but maybe
+not", an extra state each store had to get right, and of requeued requests
+racing newer ones for ids. Taking the group only at the last moment, right
+before the shielded write, makes that window nothing worth saving.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Generic, TypeVar
+
+import anyio
+import anyio.lowlevel
+
+__all__ = ["GroupCommit", "Request"]
+
+
+class Request:
+    """One unit of work waiting for its group; stores subclass it with their fields."""
+
+    __slots__ = ("done", "error", "taken")
+
+    def __init__(self) -> None:
+        self.taken = False
+        """In a group being written: it can no longer be withdrawn."""
+        self.done = False
+        """It has its outcome: ``error``, or the store's result fields."""
+        self.error: BaseException | None = None
+        """Why it failed; :meth:`GroupCommit.submit` raises it."""
+
+    def fail(self, error: BaseException) -> None:
+        """Give the request its outcome: ``submit`` raises ``error``."""
+        self.error = error
+        self.done = True
+
+
+R = TypeVar("R", bound=Request)
+
+Take = Callable[[], list[R]]
+"""What ``write`` calls to take the group: every pending request, up to ``max_group``."""
+
+
+class GroupCommit(Generic[R]):
+    """Batches requests so that one ``write`` serves many concurrent callers.
+
+    Args:
+        write: ``async write(take)``: wait for what it needs, call ``take()``,
+            then write that group shielded from cancellation and mark every
+            request of it done (setting its result, or calling ``fail``).
+        max_pending: requests queued at most; more callers wait for room.
+        max_group: requests taken per write at most (default ``max_pending``).
+    """
+
+    def __init__(
+        self,
+        write: Callable[[Take[R]], Awaitable[None]],
+        *,
+        max_pending: int,
+        max_group: int | None = None,
+    ) -> None:
+        if max_pending < 1:
+            raise ValueError(f"max_pending must be at least 1, not {max_pending}")
+        if max_group is not None and max_group < 1:
+            raise ValueError(f"max_group must be at least 1, not {max_group}")
+        self.max_pending = max_pending
+        self.max_group = max_group or max_pending
+        self._write = write
+        self._pending: list[R] = []
+        self._committing = False
+        self._group_done = anyio.Event()
+        self.groups = 0
+        """Groups taken so far (statistics for tests and benchmarks)."""
+        self.requests = 0
+        """Requests in those groups."""
+
+    @property
+    def pending(self) -> int:
+        """Requests queued now, not yet taken."""
+        return len(self._pending)
+
+    async def submit(self, request: R) -> None:
+        """Queue ``request`` and return once its group gave it an outcome.
+
+        Raises the request's ``error`` if it has one. Cancelled while queued,
+        the request is withdrawn; cancelled once taken, it may still be written.
+        """
+        while len(self._pending) >= self.max_pending:
+            await self._group_done.wait()  # backpressure: wait for a group to leave
+        self._pending.append(request)
+        try:
+            while not request.done:
+                if self._committing:
+                    await self._group_done.wait()
+                    continue
+                self._committing = True
+                try:
+                    await self._commit()
+                finally:
+                    self._committing = False
+                    # Wake the waiters: theirs may be done, or one must commit next.
+                    self._group_done.set()
+                    self._group_done = anyio.Event()
+        except BaseException:
+            if not request.taken:
+                self._pending.remove(request)  # never written: safe to withdraw
+            raise
+        if request.error is not None:
+            raise request.error
+
+    async def _commit(self) -> None:
+        # One more turn of the event loop lets the tasks just woken by the previous
+        # group queue their next request (trio runs them in random order, so some
+        # may not have run yet): the group is taken as late, and so as large, as
+        # it can be. A committer cancelled here leaves having taken nothing.
+        await anyio.lowlevel.checkpoint()
+        group: list[R] = []
+
+        def take() -> list[R]:
+            taken = self._pending[: self.max_group]
+            del self._pending[: len(taken)]
+            for request in taken:
+                request.taken = True
+            group.extend(taken)
+            self.groups += 1
+            self.requests += len(taken)
+            return taken
+
+        try:
+            await self._write(take)
+        finally:
+            # A write must give every taken request an outcome; should one not (a
+            # bug), its caller gets an error rather than waiting forever.
+            for request in group:
+                if not request.done:
+                    request.fail(RuntimeError("the group write ended without an outcome"))

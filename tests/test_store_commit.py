@@ -1,0 +1,196 @@
+"""GroupCommit, the one batching loop behind the SQLite and Redis stores' appends."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import anyio
+import anyio.lowlevel
+import pytest
+
+from rpcstream.store.commit import GroupCommit, Request, Take
+from rpcstream.store.sqlite import SQLiteStore
+
+pytestmark = pytest.mark.anyio
+
+STORE = Path(__file__).resolve().parent.parent / "rpcstream" / "store"
+
+
+class Item(Request):
+    __slots__ = ("result", "value")
+
+    def __init__(self, value: int) -> None:
+        super().__init__()
+        self.value = value
+        self.result: int | None = None
+
+
+class Log:
+    """A fake store: records each group written; ``gate`` holds writes before they take."""
+
+    def __init__(self) -> None:
+        self.groups: list[list[int]] = []
+        self.gate = anyio.Lock()
+        self.waiting = anyio.Event()
+
+    async def write(self, take: Take[Item]) -> None:
+        self.waiting.set()
+        async with self.gate:
+            group = take()
+            self.groups.append([item.value for item in group])
+            for item in group:
+                if item.value < 0:
+                    item.fail(ValueError(f"bad {item.value}"))
+                else:
+                    item.result = item.value * 10
+                    item.done = True
+
+
+async def test_concurrent_requests_share_writes() -> None:
+    log = Log()
+    commit = GroupCommit(log.write, max_pending=100)
+    results: dict[int, int | None] = {}
+
+    async def submit(value: int) -> None:
+        item = Item(value)
+        await commit.submit(item)
+        results[value] = item.result
+
+    async with anyio.create_task_group() as tg:
+        for value in range(50):
+            tg.start_soon(submit, value)
+    assert results == {value: value * 10 for value in range(50)}
+    assert sorted(v for group in log.groups for v in group) == list(range(50))
+    assert len(log.groups) < 10, log.groups
+    assert (commit.groups, commit.requests) == (len(log.groups), 50)
+
+
+async def test_one_failed_request_fails_alone() -> None:
+    log = Log()
+    commit = GroupCommit(log.write, max_pending=10)
+    outcomes: dict[int, object] = {}
+
+    async def submit(value: int) -> None:
+        try:
+            await commit.submit(Item(value))
+            outcomes[value] = "ok"
+        except ValueError as exc:
+            outcomes[value] = str(exc)
+
+    async with anyio.create_task_group() as tg:
+        for value in (1, -1, 2):
+            tg.start_soon(submit, value)
+    assert outcomes == {1: "ok", -1: "bad -1", 2: "ok"}
+
+
+async def test_a_request_cancelled_while_queued_is_never_written() -> None:
+    log = Log()
+    commit = GroupCommit(log.write, max_pending=10)
+    await log.gate.acquire()  # the committer will wait here, before it takes anything
+    queued = anyio.CancelScope()
+
+    async def second() -> None:
+        with queued:
+            await commit.submit(Item(2))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(commit.submit, Item(1))
+        await log.waiting.wait()  # item 1's caller is the committer, waiting at the gate
+        tg.start_soon(second)
+        await _until_pending(commit, 2)
+        queued.cancel()
+        await _until_pending(commit, 1)  # withdrawn
+        log.gate.release()
+    assert log.groups == [[1]]
+
+
+async def _until_pending(commit: GroupCommit[Item], count: int) -> None:
+    with anyio.fail_after(10):
+        while commit.pending != count:
+            await anyio.lowlevel.checkpoint()
+
+
+async def test_a_committer_cancelled_before_it_took_the_group_leaves_it_to_the_next() -> None:
+    # What the SQLite store used to "requeue": the committer is cancelled while it
+    # waits (for the lock) before the group is taken. Nothing was taken, so the
+    # next waiter commits every request still wanted, the cancelled one excepted.
+    log = Log()
+    commit = GroupCommit(log.write, max_pending=10)
+    await log.gate.acquire()
+    second_done = anyio.Event()
+
+    async with anyio.create_task_group() as tg:
+        committer = anyio.CancelScope()
+
+        async def first() -> None:
+            with committer:
+                await commit.submit(Item(1))
+
+        async def second() -> None:
+            await commit.submit(Item(2))
+            second_done.set()
+
+        tg.start_soon(first)
+        await log.waiting.wait()  # item 1's caller is the committer, waiting at the gate
+        tg.start_soon(second)
+        await _until_pending(commit, 2)
+        committer.cancel()
+        await _until_pending(commit, 1)
+        log.gate.release()
+        with anyio.fail_after(10):
+            await second_done.wait()
+    assert log.groups == [[2]]
+
+
+async def test_a_taken_request_always_gets_an_outcome() -> None:
+    async def forgetful(take: Take[Item]) -> None:
+        take()  # a buggy write: takes the group and gives nobody an outcome
+
+    commit = GroupCommit(forgetful, max_pending=4)
+    with anyio.fail_after(10), pytest.raises(RuntimeError, match="without an outcome"):
+        await commit.submit(Item(1))
+
+
+async def test_the_pending_list_is_bounded_and_groups_by_max_group() -> None:
+    log = Log()
+    commit = GroupCommit(log.write, max_pending=4, max_group=3)
+    most = 0
+
+    async def submit(value: int) -> None:
+        nonlocal most
+        most = max(most, commit.pending)
+        await commit.submit(Item(value))
+        most = max(most, commit.pending)
+
+    async with anyio.create_task_group() as tg:
+        for value in range(40):
+            tg.start_soon(submit, value)
+    assert most <= 4
+    assert all(len(group) <= 3 for group in log.groups)
+    assert sorted(v for group in log.groups for v in group) == list(range(40))
+
+
+def test_bad_bounds_are_refused() -> None:
+    with pytest.raises(ValueError, match="max_pending"):
+        GroupCommit(Log().write, max_pending=0)
+    with pytest.raises(ValueError, match="max_group"):
+        GroupCommit(Log().write, max_pending=1, max_group=0)
+
+
+async def test_sqlite_appends_go_through_the_shared_group_commit(tmp_path: Path) -> None:
+    async with SQLiteStore(tmp_path / "runs.db") as store:
+        assert isinstance(store._appends, GroupCommit)
+        await store.create_run("r", "flow")
+        await store.append("r", "progress", b"1")
+        assert (store._appends.groups, store._appends.requests) == (1, 1)
+
+
+def test_both_stores_batch_with_group_commit_and_only_through_the_base_hooks() -> None:
+    for name in ("sqlite.py", "redis.py"):
+        tree = ast.parse((STORE / name).read_text())
+        attrs = {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)}
+        assert "_live" not in attrs, name  # the base class's private live records
+        assert "_pending" not in attrs and "_group_done" not in attrs, name  # own loop
+        names = {node.id for node in ast.walk(tree) if isinstance(node, ast.Name)}
+        assert "GroupCommit" in names, name
