@@ -196,12 +196,13 @@ def _report(args: argparse.Namespace, exc: BaseException) -> int:
         raise exc
     if isinstance(exc, RemoteError):
         message = f"error {exc}"
-        if "call it with stream()" in exc.message:
+        if "call it with stream()" in exc.message and args.command == "call":
             message += f" (rpcstream stream {args.url} {args.method} ...)"
     elif isinstance(exc, (CliError, RpcStreamError, OSError)):
         message = str(exc) or type(exc).__name__
     elif isinstance(exc, sqlite3.Error):
-        message = f"--store {args.store}: {exc}"
+        store = getattr(args, "store", None) or getattr(args, "db", None)
+        message = f"SQLite store {store}: {exc}" if store else f"SQLite: {exc}"
     else:
         if os.environ.get("RPCSTREAM_TRACEBACK"):
             raise exc

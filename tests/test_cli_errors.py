@@ -66,6 +66,7 @@ def table(url: str, tmp: Path, loop: str) -> dict[tuple[str, ...], str]:
         ("serve", "--port", "0", "--store", f"sqlite:{not_a_db}"): (
             f"--store sqlite:{not_a_db}: file is not a database"
         ),
+        ("demo", "--db", "/nonexistent/x.db"): "sqlite store /nonexistent/x.db: unable to open",
         ("serve", "--port", port): f"cannot listen on 127.0.0.1:{port}: address already in use",
         ("serve", "--port", "0", "--host", "nonexistent.invalid"): (
             "cannot listen on nonexistent.invalid:0"
