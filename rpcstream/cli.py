@@ -4,31 +4,49 @@
 
     rpcstream serve [APP] [--store memory|sqlite:PATH|redis://...] [--host H] [--port P]
                     [--certfile PEM [--keyfile PEM]]   wss:// with that certificate
-    rpcstream call URL METHOD [ARGS...]        each ARG is JSON where it parses, else a string
+    rpcstream call URL METHOD [ARGS...]        print the result as JSON
+    rpcstream stream URL METHOD [ARGS...]      print a streaming method's items as JSON lines
     rpcstream tail URL RUN_ID [--after N]      a run's events as JSON lines, through disconnects
-    (call and tail take --cafile PEM: trust that CA for a wss:// URL, not the system's)
     rpcstream demo                             the demo: a run streamed, cut, and resumed
     rpcstream bench [--quick]                  the benchmark workloads (from a source checkout)
+    rpcstream --version
 
-Errors are one line on stderr and a non-zero exit code.
+ARGS: each is a JSON value where it parses (``1``, ``true``, ``'{"a": 1}'``),
+else a string (``hello``); ``NAME=VALUE`` is a keyword argument (VALUE read the
+same way); ``--strings`` reads every value as a string (``greet 42``). URLs may
+be ``ws://``, ``wss://``, ``http://`` (meaning ws), ``https://`` (wss) or a bare
+``host:port``. ``call``, ``stream`` and ``tail`` take ``--cafile PEM`` to trust
+that CA for a ``wss://`` URL instead of the system's.
+
+Errors are one line on stderr and a non-zero exit code: 1 for a failure, 2 for
+a command line that does not parse, 130 on Ctrl-C. ``RPCSTREAM_TRACEBACK=1``
+shows the traceback of an unexpected one.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import os
 import signal
+import sqlite3
 import ssl
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import anyio
 import msgspec
 
-from .errors import RemoteError, RpcStreamError
+from . import __version__
+from .errors import ConnectionClosed, HandshakeRefused, RemoteError, RpcStreamError
+from .urls import websocket_url
+
+if TYPE_CHECKING:
+    from .peer import RpcPeer
 
 __all__ = ["main"]
 
@@ -37,13 +55,62 @@ class CliError(Exception):
     """A failure to report as one line and exit code 1."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (usage text stays behind ``--help``)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see '{self.prog} --help')\n")
+
+
 _CAFILE_HELP = "PEM CA certificates to verify a wss:// server with (default: the system's)"
 
 
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"port {text!r} is not a number") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port {port} is not in 0-65535")
+    return port
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number of seconds")
+    return value
+
+
+def _client_options(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--token", default=os.environ.get("RPCSTREAM_TOKEN"))
+    command.add_argument("--cafile", help=_CAFILE_HELP)
+
+
+def _call_arguments(command: argparse.ArgumentParser, timeout: float | None) -> None:
+    command.add_argument("url", help="ws://, wss://, http://, https:// or host:port")
+    command.add_argument("method")
+    command.add_argument(
+        "args",
+        nargs="*",
+        default=[],
+        help="JSON values (else strings); NAME=VALUE for a keyword argument",
+    )
+    command.add_argument(
+        "--strings", action="store_true", help="pass every value as a string, not JSON"
+    )
+    command.add_argument("--timeout", type=_positive, default=timeout, help="seconds")
+    _client_options(command)
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="rpcstream", description="Calls, streams and resumable run streams over WebSockets."
     )
+    parser.add_argument("--version", action="version", version=f"rpcstream {__version__}")
     parser.add_argument(
         "--loop",
         choices=["asyncio", "trio"],
@@ -64,29 +131,28 @@ def _parser() -> argparse.ArgumentParser:
         "--store", default=None, help="memory, sqlite:PATH or redis://HOST:PORT/DB (RunServer apps)"
     )
     serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8765, help="0 picks a free port")
-    serve.add_argument("--ping-interval", type=float, default=20.0, help="heartbeat seconds")
+    serve.add_argument("--port", type=_port, default=8765, help="0 picks a free port")
+    serve.add_argument("--ping-interval", type=_positive, default=20.0, help="heartbeat seconds")
     serve.add_argument(
-        "--ping-timeout", type=float, default=20.0, help="seconds without a pong: peer is dead"
+        "--ping-timeout", type=_positive, default=20.0, help="seconds without a pong: peer is dead"
     )
     serve.add_argument("--certfile", help="PEM certificate chain: serve wss:// (TLS)")
     serve.add_argument("--keyfile", help="PEM private key, if not in --certfile")
 
     call = sub.add_parser("call", help="call a method and print its JSON result")
-    call.add_argument("url")
-    call.add_argument("method")
-    call.add_argument("args", nargs="*", help="JSON values (or plain strings)")
-    call.add_argument("--timeout", type=float, default=30.0)
-    call.add_argument("--token", default=os.environ.get("RPCSTREAM_TOKEN"))
-    call.add_argument("--cafile", help=_CAFILE_HELP)
+    _call_arguments(call, timeout=30.0)
+    stream = sub.add_parser("stream", help="call a streaming method, print items as JSON lines")
+    _call_arguments(stream, timeout=None)
 
     tail = sub.add_parser("tail", help="print a run's events as they come, resuming on drops")
     tail.add_argument("url", nargs="+", help="server URL(s), rotated through on reconnect")
     tail.add_argument("run_id")
     tail.add_argument("--after", type=int, default=0, help="start after this event id")
-    tail.add_argument("--token", default=os.environ.get("RPCSTREAM_TOKEN"))
-    tail.add_argument("--give-up-after", type=float, default=60.0, help="seconds offline")
-    tail.add_argument("--cafile", help=_CAFILE_HELP)
+    tail.add_argument("--give-up-after", type=_positive, default=60.0, help="seconds offline")
+    tail.add_argument(
+        "--max-attempts", type=int, default=None, help="failed connection attempts in a row"
+    )
+    _client_options(tail)
 
     demo = sub.add_parser("demo", help="run the demo (server and client in one process)")
     demo.add_argument("--db", default=None, help="SQLite file (default: a temporary one)")
@@ -109,23 +175,46 @@ def main(argv: list[str] | None = None) -> int:
             return run_demo(args.loop, args.db)
         if args.command == "bench":
             return _bench(args)
-        runner = {"serve": _serve, "call": _call, "tail": _tail}[args.command]
+        runner = {"serve": _serve, "call": _call, "stream": _stream, "tail": _tail}[args.command]
         result: int = anyio.run(runner, args, backend=args.loop)
         return result
-    except CliError as exc:
-        print(f"rpcstream {args.command}: {exc}", file=sys.stderr)
-        return 1
-    except RemoteError as exc:
-        print(f"rpcstream {args.command}: error {exc}", file=sys.stderr)
-        return 1
-    except (RpcStreamError, OSError) as exc:
-        print(f"rpcstream {args.command}: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
+    except BaseException as exc:  # every failure becomes one line
+        return _report(args, _unwrap(exc))
+
+
+def _unwrap(exc: BaseException) -> BaseException:
+    """The one exception a task group's ``ExceptionGroup`` is about."""
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
+
+
+def _report(args: argparse.Namespace, exc: BaseException) -> int:
+    if isinstance(exc, KeyboardInterrupt):
         return 130
+    if isinstance(exc, SystemExit):
+        raise exc
+    if isinstance(exc, RemoteError):
+        message = f"error {exc}"
+        if "call it with stream()" in exc.message and args.command == "call":
+            message += f" (rpcstream stream {args.url} {args.method} ...)"
+    elif isinstance(exc, (CliError, RpcStreamError, OSError)):
+        message = str(exc) or type(exc).__name__
+    elif isinstance(exc, sqlite3.Error):
+        store = getattr(args, "store", None) or getattr(args, "db", None)
+        message = f"SQLite store {store}: {exc}" if store else f"SQLite: {exc}"
+    else:
+        if os.environ.get("RPCSTREAM_TRACEBACK"):
+            raise exc
+        message = f"unexpected {type(exc).__name__}: {exc} (RPCSTREAM_TRACEBACK=1 shows where)"
+    line = " ".join(message.split())  # one line, whatever the message held
+    print(f"rpcstream {args.command}: {line}", file=sys.stderr)
+    return 1
 
 
 def _load_app(spec: str) -> Any:
+    from .router import Router
+
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
         raise CliError(f"app must be module:attribute, not {spec!r}")
@@ -134,10 +223,15 @@ def _load_app(spec: str) -> Any:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise CliError(f"cannot import {module_name!r}: {exc}") from exc
+    except Exception as exc:  # the module itself failed: still a one-line answer
+        raise CliError(f"cannot import {module_name!r}: {type(exc).__name__}: {exc}") from exc
     try:
-        return getattr(module, attr)
+        app = getattr(module, attr)
     except AttributeError:
         raise CliError(f"module {module_name!r} has no attribute {attr!r}") from None
+    if not isinstance(app, Router) and not isinstance(getattr(app, "router", None), Router):
+        raise CliError(f"{spec} is a {type(app).__name__}, not a Router or a RunServer")
+    return app
 
 
 def make_store(spec: str) -> Any:
@@ -148,10 +242,14 @@ def make_store(spec: str) -> Any:
     if spec == "memory":
         return MemoryStore()
     if spec.startswith("sqlite:"):
-        path = spec.removeprefix("sqlite:")
-        if not path:
+        if spec == "sqlite:":
             raise CliError("sqlite store needs a path: sqlite:runs.db")
-        return SQLiteStore(Path(path))
+        path = Path(spec.removeprefix("sqlite:"))
+        if not path.parent.is_dir():
+            raise CliError(f"--store {spec}: directory {str(path.parent)!r} does not exist")
+        if path.is_dir():
+            raise CliError(f"--store {spec}: {str(path)!r} is a directory, not a database file")
+        return SQLiteStore(path)
     if spec.startswith(("redis://", "rediss://", "unix://")):
         try:
             redis_module = importlib.import_module("rpcstream.store.redis")
@@ -159,6 +257,47 @@ def make_store(spec: str) -> Any:
             raise CliError(f"the Redis store needs the 'redis' package: {exc}") from exc
         return redis_module.RedisStore(spec)
     raise CliError(f"unknown store {spec!r}: expected memory, sqlite:PATH or redis://...")
+
+
+def _pem(option: str, path: str) -> str:
+    """``path`` if it names a readable file, else a CliError naming option and file."""
+    if not Path(path).is_file():
+        raise CliError(f"{option} {path}: no such file")
+    if not os.access(path, os.R_OK):
+        raise CliError(f"{option} {path}: not readable")
+    return path
+
+
+def _tls_error(option: str, path: str, exc: Exception) -> CliError:
+    reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or str(exc)
+    return CliError(f"{option} {path}: not usable PEM ({reason})")
+
+
+def _server_tls(args: argparse.Namespace) -> ssl.SSLContext | None:
+    if args.certfile is None:
+        if args.keyfile is not None:
+            raise CliError("--keyfile needs --certfile")
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    certfile = _pem("--certfile", args.certfile)
+    keyfile = None if args.keyfile is None else _pem("--keyfile", args.keyfile)
+    try:
+        context.load_cert_chain(certfile, keyfile)
+    except (ssl.SSLError, OSError) as exc:
+        files = certfile if keyfile is None else f"{certfile} (with --keyfile {keyfile})"
+        raise _tls_error("--certfile", files, exc) from exc
+    return context
+
+
+def _startup_error(args: argparse.Namespace, exc: BaseException) -> CliError | None:
+    """What a failure to start serving means, naming the address or the store."""
+    leaf = _unwrap(exc)
+    if isinstance(leaf, OSError):
+        reason = os.strerror(leaf.errno) if leaf.errno and leaf.errno > 0 else leaf.strerror
+        return CliError(f"cannot listen on {args.host}:{args.port}: {reason or leaf}")
+    if isinstance(leaf, sqlite3.Error):
+        return CliError(f"--store {args.store}: {leaf}")
+    return None  # not a bad address or store: as it is
 
 
 async def _serve(args: argparse.Namespace) -> int:
@@ -174,14 +313,20 @@ async def _serve(args: argparse.Namespace) -> int:
         "ping_interval": args.ping_interval,
         "ping_timeout": args.ping_timeout,
     }
-    if args.certfile is not None:
-        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        context.load_cert_chain(args.certfile, args.keyfile)
+    context = _server_tls(args)
+    if context is not None:
         options["ssl"] = context
-    elif args.keyfile is not None:
-        raise CliError("--keyfile needs --certfile")
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async with serve(app, args.host, args.port, **options) as server:
+        async with contextlib.AsyncExitStack() as stack:
+            try:
+                server = await stack.enter_async_context(
+                    serve(app, args.host, args.port, **options)
+                )
+            except BaseException as exc:
+                error = _startup_error(args, exc)
+                if error is None:
+                    raise
+                raise error from exc
             print(f"rpcstream: serving {args.app} on {server.url}", flush=True)
             async for _ in signals:
                 break
@@ -189,11 +334,48 @@ async def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _parse_arg(text: str) -> Any:
+def _value(text: str, as_string: bool) -> Any:
+    if as_string:
+        return text
     try:
         return json.loads(text)
     except ValueError:
         return text
+
+
+# Keyword arguments that RpcPeer.call()/stream() keep for themselves.
+_RESERVED = {"timeout", "result_type", "item_type", "window_items", "window_bytes"}
+
+
+def parse_arguments(texts: list[str], strings: bool = False) -> tuple[list[Any], dict[str, Any]]:
+    """The command line's ARGS as ``(args, kwargs)``: ``NAME=VALUE`` is a keyword.
+
+    Values are JSON where they parse, else strings (every value a string with
+    ``strings=True``). To pass a string that looks like ``NAME=VALUE``
+    positionally, quote it as JSON: ``'"a=b"'``.
+    """
+    args: list[Any] = []
+    kwargs: dict[str, Any] = {}
+    for text in texts:
+        name, eq, value = text.partition("=")
+        if eq and name.isidentifier():
+            if name in kwargs:
+                raise CliError(f"keyword argument {name!r} given twice")
+            if name in _RESERVED:
+                raise CliError(f"keyword argument {name!r} is reserved: pass it positionally")
+            kwargs[name] = _value(value, strings)
+        elif kwargs:
+            raise CliError(f"positional argument {text!r} after keyword arguments")
+        else:
+            args.append(_value(text, strings))
+    return args, kwargs
+
+
+def _urls(texts: list[str]) -> list[str]:
+    try:
+        return [websocket_url(text) for text in texts]
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
 
 
 def _client_tls(args: argparse.Namespace, urls: list[str]) -> dict[str, Any]:
@@ -202,44 +384,165 @@ def _client_tls(args: argparse.Namespace, urls: list[str]) -> dict[str, Any]:
         return {}
     if not all(url.startswith("wss://") for url in urls):
         raise CliError("--cafile applies to wss:// URLs only")
-    return {"ssl": ssl.create_default_context(cafile=args.cafile)}
+    cafile = _pem("--cafile", args.cafile)
+    try:
+        return {"ssl": ssl.create_default_context(cafile=cafile)}
+    except (ssl.SSLError, OSError) as exc:
+        raise _tls_error("--cafile", cafile, exc) from exc
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    """The specific failures under the generic ones a connection attempt wraps them in."""
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for sub in exc.exceptions for leaf in _leaves(sub)]
+    cause = exc.__cause__
+    # trio: OSError("all attempts to connect ... failed") over a group of the real
+    # errors; BrokenResourceError("") over the TLS error.
+    if cause is not None and (isinstance(cause, BaseExceptionGroup) or not str(exc)):
+        return _leaves(cause)
+    return [exc]
+
+
+_TLS_REFUSED = "the server closed the connection in the TLS handshake (a plain ws:// server?)"
+
+
+def describe_connect_failure(exc: ConnectionClosed, secure: bool) -> str:
+    """Why a connection could not open, in words (not "(1 sub-exception)").
+
+    ``secure``: the URL was ``wss://``, so a reset means the TLS handshake failed.
+    """
+    if exc.__cause__ is None:
+        return exc.reason or str(exc)
+    texts: list[str] = []
+    for leaf in _leaves(exc.__cause__):
+        # asyncio sees a reset, trio an EOF, when a plain server drops a TLS hello.
+        if isinstance(leaf, (ssl.SSLEOFError, ssl.SSLZeroReturnError)) or (
+            secure and isinstance(leaf, ConnectionResetError)
+        ):
+            text = _TLS_REFUSED
+        elif isinstance(leaf, OSError) and not isinstance(leaf, ssl.SSLError) and leaf.errno:
+            # The same words on asyncio and trio (getaddrinfo's errors are negative).
+            text = os.strerror(leaf.errno) if leaf.errno > 0 else str(leaf.strerror)
+        else:
+            text = str(leaf) or type(leaf).__name__
+        if text not in texts:
+            texts.append(text)
+    return "; ".join(texts)
+
+
+@contextlib.asynccontextmanager
+async def _connected(args: argparse.Namespace) -> AsyncIterator[RpcPeer]:
+    from .client import connect
+
+    (url,) = _urls([args.url])
+    tls = _client_tls(args, [url])
+    async with contextlib.AsyncExitStack() as stack:
+        try:
+            peer = await stack.enter_async_context(connect(url, token=args.token, **tls))
+        except HandshakeRefused:
+            raise
+        except ConnectionClosed as exc:
+            why = describe_connect_failure(exc, url.startswith("wss://"))
+            raise CliError(f"cannot connect to {url}: {why}") from exc
+        yield peer
 
 
 async def _call(args: argparse.Namespace) -> int:
-    from .client import connect
-
-    params = [_parse_arg(a) for a in args.args]
-    async with connect(args.url, token=args.token, **_client_tls(args, [args.url])) as peer:
-        result = await peer.call(args.method, *params, timeout=args.timeout)
+    params, kwargs = parse_arguments(args.args, args.strings)
+    async with _connected(args) as peer:
+        result = await peer.call(args.method, *params, timeout=args.timeout, **kwargs)
     print(msgspec.json.encode(result).decode())
     return 0
 
 
+async def _stream(args: argparse.Namespace) -> int:
+    params, kwargs = parse_arguments(args.args, args.strings)
+    async with (
+        _connected(args) as peer,
+        peer.stream(args.method, *params, timeout=args.timeout, **kwargs) as items,
+    ):
+        async for item in items:
+            print(msgspec.json.encode(item).decode(), flush=True)
+    return 0
+
+
+class _Progress:
+    """The ``\r`` progress line and the retry lines of ``tail``, on stderr."""
+
+    def __init__(self, urls: list[str], max_attempts: int | None) -> None:
+        self.urls = urls
+        self.max_attempts = max_attempts
+        self.retries = 0
+        self._open = False  # a \r progress line awaits its newline
+
+    def line(self, text: str) -> None:
+        sys.stderr.write(("\n" if self._open else "") + text + "\n")
+        sys.stderr.flush()
+        self._open = False
+
+    def update(self, text: str) -> None:
+        sys.stderr.write("\r" + text)
+        sys.stderr.flush()
+        self._open = True
+
+    def retry(self, attempt: int, delay: float, error: BaseException | None) -> None:
+        self.retries += 1
+        of = "" if self.max_attempts is None else f" of {self.max_attempts}"
+        why = self.why_not_connected(error)
+        self.line(f"rpcstream tail: {why}; retrying in {delay:.1f} s (attempt {attempt + 1}{of})")
+
+    def why_not_connected(self, error: BaseException | None) -> str:
+        """The last connection failure, in words."""
+        if isinstance(error, ConnectionClosed) and not isinstance(error, HandshakeRefused):
+            secure = any(url.startswith("wss://") for url in self.urls)
+            why = describe_connect_failure(error, secure)
+            return f"cannot connect to {' or '.join(self.urls)}: {why}"
+        return "connection lost" if error is None else str(error)
+
+
 async def _tail(args: argparse.Namespace) -> int:
+    from .errors import ReconnectFailed
     from .runs.client import RunClient
 
-    progress = sys.stderr
+    urls = _urls(args.url)
+    if args.max_attempts is not None and args.max_attempts < 1:
+        raise CliError(f"--max-attempts {args.max_attempts}: at least 1")
+    progress = _Progress(urls, args.max_attempts)
     count = 0
     last: dict[str, Any] | None = None
-    tls = _client_tls(args, args.url)
-    async with RunClient(
-        args.url, token=args.token, give_up_after=args.give_up_after, **tls
-    ) as client:
-        connections = 0
-        async for event in client.subscribe(args.run_id, after=args.after):
-            if client.connections != connections:
-                if connections:
-                    progress.write(f"\n[reconnected to {client.url}; resuming]\n")
-                connections = client.connections
-            count += 1
-            last = event
-            print(msgspec.json.encode(event).decode(), flush=True)
-            progress.write(f"\r{count} events, last id {event['id']} ({event['type']})")
-            progress.flush()
+    client = RunClient(
+        urls,
+        token=args.token,
+        give_up_after=args.give_up_after,
+        max_attempts=args.max_attempts,
+        on_retry=progress.retry,
+        **_client_tls(args, urls),
+    )
+    try:
+        async with client:
+            connections = 0
+            async for event in client.subscribe(args.run_id, after=args.after):
+                if client.connections != connections:
+                    if connections:
+                        progress.line(f"[reconnected to {client.url}; resuming]")
+                    connections = client.connections
+                count += 1
+                last = event
+                print(msgspec.json.encode(event).decode(), flush=True)
+                progress.update(f"{count} events, last id {event['id']} ({event['type']})")
+    except ReconnectFailed as exc:
+        cause = exc.__cause__
+        if isinstance(cause, HandshakeRefused):
+            raise cause from None
+        attempts = progress.retries + 1
+        raise CliError(
+            f"{progress.why_not_connected(cause)} (gave up after {attempts} "
+            f"attempt{'s' if attempts > 1 else ''})"
+        ) from exc
     if last is None:
-        progress.write(f"run {args.run_id}: no events after {args.after}\n")
+        progress.line(f"run {args.run_id}: no events after {args.after}")
     else:
-        progress.write(f"\nrun ended: {last['type']} after {count} events\n")
+        progress.line(f"run ended: {last['type']} after {count} events")
     return 0
 
 

@@ -16,6 +16,7 @@ from .peer import RpcPeer
 from .protocol import Side
 from .router import Router
 from .transport.websocket import WebSocketTransport, websockets_options
+from .urls import websocket_url
 
 __all__ = ["connect"]
 
@@ -48,8 +49,11 @@ async def connect(
     Heartbeats as in :func:`rpcstream.serve`: a server that stops answering
     pings is noticed within ``ping_interval + ping_timeout + close_timeout``.
     A ``wss://`` URL uses TLS, verified against the system's CAs unless ``ssl``
-    (a client-side ``ssl.SSLContext``) says otherwise.
+    (a client-side ``ssl.SSLContext``) says otherwise. ``http://`` and
+    ``https://`` URLs, and a bare ``host:port``, mean ``ws://`` and ``wss://``
+    (:func:`rpcstream.urls.websocket_url`); any other URL is a ``ValueError``.
     """
+    url = websocket_url(url)
     if isinstance(codec, str):
         if codec not in _CODECS:
             raise ValueError(f"unknown codec {codec!r}: expected 'msgpack' or 'json'")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -12,6 +13,8 @@ from pathlib import Path
 
 import pytest
 import trustme
+
+from rpcstream import __version__ as rpcstream_version
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = dict(os.environ, PYTHONPATH=str(ROOT))
@@ -69,7 +72,7 @@ def server(tmp_path: Path, loop: str) -> Iterator[str]:
 
 
 def test_every_command_has_help() -> None:
-    for command in ["serve", "call", "tail", "demo", "bench"]:
+    for command in ["serve", "call", "stream", "tail", "demo", "bench"]:
         result = rpcstream(command, "--help")
         assert result.returncode == 0, result.stderr
         assert f"usage: rpcstream {command}" in result.stdout
@@ -108,7 +111,7 @@ def test_errors_are_one_clear_line_and_a_non_zero_exit(server: str) -> None:
         ("call", server, "nope"): "rpcstream call: error [method_not_found] no method 'nope'",
         ("tail", server, "no-such-run"): "rpcstream tail: error [run_not_found]",
         ("call", server, "add", "1", "x"): "rpcstream call: error [invalid_params]",
-        ("call", "ws://127.0.0.1:9", "add"): "rpcstream call: connection closed (code 1006",
+        ("call", "ws://127.0.0.1:9", "add"): "rpcstream call: cannot connect to ws://127.0.0.1:9",
         ("serve", "no.such.module:app"): "rpcstream serve: cannot import 'no.such.module'",
         ("serve", "--store", "postgres://x"): "rpcstream serve: unknown store 'postgres://x'",
     }
@@ -123,6 +126,56 @@ def test_serve_runs_a_module_attribute_app() -> None:
     with serving("serve", "tests.apps:router") as url:
         result = rpcstream("call", url, "echo", '{"a": [1, 2]}')
         assert result.stdout.strip() == '{"a":[1,2]}'
+
+
+def test_version_prints_the_package_version() -> None:
+    result = rpcstream("--version")
+    assert (result.returncode, result.stdout.strip()) == (0, f"rpcstream {rpcstream_version}")
+
+
+def test_arguments_are_json_else_strings_and_name_value_is_a_keyword(loop: str) -> None:
+    with serving("serve", "tests.apps:router") as url:
+        cases = {
+            ("42",): "42",
+            ("hello",): '"hello"',  # not JSON: a string, no quoting needed
+            ("42", "--strings"): '"42"',  # every value a string
+            ('"a=b"',): '"a=b"',  # JSON-quoted: positional, even with an =
+            ("value=[1, 2]",): "[1,2]",  # a keyword argument, its value JSON
+            ("value=hi there",): '"hi there"',
+        }
+        for args, printed in cases.items():
+            result = rpcstream("--loop", loop, "call", url, "echo", *args)
+            assert (result.returncode, result.stdout.strip()) == (0, printed), (args, result)
+
+
+def test_http_urls_and_a_bare_host_port_reach_the_server(server: str, loop: str) -> None:
+    hostport = server.removeprefix("ws://")
+    for url in (f"http://{hostport}", hostport):
+        result = rpcstream("--loop", loop, "call", url, "add", "a=1", "b=2")
+        assert (result.returncode, result.stdout.strip()) == (0, "3"), result.stderr
+
+
+def test_stream_prints_each_item_as_a_json_line(server: str, loop: str) -> None:
+    run = rpcstream("call", server, "runs.start", "ml-inference", '{"prompt": "x", "tokens": 3}')
+    run_id = json.loads(run.stdout)["run_id"]
+    result = rpcstream("--loop", loop, "stream", server, "runs.subscribe", run_id, "after=1")
+    assert result.returncode == 0, result.stderr
+    events = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [e["id"] for e in events] == [2, 3, 4, 5, 6]
+    assert events[-1]["type"] == "complete"
+
+
+def test_tail_says_when_it_retries_then_gives_up_in_one_more_line(loop: str) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"ws://127.0.0.1:{s.getsockname()[1]}"
+    result = rpcstream("--loop", loop, "tail", dead, "run", "--max-attempts", "3")
+    assert result.returncode == 1
+    lines = result.stderr.splitlines()
+    refused = f"rpcstream tail: cannot connect to {dead}: Connection refused"
+    assert [line.split("; retrying in ")[0] for line in lines[:2]] == [refused, refused]
+    assert [line.split(" s ")[1] for line in lines[:2]] == ["(attempt 2 of 3)", "(attempt 3 of 3)"]
+    assert lines[2:] == [f"{refused} (gave up after 3 attempts)"], result.stderr
 
 
 def test_the_demo_resumes_after_the_cut_with_no_gap(loop: str) -> None:

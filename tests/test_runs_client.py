@@ -95,6 +95,20 @@ async def test_the_client_gives_up_after_max_attempts_with_one_clear_error() -> 
                 pass
 
 
+async def test_on_retry_hears_of_each_failed_attempt_before_its_delay() -> None:
+    dead = f"ws://127.0.0.1:{free_port()}"
+    heard: list[tuple[int, float, BaseException | None]] = []
+    client = rpcstream.RunClient(
+        dead, backoff_base=0.01, max_attempts=3, on_retry=lambda *a: heard.append(a)
+    )
+    async with client:
+        with pytest.raises(rpcstream.ReconnectFailed):
+            await client.start("ticks", {"n": 1})
+    assert [attempt for attempt, _, _ in heard] == [1, 2]  # the third gives up instead
+    assert all(0 <= delay <= 0.01 * 2**attempt for attempt, delay, _ in heard)
+    assert all(isinstance(error, rpcstream.ConnectionClosed) for _, _, error in heard)
+
+
 async def test_calls_while_disconnected_wait_bounded_by_their_timeout_or_fail_at_once() -> None:
     dead = f"ws://127.0.0.1:{free_port()}"
     async with rpcstream.RunClient(dead, backoff_base=0.01) as client:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import random
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from types import TracebackType
 from typing import Any, Self
 
@@ -62,6 +62,11 @@ class RunClient:
             ping within ``ping_timeout`` is taken for dead and the connection
             closed (then re-opened).
         router: methods the server may call on this client.
+        on_retry: called as ``on_retry(attempt, delay, error)`` before each
+            reconnect delay: ``attempt`` failed attempts in a row so far,
+            ``delay`` seconds until the next, ``error`` the last connection
+            failure (``None`` if there was none yet). For progress output,
+            such as the command's "retrying in N s" lines.
         connect_options: more options for :func:`rpcstream.connect`.
     """
 
@@ -79,6 +84,7 @@ class RunClient:
         ping_interval: float | None = 10.0,
         ping_timeout: float | None = 10.0,
         router: Router | None = None,
+        on_retry: Callable[[int, float, BaseException | None], None] | None = None,
         **connect_options: Any,
     ) -> None:
         self.urls = [urls] if isinstance(urls, str) else list(urls)
@@ -89,6 +95,7 @@ class RunClient:
         self.max_attempts = max_attempts
         self.give_up_after = give_up_after
         self.wait = wait
+        self.on_retry = on_retry
         self._connect_options: dict[str, Any] = dict(
             connect_options,
             token=token,
@@ -177,6 +184,8 @@ class RunClient:
             delay = random.uniform(0, min(self.backoff_cap, self.backoff_base * 2**failures))
             if self.give_up_after is not None:
                 delay = min(delay, max(0.0, self.give_up_after - waited))
+            if self.on_retry is not None:
+                self.on_retry(failures, delay, last_error)
             await anyio.sleep(delay)
 
     def _give_up(self, reason: str, cause: BaseException | None) -> None:
