@@ -42,8 +42,10 @@ import anyio.abc
 
 __all__ = ["LinkModel", "LinkParams", "Proxy", "main", "open_link"]
 
-MIN_QUEUE = 64 * 1024  # even a link with no delay queues one full read
 READ_SIZE = 64 * 1024  # the most the proxy reads from a socket at once
+# A queue of one read would leave the bottleneck idle while the next read comes in:
+# even a link with no delay queues a few, so it can run at its rate.
+MIN_QUEUE = 4 * READ_SIZE
 
 
 @dataclass(frozen=True)

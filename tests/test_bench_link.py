@@ -72,7 +72,7 @@ def test_a_full_queue_admits_bytes_only_as_it_drains() -> None:
 
 
 def test_a_sender_that_waits_for_admission_gets_the_bandwidth_and_never_overfills() -> None:
-    params = LinkParams(rtt=0.020, rate=1e6)  # 20 ms, 8 Mbit/s: a 40 KB queue (64 KiB floor)
+    params = LinkParams(rtt=0.020, rate=1e6)  # 20 ms, 8 Mbit/s: 2 BDP is 40 KB, under the floor
     model = LinkModel(params)
     rng = random.Random(7)
     now, total, last = 0.0, 0, 0.0
