@@ -200,7 +200,8 @@ class Proxy:
         self.targets = list(targets)
         self.ports: list[int] = []
         self.connections = 0
-        self.directions: list[_Direction] = []  # of every connection so far, for tests
+        # The latest connections' directions (bounded: the proxy may run for long), for tests.
+        self.directions: deque[_Direction] = deque(maxlen=64)
         self.carrying = anyio.Event()  # set once a connection reached its target
 
     def _handler(
@@ -218,7 +219,7 @@ class Proxy:
                 async with server, anyio.create_task_group() as tg:
                     up = _Direction(upstream, anyio.current_time, tg.cancel_scope.cancel)
                     down = _Direction(downstream, anyio.current_time, tg.cancel_scope.cancel)
-                    self.directions += [up, down]
+                    self.directions.extend((up, down))
                     self.carrying.set()
                     tg.start_soon(up.run, client, server)
                     tg.start_soon(down.run, server, client)
