@@ -45,7 +45,7 @@ import sniffio
 
 import rpcstream
 
-from .bench_peer import DEC, ENC, OP_ECHO, SERVER_OPTIONS, make_router, raw_connect, raw_server
+from .peer_workloads import DEC, ENC, OP_ECHO, make_router, raw_connect, raw_server
 
 __all__ = ["main"]
 
@@ -74,7 +74,7 @@ async def w3_raw(n: int) -> None:
 
 async def w3_rpcstream(n: int, method: str = "echo") -> None:
     async with (
-        rpcstream.serve(make_router(), "127.0.0.1", 0, **SERVER_OPTIONS) as server,
+        rpcstream.serve(make_router(), "127.0.0.1", 0) as server,
         rpcstream.connect(server.url) as peer,
     ):
         for _ in range(WARMUP + n):
