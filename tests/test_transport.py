@@ -252,3 +252,14 @@ async def test_every_connection_that_breaks_the_protocol_gets_its_close_frame_an
     assert codes == [code] * n
     assert len(caplog.records) <= n, [r.getMessage() for r in caplog.records]
     assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"
+
+
+async def test_a_client_offering_no_rpcstream_subprotocol_is_closed_with_1002() -> None:
+    async with rpcstream.serve(make_router(), "127.0.0.1", 0) as server:
+        async with raw_socket(server.port, "chat.v2") as ws:
+            with anyio.fail_after(10):
+                opcode, payload = await ws.receive_frame()
+        assert opcode == 0x8  # close
+        assert int.from_bytes(payload[:2], "big") == 1002
+        assert b"no rpcstream subprotocol" in payload
+        assert server.connections_accepted == 0
