@@ -7,15 +7,12 @@ import ssl as ssl_module
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
-import websockets.exceptions
-
-from ._backend import is_trio
-from .errors import ConnectionClosed, HandshakeRefused
+from .errors import ConnectionClosed
 from .messages import JSON, MSGPACK, Codec
 from .peer import RpcPeer
 from .protocol import Side
 from .router import Router
-from .transport.websocket import WebSocketTransport, websockets_options
+from .transport import WebSocketOptions, open_websocket
 from .urls import websocket_url
 
 __all__ = ["connect"]
@@ -63,61 +60,20 @@ async def connect(
     )
     if token is not None:
         extra.append(("Authorization", f"Bearer {token}"))
-    options: dict[str, Any] = {
-        "subprotocols": [codec.subprotocol],
-        **websockets_options(
-            compression=compression,
-            max_message_size=max_message_size,
-            ping_interval=ping_interval,
-            ping_timeout=ping_timeout,
-            close_timeout=close_timeout,
-            open_timeout=open_timeout,
-        ),
-        "additional_headers": extra or None,
-    }
-    if ssl is not None:
-        options["ssl"] = ssl
-    if is_trio():
-        import trio
-        from websockets.trio.client import connect as ws_connect
-
-        from .transport.trio_fix import ReadNeverWaitsClientConnection
-
-        options["create_connection"] = ReadNeverWaitsClientConnection
-        # trio reports a failed TLS handshake (an untrusted certificate) this way.
-        unreachable: tuple[type[BaseException], ...] = (
-            OSError,
-            TimeoutError,
-            trio.BrokenResourceError,
-        )
-    else:
-        from websockets.asyncio.client import connect as ws_connect  # type: ignore[assignment]
-
-        from .transport.asyncio_push import PushClientConnection
-
-        options["create_connection"] = PushClientConnection
-        unreachable = (OSError, TimeoutError)
-    try:
-        cm = ws_connect(url, **options)
-        ws = await cm.__aenter__()
-    except unreachable as exc:
-        reason = exc.__cause__ or exc  # the SSL error under trio's BrokenResourceError
-        raise ConnectionClosed(1006, f"cannot connect to {url}: {reason}") from exc
-    except websockets.exceptions.InvalidStatus as exc:
-        status = exc.response.status_code
-        body = exc.response.body.decode(errors="replace").strip()[:200]
-        detail = f": {body}" if body else ""
-        raise HandshakeRefused(
-            status, f"{url} refused the handshake: HTTP {status}{detail}"
-        ) from exc
-    except websockets.exceptions.InvalidHandshake as exc:
-        raise ConnectionClosed(1006, f"{url}: WebSocket handshake failed: {exc}") from exc
-    try:
-        if ws.subprotocol != codec.subprotocol:
+    options = WebSocketOptions(
+        max_message_size=max_message_size,
+        ping_interval=ping_interval,
+        ping_timeout=ping_timeout,
+        close_timeout=close_timeout,
+        open_timeout=open_timeout,
+        compression=compression,
+    )
+    async with open_websocket(
+        url, subprotocol=codec.subprotocol, options=options, headers=extra, ssl=ssl
+    ) as transport:
+        if transport.subprotocol != codec.subprotocol:
             raise ConnectionClosed(1002, f"server did not accept {codec.subprotocol}")
         async with RpcPeer(
-            WebSocketTransport(ws), router=router, codec=codec, side=Side.CONNECTING, **peer_options
+            transport, router=router, codec=codec, side=Side.CONNECTING, **peer_options
         ) as peer:
             yield peer
-    finally:
-        await cm.__aexit__(None, None, None)

@@ -1,26 +1,24 @@
 """What happens before the WebSocket opens: plain HTTP routes, and authentication.
 
-websockets hands every HTTP request to ``process_request`` before the upgrade.
-Here it either answers a plain HTTP route (``GET /rpcstream.js``, the browser
-module, and any routes the app declares), or runs the ``authenticate`` hook and
-refuses with HTTP 401/403/429 before the upgrade. Nothing here knows frames or
-peers; ``server.py`` wires it in.
+The server transport hands every HTTP request (an :class:`HttpRequest`) to the
+server's hook before the upgrade. With what is here, the hook either answers a
+plain HTTP route (``GET /rpcstream.js``, the browser module, and any routes the
+app declares), or runs the ``authenticate`` hook and refuses with HTTP
+401/403/429 before the upgrade. Nothing here knows frames, peers or a WebSocket
+library; ``server.py`` wires it in.
 """
 
 from __future__ import annotations
 
 import contextvars
 import inspect
-import urllib.parse
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from websockets.datastructures import Headers
-from websockets.http11 import Response
-
 from .errors import RpcStreamError
+from .transport.http import Headers, HttpRequest, HttpResponse
 
 __all__ = [
     "Authenticate",
@@ -122,45 +120,21 @@ def builtin_routes() -> dict[str, StaticFile]:
     return routes
 
 
-def respond(status: int, body: bytes, content_type: str, reason: str = "") -> Response:
-    """An HTTP response websockets can send instead of the upgrade."""
-    headers = Headers(
-        [
-            ("Content-Type", content_type),
-            ("Content-Length", str(len(body))),
-            ("Cache-Control", "no-cache"),
-            ("X-Content-Type-Options", "nosniff"),
-        ]
-    )
-    return Response(status, reason or _REASONS.get(status, "Error"), headers, body)
+def respond(status: int, body: bytes, content_type: str) -> HttpResponse:
+    """An HTTP response sent instead of the upgrade."""
+    return HttpResponse(status, body, content_type)
 
 
-def refuse(status: int, message: str) -> Response:
+def refuse(status: int, message: str) -> HttpResponse:
     """A plain-text refusal (401, 403, 429...)."""
     return respond(status, f"{message}\n".encode(), "text/plain; charset=utf-8")
 
 
-_REASONS = {
-    200: "OK",
-    401: "Unauthorized",
-    403: "Forbidden",
-    404: "Not Found",
-    429: "Too Many Requests",
-    500: "Internal Server Error",
-}
-
-
-def parse_request(request: Any, remote_address: Any) -> HandshakeRequest:
-    """Build a :class:`HandshakeRequest` from websockets' ``Request``."""
-    parts = urllib.parse.urlsplit(request.path)
-    query = dict(urllib.parse.parse_qsl(parts.query))
-    offered = [
-        p.strip()
-        for value in request.headers.get_all("Sec-WebSocket-Protocol")
-        for p in value.split(",")
-        if p.strip()
-    ]
-    return HandshakeRequest(parts.path, query, request.headers, offered, remote_address)
+def parse_request(request: HttpRequest) -> HandshakeRequest:
+    """The upgrade request as ``authenticate`` sees it."""
+    return HandshakeRequest(
+        request.path, request.query, request.headers, request.subprotocols, request.remote_address
+    )
 
 
 async def run_authenticate(authenticate: Authenticate, request: HandshakeRequest) -> Any:
@@ -169,8 +143,3 @@ async def run_authenticate(authenticate: Authenticate, request: HandshakeRequest
     if inspect.isawaitable(result):
         result = await result
     return result
-
-
-def is_upgrade(request: Any) -> bool:
-    """Whether the request asks for a WebSocket (otherwise it is plain HTTP)."""
-    return "websocket" in request.headers.get("Upgrade", "").lower()

@@ -1,33 +1,27 @@
 """serve(): accept WebSocket connections and run an RpcPeer on each.
 
-One code path for both event loops: websockets' ``asyncio`` or ``trio`` server
-does the handshake, ping/pong and closing; each accepted connection becomes a
-:class:`WebSocketTransport` under an :class:`RpcPeer` that lives as long as it.
+One code path for both event loops: the transport's server (websockets' on the
+running loop) does the handshake, ping/pong and closing, and asks
+:func:`serve`'s ``on_request`` about each HTTP request first; each accepted
+connection is a transport under an :class:`RpcPeer` that lives as long as it.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import ssl as ssl_module
-import urllib.parse
-import weakref
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import anyio
-from websockets.protocol import State
 
-from ._backend import is_trio
-from ._tasks import task_group
 from .handshake import (
     Authenticate,
     Refused,
     StaticFile,
     _principal,
     builtin_routes,
-    is_upgrade,
     parse_request,
     principal_id,
     refuse,
@@ -38,7 +32,14 @@ from .messages import CODECS, Codec
 from .peer import RpcPeer
 from .protocol import Side
 from .router import Router
-from .transport.websocket import WebSocketTransport, websockets_options
+from .transport import (
+    HttpRequest,
+    HttpResponse,
+    Transport,
+    Upgrade,
+    WebSocketOptions,
+    serve_websocket,
+)
 
 __all__ = ["App", "Server", "serve"]
 
@@ -158,17 +159,25 @@ async def serve(
     http_routes.update(routes or {})
     per_principal: dict[str | None, int] = {}
 
-    async def process_request(connection: Any, request: Any) -> Any:
-        if not is_upgrade(request):
-            route = http_routes.get(urllib.parse.urlsplit(request.path).path)
+    options = WebSocketOptions(
+        max_message_size=max_message_size,
+        ping_interval=ping_interval,
+        ping_timeout=ping_timeout,
+        close_timeout=close_timeout,
+        open_timeout=open_timeout,
+        compression=compression,
+    )
+
+    async def on_request(request: HttpRequest) -> HttpResponse | Upgrade:
+        if not request.is_upgrade:
+            route = http_routes.get(request.path)
             if route is not None:
                 return respond(200, route.body, route.content_type)
             return refuse(404, "not found (this is an rpcstream WebSocket endpoint)")
         if authenticate is None:
-            return None
-        handshake = parse_request(request, getattr(connection, "remote_address", None))
+            return Upgrade()
         try:
-            principal = await run_authenticate(authenticate, handshake)
+            principal = await run_authenticate(authenticate, parse_request(request))
         except Refused as exc:
             return refuse(exc.status, exc.message)
         except Exception:
@@ -179,26 +188,24 @@ async def serve(
         limit = max_connections_per_principal
         if limit is not None and per_principal.get(principal_id(principal), 0) >= limit:
             return refuse(429, f"too many connections for this principal (max {limit})")
-        connection.rpcstream_principal = principal
-        return None
+        return Upgrade(principal)
 
     offered = list(codecs) if codecs else list(CODECS.values())
     subprotocols = [c.subprotocol for c in offered]
     by_name = {c.subprotocol: c for c in offered}
 
-    async def handler(ws: Any) -> None:
-        codec = by_name.get(ws.subprotocol) if ws.subprotocol else None
+    async def handler(transport: Transport, principal: Any) -> None:
+        codec = by_name.get(transport.subprotocol) if transport.subprotocol else None
         if codec is None:
-            await ws.close(1002, f"no rpcstream subprotocol; offer one of {subprotocols}")
+            await transport.aclose(1002, f"no rpcstream subprotocol; offer one of {subprotocols}")
             return
         server.connections_accepted += 1
-        principal = getattr(ws, "rpcstream_principal", None)
         pid = principal_id(principal)
         per_principal[pid] = per_principal.get(pid, 0) + 1
         # Handler tasks and flows started from them inherit this context.
         token = _principal.set(principal)
         peer = RpcPeer(
-            WebSocketTransport(ws),
+            transport,
             router=router,
             codec=codec,
             side=Side.ACCEPTING,
@@ -219,102 +226,18 @@ async def serve(
             else:
                 del per_principal[pid]
 
-    def select_subprotocol(connection: Any, offered_by_client: Sequence[str]) -> str | None:
-        for name in offered_by_client:
-            if name in by_name:
-                return name
-        return None
-
-    options: dict[str, Any] = {
-        "subprotocols": subprotocols,
-        "select_subprotocol": select_subprotocol,
-        **websockets_options(
-            compression=compression,
-            max_message_size=max_message_size,
-            ping_interval=ping_interval,
-            ping_timeout=ping_timeout,
-            close_timeout=close_timeout,
-            open_timeout=open_timeout,
-        ),
-        "process_request": process_request,
-        "origins": list(origins) if origins is not None else None,
-        "ssl": ssl,
-    }
     async with contextlib.AsyncExitStack() as stack:
         if isinstance(app, contextlib.AbstractAsyncContextManager):
             await stack.enter_async_context(app)  # a RunServer starts its store and runs
-        async with _listen(handler, host, port, options, server):
+        async with serve_websocket(
+            handler,
+            on_request,
+            host,
+            port,
+            subprotocols=subprotocols,
+            options=options,
+            origins=origins,
+            ssl=ssl,
+        ) as bound:
+            server.port = bound
             yield server
-
-
-@contextlib.asynccontextmanager
-async def _listen(
-    handler: Any, host: str, port: int, options: dict[str, Any], server: Server
-) -> AsyncIterator[None]:
-    if is_trio():
-        import trio
-        from websockets.trio.server import serve as trio_serve
-
-        from .transport.trio_fix import ReadNeverWaitsServerConnection
-
-        opening: weakref.WeakSet[Any] = weakref.WeakSet()
-
-        def create_trio(*args: Any, **kwargs: Any) -> ReadNeverWaitsServerConnection:
-            connection = ReadNeverWaitsServerConnection(*args, **kwargs)
-            opening.add(connection)
-            return connection
-
-        options = dict(options, create_connection=create_trio)
-
-        async def trio_handler(ws: Any) -> None:
-            ws.close = ws.aclose  # the same name on both loops, for handler()
-            await handler(ws)
-
-        async with task_group() as tg:
-            ws_server = await tg.start(
-                functools.partial(trio_serve, trio_handler, port, host=host, **options)
-            )
-            server.port = ws_server.listeners[0].socket.getsockname()[1]
-            try:
-                yield
-            finally:
-                with anyio.CancelScope(shield=True):
-                    for connection in _idle(opening):
-                        await trio.aclose_forcefully(connection.stream)  # no TLS goodbye
-                    await ws_server.aclose()
-                tg.cancel_scope.cancel()
-    else:
-        from websockets.asyncio.server import serve as asyncio_serve
-
-        from .transport.asyncio_push import PushServerConnection
-
-        opening = weakref.WeakSet()
-
-        def create_asyncio(*args: Any, **kwargs: Any) -> PushServerConnection:
-            connection = PushServerConnection(*args, **kwargs)
-            opening.add(connection)
-            return connection
-
-        options = dict(options, create_connection=create_asyncio)
-        async with asyncio_serve(handler, host, port, **options) as ws_server:
-            server.port = ws_server.sockets[0].getsockname()[1]
-            try:
-                yield
-            finally:
-                for connection in _idle(opening):
-                    if getattr(connection, "transport", None) is not None:  # TLS: set once it is up
-                        connection.transport.abort()
-                ws_server.close()
-                with anyio.CancelScope(shield=True):
-                    await ws_server.wait_closed()
-
-
-def _idle(connections: weakref.WeakSet[Any]) -> list[Any]:
-    """Connections that never sent their opening request: browsers open such
-    sockets ahead of need. Closing the server would otherwise wait for each
-    one's ``open_timeout``; they have nothing to finish, so they are dropped."""
-    return [
-        c
-        for c in list(connections)
-        if c.protocol.state is State.CONNECTING and getattr(c, "request", None) is None
-    ]

@@ -32,7 +32,7 @@ from typing import Any
 
 import anyio
 
-from rpcstream._backend import is_trio
+from rpcstream.transport import is_trio
 
 CHROMIUM = os.environ.get("RPCSTREAM_CHROMIUM", "/usr/bin/chromium")
 

@@ -1,10 +1,14 @@
 """The WebSocket transport under the peer: messages handed over as they arrive on
-asyncio (``transport/asyncio_push.py``), written at once when nothing waits, and
-the same behaviour seen from the wire on both loops."""
+asyncio (``transport/asyncio_ws.py``), written at once when nothing waits, and
+the same behaviour seen from the wire on both loops: what websockets' internals
+we build on must still do (see the pin in pyproject.toml), and what a client
+that breaks the WebSocket protocol gets back (a close frame with the right code)."""
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -13,9 +17,9 @@ import msgspec
 import pytest
 
 import rpcstream
-from rpcstream.messages import MSGPACK, Call
-from rpcstream.transport.websocket import WebSocketTransport
-from tests.raw import raw_connect
+from rpcstream.messages import JSON, MSGPACK, Call
+from rpcstream.transport import is_trio
+from tests.raw import BINARY, CONT, TEXT, frame, raw_connect, raw_socket
 
 pytestmark = pytest.mark.anyio
 
@@ -128,47 +132,134 @@ async def test_calls_and_answers_keep_their_order_under_a_burst() -> None:
         assert peer.stats["pending_calls"] == 0
 
 
-@pytest.mark.parametrize("anyio_backend", ["asyncio"])
-async def test_messages_that_arrive_before_the_peer_starts_wait_then_come_first() -> None:
-    from websockets.asyncio.server import serve
+# -- what a client that breaks the protocol gets back ----------------------------------
 
-    from rpcstream.transport.asyncio_push import PushServerConnection
+INVALID_TEXT = {
+    "in one frame": [frame(TEXT, b'[[1, 1, "echo", ["\xff"], {}]]')],
+    "across fragments": [
+        frame(TEXT, b'[[1, 1, "echo", ["\xc3', fin=False),
+        frame(CONT, b'("], {}]]'),  # 0xC3 must be followed by a continuation byte
+    ],
+    "cut at the end": [frame(TEXT, b"\xe2\x82", fin=False), frame(CONT, b"")],
+}
 
-    paused = anyio.Event()
 
-    class Watched(PushServerConnection):
-        def process_event(self, event: Any) -> None:
-            super().process_event(event)
-            if self._early_paused:
-                paused.set()
+@pytest.mark.parametrize("frames", INVALID_TEXT.values(), ids=INVALID_TEXT.keys())
+async def test_invalid_utf8_in_a_text_message_closes_with_1007(frames: list[bytes]) -> None:
+    async with rpcstream.serve(make_router(), "127.0.0.1", 0) as server:
+        async with raw_socket(server.port, JSON.subprotocol) as ws:
+            await ws.send(b"".join(frames))
+            with anyio.fail_after(10):
+                assert await ws.close_code() == 1007
+        await server.wait_idle()
 
-    received: list[bytes] = []
-    all_received = anyio.Event()
-    lost = anyio.Event()
 
-    def on_messages(messages: list[bytes]) -> None:
-        received.extend(messages)
-        if len(received) == 40:
-            all_received.set()
+async def test_a_character_split_across_fragments_of_a_text_message_is_accepted() -> None:
+    call = '[[1, 7, "echo", ["caf\u00e9 \u20ac"], {}]]'.encode()
+    cut = call.index(b"\xe2") + 1  # inside the euro sign's three bytes
+    async with (
+        rpcstream.serve(make_router(), "127.0.0.1", 0) as server,
+        raw_socket(server.port, JSON.subprotocol) as ws,
+    ):
+        await ws.send(frame(TEXT, call[:cut], fin=False) + frame(CONT, call[cut:]))
+        with anyio.fail_after(10):
+            opcode, payload = await ws.receive_frame()
+        assert opcode == TEXT
+        assert msgspec.json.decode(payload) == [[4, 7, "caf\u00e9 \u20ac"]]
+
+
+async def test_a_client_closes_with_1007_when_the_server_sends_invalid_utf8() -> None:
+    closed: list[int | None] = []
+    done = anyio.Event()
 
     async def handler(ws: Any) -> None:
+        await ws.send(b'[[12, "\xff"]]', text=True)  # websockets sends bytes unchecked
         with anyio.fail_after(10):
-            await paused.wait()  # 16 messages queued: the socket is no longer read
-        assert len(ws._early) >= 16  # and what the same read of the socket held
-        assert not ws.transport.is_reading()
-        assert WebSocketTransport(ws).deliver(on_messages, lost.set)
-        assert ws.transport.is_reading()
-        with anyio.fail_after(10):
-            await all_received.wait()
-        await ws.close()
+            await ws.wait_closed()
+        closed.append(ws.close_code)
+        done.set()
 
-    async with serve(handler, "127.0.0.1", 0, create_connection=Watched) as srv:
-        port = srv.sockets[0].getsockname()[1]
-        async with raw_connect(f"ws://127.0.0.1:{port}", MSGPACK.subprotocol) as ws:
-            for i in range(40):
-                await ws.send(str(i).encode())
+    async with _plain_server(handler, JSON.subprotocol) as url:
+        async with rpcstream.connect(url, codec="json") as peer:
             with anyio.fail_after(10):
-                await ws.wait_closed()
+                await peer.wait_closed()
         with anyio.fail_after(10):
-            await lost.wait()
-    assert received == [str(i).encode() for i in range(40)]
+            await done.wait()
+    assert closed == [1007]
+
+
+@contextlib.asynccontextmanager
+async def _plain_server(handler: Any, subprotocol: str) -> AsyncIterator[str]:
+    """A websockets server on the running loop, with no rpcstream peer in it."""
+    if is_trio():
+        import trio
+        from websockets.trio.server import serve as trio_serve
+
+        async with trio.open_nursery() as nursery:
+            server = await nursery.start(
+                lambda task_status: trio_serve(
+                    handler,
+                    0,
+                    host="127.0.0.1",
+                    subprotocols=[subprotocol],
+                    task_status=task_status,
+                )
+            )
+            yield f"ws://127.0.0.1:{server.listeners[0].socket.getsockname()[1]}"
+            nursery.cancel_scope.cancel()
+    else:
+        from websockets.asyncio.server import serve as asyncio_serve
+
+        async with asyncio_serve(handler, "127.0.0.1", 0, subprotocols=[subprotocol]) as server:
+            yield f"ws://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+
+
+VIOLATIONS = {
+    "1002 reserved bits": (frame(BINARY, b"x", rsv=1), 1002),
+    "1002 unmasked": (frame(BINARY, b"x", mask=False), 1002),
+    "1009 too big": (frame(BINARY, b"x" * 20_000), 1009),
+}
+
+
+@pytest.mark.parametrize("violation", VIOLATIONS.values(), ids=VIOLATIONS.keys())
+async def test_every_connection_that_breaks_the_protocol_gets_its_close_frame_and_one_log_line(
+    violation: tuple[bytes, int], caplog: pytest.LogCaptureFixture
+) -> None:
+    # The violation arrives while the server is busy writing answers to earlier
+    # calls, and the client half-closes right after it: on trio the close frame
+    # then waited for the writer while the client's EOF closed the socket.
+    bad, code = violation
+    n, answers = 36, 10
+    caplog.set_level(logging.WARNING)
+    calls = [frame(BINARY, call_message(i, b"y" * 5000)) for i in range(answers)]
+    codes: list[int | None] = []
+    async with rpcstream.serve(make_router(), "127.0.0.1", 0, max_message_size=10_000) as server:
+
+        async def one() -> None:
+            async with raw_socket(server.port, MSGPACK.subprotocol) as ws:
+                for message in calls:
+                    await ws.send(message)
+                await ws.send(bad)
+                await ws.stream.send_eof()  # type: ignore[attr-defined]
+                with anyio.fail_after(20):
+                    codes.append(await ws.close_code())
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(n):
+                tg.start_soon(one)
+        with anyio.fail_after(20):
+            await server.wait_idle()
+    assert codes == [code] * n
+    assert len(caplog.records) <= n, [r.getMessage() for r in caplog.records]
+    assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"
+
+
+async def test_a_client_offering_no_rpcstream_subprotocol_is_closed_with_1002() -> None:
+    async with rpcstream.serve(make_router(), "127.0.0.1", 0) as server:
+        async with raw_socket(server.port, "chat.v2") as ws:
+            with anyio.fail_after(10):
+                opcode, payload = await ws.receive_frame()
+        assert opcode == 0x8  # close
+        assert int.from_bytes(payload[:2], "big") == 1002
+        assert b"no rpcstream subprotocol" in payload
+        assert server.connections_accepted == 0

@@ -1,12 +1,34 @@
-"""What carries one message at a time between two peers.
+"""What carries one message at a time between two peers: the only package that
+knows websockets, or which event loop runs.
 
-:class:`~rpcstream.transport.base.Transport` is the whole contract; ``websocket``
-adapts a websockets connection (asyncio or trio flavour) and ``memory`` connects
-two peers in one process for tests.
+- ``base``: :class:`Transport`, the whole contract the peer relies on.
+- ``options``: :class:`WebSocketOptions`, what client and server share.
+- ``http``: the request before an upgrade and the server's answers, loop-free.
+- ``websocket``: :class:`WebSocketTransport`, and :func:`open_websocket` /
+  :func:`serve_websocket`, which pick the event loop's module:
+- ``asyncio_ws``: connections that hand each message over as it arrives;
+- ``trio_ws``: connections whose reader never waits on their writer.
+- ``memory``: two peers joined in one process, for tests.
+- ``loop``: :func:`is_trio`.
 """
 
 from .base import Transport
+from .http import HttpRequest, HttpResponse, Upgrade
+from .loop import is_trio
 from .memory import MemoryTransport, memory_transport_pair
-from .websocket import WebSocketTransport
+from .options import WebSocketOptions
+from .websocket import WebSocketTransport, open_websocket, serve_websocket
 
-__all__ = ["MemoryTransport", "Transport", "WebSocketTransport", "memory_transport_pair"]
+__all__ = [
+    "HttpRequest",
+    "HttpResponse",
+    "MemoryTransport",
+    "Transport",
+    "Upgrade",
+    "WebSocketOptions",
+    "WebSocketTransport",
+    "is_trio",
+    "memory_transport_pair",
+    "open_websocket",
+    "serve_websocket",
+]

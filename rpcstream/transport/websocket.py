@@ -1,48 +1,37 @@
 """A websockets connection as a :class:`Transport`, on asyncio or on trio.
 
 websockets ships one connection class per event loop (``websockets.asyncio`` and
-``websockets.trio``) with the same ``send``/``recv`` API; this adapter takes
-either, maps their ``ConnectionClosed`` to ours and reports the bytes the asyncio
-transport still holds, so the peer's ``buffered_amount`` counts everything not
-yet handed to the kernel.
+``websockets.trio``) with the same ``send``/``recv`` API. :class:`WebSocketTransport`
+takes either, maps their ``ConnectionClosed`` to ours and reports the bytes the
+asyncio transport still holds, so the peer's ``buffered_amount`` counts
+everything not yet handed to the kernel.
+
+:func:`open_websocket` and :func:`serve_websocket` are the only places that ask
+which event loop runs: ``asyncio_ws`` and ``trio_ws`` hold each loop's
+connections. Clients and servers above see transports, :class:`WebSocketOptions`
+and the loop-free :mod:`~rpcstream.transport.http` types, never websockets.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import ssl as ssl_module
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
 import websockets.exceptions
 from websockets.asyncio.connection import Connection as AsyncioConnection
+from websockets.datastructures import Headers
+from websockets.http11 import Response
 from websockets.protocol import State
 
-from ..errors import ConnectionClosed
-from .asyncio_push import _Push
+from ..errors import ConnectionClosed, HandshakeRefused
 from .base import Transport
+from .http import HttpRequest, HttpResponse, OnRequest
+from .loop import is_trio
+from .options import WebSocketOptions
 
-__all__ = ["WebSocketTransport", "websockets_options"]
-
-
-def websockets_options(
-    *,
-    compression: str | None,
-    max_message_size: int | None,
-    ping_interval: float | None,
-    ping_timeout: float | None,
-    close_timeout: float | None,
-    open_timeout: float | None,
-) -> dict[str, Any]:
-    """The websockets options ``serve()`` and ``connect()`` share."""
-    return {
-        "compression": compression,
-        "max_size": max_message_size,
-        "ping_interval": ping_interval,
-        "ping_timeout": ping_timeout,
-        # A peer that missed its pong is dead: waiting long for its close frame
-        # would only keep pending calls hanging. Default: the ping timeout.
-        "close_timeout": close_timeout if close_timeout is not None else ping_timeout or 10.0,
-        "open_timeout": open_timeout,
-    }
+__all__ = ["WebSocketTransport", "open_websocket", "serve_websocket"]
 
 
 class WebSocketTransport(Transport):
@@ -67,7 +56,9 @@ class WebSocketTransport(Transport):
             raise _closed(exc) from exc
 
     async def receive(self) -> bytes:
-        """Receive one message as bytes, whatever its frame type."""
+        """Receive one message as bytes, whatever its frame type. (The
+        connections :func:`open_websocket` and :func:`serve_websocket` make have
+        checked that text is UTF-8 as it arrived.)"""
         try:
             data = await self.ws.recv(decode=False)
         except websockets.exceptions.ConnectionClosed as exc:
@@ -77,11 +68,12 @@ class WebSocketTransport(Transport):
     def deliver(
         self, on_messages: Callable[[list[bytes]], None], on_lost: Callable[[], None]
     ) -> bool:
-        """Have messages handed over as they arrive (asyncio connections made by
-        :func:`rpcstream.serve` and :func:`rpcstream.connect`)."""
-        if not isinstance(self.ws, _Push):
+        """Have messages handed over as they arrive (the asyncio connections
+        :func:`open_websocket` and :func:`serve_websocket` make)."""
+        deliver = getattr(self.ws, "deliver", None)
+        if deliver is None:
             return False
-        self.ws.deliver(on_messages, on_lost)
+        deliver(on_messages, on_lost)
         return True
 
     def can_send_now(self) -> bool:
@@ -154,3 +146,106 @@ def _closed(exc: websockets.exceptions.ConnectionClosed) -> ConnectionClosed:
     if frame is None:
         return ConnectionClosed(1006, "connection lost")
     return ConnectionClosed(int(frame.code), frame.reason)
+
+
+@contextlib.asynccontextmanager
+async def open_websocket(
+    url: str,
+    *,
+    subprotocol: str,
+    options: WebSocketOptions,
+    headers: Sequence[tuple[str, str]] = (),
+    ssl: ssl_module.SSLContext | None = None,
+) -> AsyncIterator[WebSocketTransport]:
+    """Open a WebSocket to ``url`` offering ``subprotocol``, on the running loop.
+
+    Raises :class:`ConnectionClosed` (1006) when the server cannot be reached or
+    the handshake fails, :class:`HandshakeRefused` when the server answers with
+    an HTTP status instead. Leaving the block runs the closing handshake.
+    """
+    kwargs: dict[str, Any] = {
+        "subprotocols": [subprotocol],
+        **options.websockets_kwargs(),
+        "additional_headers": list(headers) or None,
+    }
+    if ssl is not None:
+        kwargs["ssl"] = ssl
+    if is_trio():
+        from . import trio_ws as loop_ws
+    else:
+        from . import asyncio_ws as loop_ws  # type: ignore[no-redef]
+    try:
+        cm = loop_ws.connect(url, **kwargs)
+        ws = await cm.__aenter__()
+    except loop_ws.UNREACHABLE as exc:
+        reason = exc.__cause__ or exc  # the SSL error under trio's BrokenResourceError
+        raise ConnectionClosed(1006, f"cannot connect to {url}: {reason}") from exc
+    except websockets.exceptions.InvalidStatus as exc:
+        status = exc.response.status_code
+        body = exc.response.body.decode(errors="replace").strip()[:200]
+        detail = f": {body}" if body else ""
+        raise HandshakeRefused(
+            status, f"{url} refused the handshake: HTTP {status}{detail}"
+        ) from exc
+    except websockets.exceptions.InvalidHandshake as exc:
+        raise ConnectionClosed(1006, f"{url}: WebSocket handshake failed: {exc}") from exc
+    try:
+        yield WebSocketTransport(ws)
+    finally:
+        await cm.__aexit__(None, None, None)
+
+
+@contextlib.asynccontextmanager
+async def serve_websocket(
+    handler: Callable[[WebSocketTransport, Any], Awaitable[None]],
+    on_request: OnRequest,
+    host: str,
+    port: int,
+    *,
+    subprotocols: Sequence[str],
+    options: WebSocketOptions,
+    origins: Sequence[str | None] | None = None,
+    ssl: ssl_module.SSLContext | None = None,
+) -> AsyncIterator[int]:
+    """Accept WebSocket connections on ``host:port`` (0: any free port) on the
+    running loop, and yield the port bound.
+
+    ``on_request`` sees every HTTP request first: it answers it with an
+    :class:`HttpResponse`, or returns :class:`Upgrade` and then
+    ``handler(transport, upgrade.context)`` runs for the connection's lifetime.
+    The subprotocol chosen is the first the client offers among ``subprotocols``
+    (none if it offers none of them: the handler decides). ``origins`` lists the
+    ``Origin`` headers accepted (``None`` in it: no header); default: any.
+    """
+    accepted = set(subprotocols)
+
+    async def process_request(connection: Any, request: Any) -> Response | None:
+        answer = await on_request(
+            HttpRequest(request.path, request.headers, getattr(connection, "remote_address", None))
+        )
+        if isinstance(answer, HttpResponse):
+            headers = Headers(answer.header_list())
+            return Response(answer.status, answer.reason, headers, answer.body)
+        connection.rpcstream_context = answer.context
+        return None
+
+    def select_subprotocol(connection: Any, offered: Iterable[str]) -> str | None:
+        return next((name for name in offered if name in accepted), None)
+
+    async def ws_handler(ws: Any) -> None:
+        await handler(WebSocketTransport(ws), getattr(ws, "rpcstream_context", None))
+
+    kwargs: dict[str, Any] = {
+        "subprotocols": list(subprotocols),
+        "select_subprotocol": select_subprotocol,
+        **options.websockets_kwargs(),
+        "process_request": process_request,
+        "origins": list(origins) if origins is not None else None,
+        "ssl": ssl,
+    }
+    if is_trio():
+        from . import trio_ws as loop_ws
+    else:
+        from . import asyncio_ws as loop_ws  # type: ignore[no-redef]
+    async with loop_ws.serve(ws_handler, host, port, **kwargs) as bound:
+        yield bound

@@ -1,4 +1,5 @@
-"""Which event loop runs us: websockets has one module per loop."""
+"""Which event loop runs us: websockets has one module per loop, and only the
+transport needs to know which (as anyio's ``_backends``)."""
 
 from __future__ import annotations
 
