@@ -27,7 +27,7 @@ from .errors import (
     RunNotFound,
     StoreUnavailable,
 )
-from .handshake import HandshakeRequest, Refused, StaticFile, current_principal
+from .handshake import HandshakeRequest, HttpResponse, Refused, Route, StaticFile, current_principal
 from .messages import StreamId
 from .peer import IncomingStream, RpcPeer, current_peer
 from .router import Router
@@ -86,6 +86,8 @@ __all__ = [
     "HandshakeRequest",
     "HandshakeRefused",
     "StaticFile",
+    "HttpResponse",
+    "Route",
     "current_principal",
     "RemoteError",
     "RpcPeer",

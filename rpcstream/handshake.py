@@ -23,7 +23,9 @@ from .transport.http import Headers, HttpRequest, HttpResponse
 __all__ = [
     "Authenticate",
     "HandshakeRequest",
+    "HttpResponse",
     "Refused",
+    "Route",
     "StaticFile",
     "current_principal",
     "principal_id",
@@ -96,6 +98,11 @@ class StaticFile:
     def from_path(cls, path: Path, content_type: str) -> StaticFile:
         """Read a file once, at start-up."""
         return cls(content_type, path.read_bytes())
+
+
+Route = StaticFile | Callable[[HandshakeRequest], Awaitable[HttpResponse]]
+"""A plain HTTP ``GET`` route: a fixed :class:`StaticFile`, or an async function that
+answers each request (health checks, metrics) with an :class:`HttpResponse`."""
 
 
 def builtin_routes() -> dict[str, StaticFile]:

@@ -19,6 +19,7 @@ import anyio
 from .handshake import (
     Authenticate,
     Refused,
+    Route,
     StaticFile,
     _principal,
     builtin_routes,
@@ -122,7 +123,7 @@ async def serve(
     compression: str | None = None,
     authenticate: Authenticate | None = None,
     max_connections_per_principal: int | None = None,
-    routes: Mapping[str, StaticFile] | None = None,
+    routes: Mapping[str, Route] | None = None,
     serve_client: bool = True,
     origins: Sequence[str | None] | None = None,
     ssl: ssl_module.SSLContext | None = None,
@@ -142,7 +143,9 @@ async def serve(
     ``None``/raises :class:`Refused` to answer HTTP 401/403 before the upgrade;
     handlers read the principal with :func:`current_principal`.
     ``max_connections_per_principal`` answers HTTP 429 beyond it. Plain HTTP
-    ``GET`` requests are answered from ``routes`` (path -> :class:`StaticFile`),
+    ``GET`` requests are answered from ``routes`` (path -> :class:`StaticFile`, or
+    an async function of the :class:`HandshakeRequest` that returns an
+    :class:`HttpResponse`),
     the app's ``http_routes`` and, unless ``serve_client=False``, the browser
     module at ``/rpcstream.js``; other plain requests get 404. ``origins`` lists the
     ``Origin`` headers accepted on upgrades (``None`` in it: no header), against
@@ -154,7 +157,7 @@ async def serve(
     """
     router = _router_of(app)
     server = Server(router, host, secure=ssl is not None)
-    http_routes: dict[str, StaticFile] = builtin_routes() if serve_client else {}
+    http_routes: dict[str, Route] = {**builtin_routes()} if serve_client else {}
     http_routes.update(getattr(app, "http_routes", None) or {})
     http_routes.update(routes or {})
     per_principal: dict[str | None, int] = {}
@@ -171,8 +174,14 @@ async def serve(
     async def on_request(request: HttpRequest) -> HttpResponse | Upgrade:
         if not request.is_upgrade:
             route = http_routes.get(request.path)
-            if route is not None:
+            if isinstance(route, StaticFile):
                 return respond(200, route.body, route.content_type)
+            if route is not None:
+                try:
+                    return await route(parse_request(request))
+                except Exception:
+                    log.exception("HTTP route %s failed", request.path)
+                    return refuse(500, "internal error")
             return refuse(404, "not found (this is an rpcstream WebSocket endpoint)")
         if authenticate is None:
             return Upgrade()

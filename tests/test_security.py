@@ -332,7 +332,17 @@ async def test_plain_http_gets_its_routes_or_a_404() -> None:
     import urllib.request
 
     route = rpcstream.StaticFile("text/plain", b"hello")
-    async with rpcstream.serve(make_runs(), routes={"/hello.txt": route}) as server:
+    seen: list[rpcstream.HandshakeRequest] = []
+
+    async def answer(request: rpcstream.HandshakeRequest) -> rpcstream.HttpResponse:
+        seen.append(request)
+        await anyio.lowlevel.checkpoint()
+        if request.query.get("fail"):
+            raise RuntimeError("a route that fails")
+        return rpcstream.HttpResponse(202, b"dynamic", "text/plain")
+
+    routes: dict[str, rpcstream.Route] = {"/hello.txt": route, "/dynamic": answer}
+    async with rpcstream.serve(make_runs(), routes=routes) as server:
         base = f"http://127.0.0.1:{server.port}"
 
         def get(path: str) -> tuple[int, bytes]:
@@ -344,6 +354,10 @@ async def test_plain_http_gets_its_routes_or_a_404() -> None:
                     return exc.code, exc.read()
 
         assert await anyio.to_thread.run_sync(get, "/hello.txt") == (200, b"hello")
+        assert await anyio.to_thread.run_sync(get, "/dynamic?x=1") == (202, b"dynamic")
+        assert seen[0].path == "/dynamic" and seen[0].query == {"x": "1"}
+        status, body = await anyio.to_thread.run_sync(get, "/dynamic?fail=1")
+        assert status == 500 and b"RuntimeError" not in body
         status, body = await anyio.to_thread.run_sync(get, "/favicon.ico")
         assert status == 404 and b"not found" in body
         status, body = await anyio.to_thread.run_sync(get, "/rpcstream.js")
