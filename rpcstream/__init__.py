@@ -11,6 +11,7 @@ from .errors import (
     DeadlineExceeded,
     ErrorCode,
     EventsTrimmed,
+    EventValidationError,
     HandshakeRefused,
     InternalError,
     InvalidParams,
@@ -20,6 +21,7 @@ from .errors import (
     ProtocolViolation,
     RateLimited,
     ReconnectFailed,
+    Refused,
     RemoteError,
     RpcStreamError,
     RunExpired,
@@ -27,13 +29,13 @@ from .errors import (
     RunNotFound,
     StoreUnavailable,
 )
-from .handshake import HandshakeRequest, HttpResponse, Refused, Route, StaticFile, current_principal
+from .handshake import HandshakeRequest, HttpResponse, Route, StaticFile, current_principal
 from .messages import StreamId
 from .peer import IncomingStream, RpcPeer, current_peer
 from .router import Router
 from .runs.client import RunClient
 from .runs.events import RunEvent
-from .runs.server import ClientEvent, EventValidationError, RunChannel, RunContext, RunServer
+from .runs.server import ClientEvent, RunChannel, RunContext, RunServer
 from .runs.writer import RunWriter
 from .server import Server, serve
 from .store.base import EventStore, RunInfo, StoredEvent

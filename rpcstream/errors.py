@@ -20,7 +20,9 @@
     ├── ConnectionClosed                       the connection is gone; pending work failed
     │   ├── HandshakeRefused                   the server answered HTTP (401, 403, 429...)
     │   └── ReconnectFailed                    a RunClient gave up reconnecting
-    └── LocalProtocolError                     we were asked to do something the protocol forbids
+    ├── LocalProtocolError                     we were asked to do something the protocol forbids
+    ├── Refused                                raised by ``authenticate``: refuse with HTTP 401/403
+    └── EventValidationError (ValueError)      a flow sent data that does not fit its event type
 
 As in h11, the name says whose fault a broken protocol was: ``ProtocolViolation``
 (code ``PROTOCOL_ERROR``) is the peer's, and reaches us in a ``Fault``, a
@@ -40,6 +42,7 @@ __all__ = [
     "ConnectionClosed",
     "DeadlineExceeded",
     "ErrorCode",
+    "EventValidationError",
     "EventsTrimmed",
     "HandshakeRefused",
     "InternalError",
@@ -49,6 +52,7 @@ __all__ = [
     "Overloaded",
     "ProtocolViolation",
     "RateLimited",
+    "Refused",
     "ReconnectFailed",
     "RemoteError",
     "RpcStreamError",
@@ -259,3 +263,16 @@ class ReconnectFailed(ConnectionClosed):
 class LocalProtocolError(RpcStreamError):
     """We were asked to do something the protocol forbids (our caller's fault): a
     stream id already in use, an item without credit, a peer not yet entered."""
+
+
+class Refused(RpcStreamError):
+    """Raise it from ``authenticate`` to refuse with an HTTP status (401 by default)."""
+
+    def __init__(self, message: str = "unauthorized", status: int = 401) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class EventValidationError(RpcStreamError, ValueError):
+    """``ctx.client.send`` got data that does not fit the event's declared type."""

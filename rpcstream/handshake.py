@@ -17,14 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import RpcStreamError
 from .transport.http import Headers, HttpRequest, HttpResponse
 
 __all__ = [
     "Authenticate",
     "HandshakeRequest",
     "HttpResponse",
-    "Refused",
     "Route",
     "StaticFile",
     "current_principal",
@@ -50,15 +48,6 @@ def principal_id(principal: Any) -> str | None:
     if isinstance(principal, str):
         return principal
     return str(getattr(principal, "id", principal))
-
-
-class Refused(RpcStreamError):
-    """Raise it from ``authenticate`` to refuse with an HTTP status (401 by default)."""
-
-    def __init__(self, message: str = "unauthorized", status: int = 401) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
 
 
 @dataclass(frozen=True)

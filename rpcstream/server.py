@@ -16,9 +16,9 @@ from typing import Any, Protocol, runtime_checkable
 
 import anyio
 
+from .errors import Refused
 from .handshake import (
     Authenticate,
-    Refused,
     Route,
     StaticFile,
     _principal,

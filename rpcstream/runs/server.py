@@ -42,11 +42,11 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from .._tasks import task_group
 from ..errors import (
+    EventValidationError,
     InvalidParams,
     MethodNotFound,
     Overloaded,
     RateLimited,
-    RpcStreamError,
     RunExpired,
     RunFinished,
     RunNotFound,
@@ -85,10 +85,6 @@ F = TypeVar("F", bound=Callable[..., Awaitable[None]])
 # Types only the framework writes: a flow ends itself only by returning (or sending
 # ``complete``), so ``error`` and ``cancelled`` always mean what they say.
 _RESERVED = frozenset({EventType.STARTED.value} | TERMINAL_TYPES - {EventType.COMPLETE.value})
-
-
-class EventValidationError(RpcStreamError, ValueError):
-    """``ctx.client.send`` got data that does not fit the event's declared type."""
 
 
 class ClientEvent(msgspec.Struct, frozen=True):
