@@ -5,6 +5,7 @@ One test per rule."""
 from __future__ import annotations
 
 import ast
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -55,3 +56,90 @@ def test_nothing_outside_transport_imports_websockets() -> None:
         if name == "websockets" or name.startswith("websockets.")
     ]
     assert offenders == [], "websockets belongs in rpcstream/transport/ only"
+
+
+# The layers of ARCHITECTURE.md, bottom up: a unit imports only units of lower layers
+# (and itself). Every unit of the package must be placed here, so a new module is
+# placed on purpose.
+LAYERS: list[set[str]] = [
+    {"errors", "messages", "limits", "urls", "_tasks", "runs.events", "__version__"},
+    {"protocol", "router", "transport", "store"},
+    {"handshake", "peer", "runs.writer"},
+    {"client", "server", "runs.server"},
+    {"runs.client", "testing"},
+    {"demo"},
+    {"cli"},
+    {"__main__", "__init__", "runs.__init__"},
+]
+_SPLIT = {"runs"}  # packages whose modules are units of their own
+
+
+def unit_of(name: str) -> str | None:
+    """The unit of the package a dotted module name belongs to (None: not ours)."""
+    parts = name.split(".")
+    if parts[0] != "rpcstream":
+        return None
+    if len(parts) == 1:
+        return "__init__"
+    if parts[1] in _SPLIT:
+        if len(parts) > 2 and (PACKAGE / parts[1] / f"{parts[2]}.py").exists():
+            return f"{parts[1]}.{parts[2]}"
+        return f"{parts[1]}.__init__"
+    return parts[1]
+
+
+def unit_of_path(path: Path) -> str:
+    return unit_of(".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts)) or ""
+
+
+def test_imports_point_down_the_layers() -> None:
+    layer = {unit: i for i, units in enumerate(LAYERS) for unit in units}
+    unplaced, upward = set(), []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        here = unit_of_path(path)
+        if here not in layer:
+            unplaced.add(here)
+            continue
+        for line, name in imports(path):
+            there = unit_of(name)
+            # "from . import x" also names the package itself, which every module
+            # in it imports anyway: what it takes from there is checked as x.
+            if there is None or there == here or name == "rpcstream":
+                continue
+            if there not in layer:
+                unplaced.add(there)
+            elif layer[there] >= layer[here]:
+                upward.append(f"{path.relative_to(PACKAGE.parent)}:{line}: {here} -> {there}")
+    assert unplaced == set(), "place these units in LAYERS"
+    assert upward == []
+
+
+def test_the_sans_io_protocol_imports_no_io() -> None:
+    allowed = {"msgspec", "rpcstream.errors", "rpcstream.messages"}
+    offenders = [
+        f"{path.relative_to(PACKAGE.parent)}:{line}: {name}"
+        for path in sorted((PACKAGE / "protocol").rglob("*.py"))
+        for line, name in imports(path)
+        if name.split(".")[0] not in sys.stdlib_module_names
+        and not name.startswith("rpcstream.protocol")
+        and not any(name == a or name.startswith(a + ".") for a in allowed)
+    ]
+    assert offenders == [], "protocol/ is Sans-I/O: the standard library, msgspec, errors, messages"
+    banned = {"asyncio", "socket", "selectors", "threading"}
+    io = [
+        name
+        for path in (PACKAGE / "protocol").rglob("*.py")
+        for _, name in imports(path)
+        if name.split(".")[0] in banned
+    ]
+    assert io == []
+
+
+def test_a_store_never_imports_the_peer_the_servers_or_the_run_server() -> None:
+    offenders = [
+        f"{path.relative_to(PACKAGE.parent)}:{line}: {name}"
+        for path in sorted((PACKAGE / "store").rglob("*.py"))
+        for line, name in imports(path)
+        if unit_of(name) not in (None, "store", "errors", "messages", "runs.events", "_tasks")
+    ]
+    assert offenders == []
