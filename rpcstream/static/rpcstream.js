@@ -7,7 +7,7 @@
 //
 // `connect()` opens one WebSocket and returns a `Peer`: calls, notifications and
 // credit-controlled streams in both directions, exactly as docs/protocol.md
-// describes and rpcstream/peer.py implements. `RunClient` keeps a connection
+// describes and rpcstream/peer/ implements. `RunClient` keeps a connection
 // open through drops (backoff with full jitter, rotating through URLs) and
 // follows a run's events, resuming after the last event id it handed out.
 //

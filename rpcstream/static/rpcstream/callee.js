@@ -1,7 +1,7 @@
 // callee.js: the side of a Peer that answers the server's calls: it looks the
 // method up in the page's router, binds the arguments (stream arguments become
 // IncomingStreams), runs the handler under an AbortSignal (Cancel, deadline,
-// the connection closing) and sends the answer, as rpcstream/peer.py does.
+// the connection closing) and sends the answer, as rpcstream/peer/callee.py does.
 
 import {
   Cancelled, DeadlineExceeded, InternalError, InvalidParams, LocalProtocolError, MethodNotFound,

@@ -131,7 +131,7 @@ export class ReconnectFailed extends ConnectionClosed {
 /** We were asked to do something the protocol forbids (an id in use, say). */
 export class LocalProtocolError extends RpcStreamError {}
 
-/** What a handler's exception looks like on the wire (as peer.py's _internal_error). */
+/** What a handler's exception looks like on the wire (as Callee.remote_error in rpcstream/peer/callee.py). */
 export function toRemoteError(exc, exposeTracebacks = false) {
   if (exc instanceof RemoteError) return exc;
   const name = exc?.name ?? typeof exc;

@@ -41,7 +41,7 @@ export class Peer extends EventTarget {
     this._calls = new Map(); // our call id -> pending call
     this._streams = new StreamTable(this);
     this._callee = new Callee(this);
-    // Two queues, as protocol.py: control frames go ahead of stream data.
+    // Two queues, as rpcstream/protocol/outbox.py: control frames go ahead of stream data.
     this._control = [];
     this._data = []; // [text, payload bytes]
     this._queuedBytes = 0;

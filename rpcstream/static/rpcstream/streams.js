@@ -100,7 +100,7 @@ export class IncomingStream {
       this._head = 0;
     }
     if (!this._done) {
-      // Re-grant what was consumed once half a window is, as protocol.py's pop_item.
+      // Re-grant what was consumed once half a window is, as the Python StreamTable's pop_item (rpcstream/protocol/streams.py).
       this._consumedItems += 1;
       this._consumedBytes += size;
       if (this._consumedItems * 2 >= this.windowItems ||
