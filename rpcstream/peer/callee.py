@@ -118,8 +118,8 @@ class Callee:
         if type(frame) is StreamCall and not method.may_stream:
             self._refuse(frame, _not_a_stream(frame.method))  # its annotation says so
             return
-        if method.inline and not isinstance(frame, StreamCall):
-            self._run_inline(frame, method)
+        if method.inline and type(frame) is not StreamCall:
+            self._run_inline(frame, method)  # type: ignore[arg-type]
             return
         self.running += 1
         scope = anyio.CancelScope()
@@ -133,7 +133,7 @@ class Callee:
         if type(frame) is Notify:
             log.warning("dropped notification %s: %s", shorten(repr(frame.method)), error)
         else:
-            self._finish(frame, None, error)
+            self._finish(frame, None, error, in_reader=True)
         self._close_stream_args(frame, {})
 
     # -- the one handler runner ---------------------------------------------------------
@@ -152,7 +152,7 @@ class Callee:
                 answer = self._result(frame, result)
         except Exception as exc:
             failure = exc
-        self._finish(frame, answer, failure)
+        self._finish(frame, answer, failure, in_reader=True)
         self._close_stream_args(frame, opened)
 
     def _call_plain(self, method: Method, args: list[Any], kwargs: dict[str, Any]) -> Any:
@@ -178,7 +178,10 @@ class Callee:
                 try:
                     args, kwargs = self._bind(frame, method, opened)
                     if timeout is None:  # the common case: no scope to enter
-                        result = await self._invoke(frame, method, args, kwargs)
+                        if type(frame) is Call and not method.streaming:  # and no frame
+                            result = await method.func(*args, **kwargs)
+                        else:
+                            result = await self._invoke(frame, method, args, kwargs)
                     else:
                         with anyio.CancelScope(deadline=deadline(timeout)) as dl:
                             result = await self._invoke(frame, method, args, kwargs)
@@ -233,9 +236,14 @@ class Callee:
             raise InternalError(f"{frame.method}: result cannot be encoded: {exc}") from exc
 
     def _finish(
-        self, frame: IncomingCall, answer: Result | None, failure: BaseException | None
+        self,
+        frame: IncomingCall,
+        answer: Result | None,
+        failure: BaseException | None,
+        in_reader: bool = False,
     ) -> None:
-        """Deliver a handler's outcome as its kind calls for."""
+        """Deliver a handler's outcome as its kind calls for. ``in_reader``: we
+        run inside the reader, which sends whatever it queued as it finishes."""
         driver = self._driver
         t = type(frame)
         if t is Notify:
@@ -244,15 +252,17 @@ class Callee:
             return
         error = None if failure is None else self.remote_error(failure)
         if t is Call:
-            assert isinstance(frame, Call)
+            cid: int = frame.id  # type: ignore[union-attr]
             reply: Result | Error | None = answer
             if error is not None:
-                reply = Error(frame.id, *wire_error(driver.codec, error))
+                reply = Error(cid, *wire_error(driver.codec, error))
             # No answer for a call the caller cancelled, or once closed: the protocol knows.
-            driver.send_now(driver.proto.end_call, frame.id, reply)
+            if in_reader:
+                driver.proto.end_call(cid, reply)
+            else:
+                driver.send_now(driver.proto.end_call, cid, reply)
         else:
-            assert isinstance(frame, StreamCall)
-            driver.proto.streams.end_outgoing(frame.stream_id, error)
+            driver.proto.streams.end_outgoing(frame.stream_id, error)  # type: ignore[union-attr]
 
     def remote_error(self, exc: BaseException) -> RemoteError:
         """What the caller is told of an exception: itself if it is a

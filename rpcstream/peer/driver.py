@@ -41,7 +41,7 @@ from anyio.abc import TaskGroup
 
 from .._tasks import task_group
 from ..errors import ConnectionClosed, LocalProtocolError
-from ..messages import Cancel, Codec, Error, Fault, Result
+from ..messages import Call, Cancel, Codec, Error, Fault, Result
 from ..protocol import (
     Protocol,
     State,
@@ -77,36 +77,39 @@ class Lifecycle(enum.Enum):
 
 class Waiters:
     """The one table of everything that waits on this connection, keyed by what
-    it waits for and the protocol's id. A waiter is a function that wakes it:
-    an event's ``set`` or a cancel scope's ``cancel``."""
+    it waits for (its kind) and the protocol's id. A waiter is a function that
+    wakes it: an event's ``set`` or a cancel scope's ``cancel``."""
 
-    __slots__ = ("_table",)
+    __slots__ = ("_by_kind",)
 
     def __init__(self) -> None:
-        self._table: dict[tuple[int, int], Callable[[], None]] = {}
+        # One dict per kind rather than (kind, id) keys: no tuple to build and
+        # hash on every call and every stream item.
+        self._by_kind: tuple[dict[int, Callable[[], None]], ...] = tuple({} for _ in range(5))
 
     def add(self, kind: int, id_: int, wake: Callable[[], None]) -> None:
         """Register a waiter; it replaces any other for the same key."""
-        self._table[kind, id_] = wake
+        self._by_kind[kind][id_] = wake
 
     def discard(self, kind: int, id_: int) -> None:
         """Forget a waiter (it stopped waiting)."""
-        self._table.pop((kind, id_), None)
+        self._by_kind[kind].pop(id_, None)
 
     def wake(self, kind: int, id_: int) -> None:
         """Wake the waiter for this key, if there is one."""
-        wake = self._table.get((kind, id_))
+        wake = self._by_kind[kind].get(id_)
         if wake is not None:
             wake()
 
     def count(self, kind: int) -> int:
         """How many waiters of one kind there are (for stats)."""
-        return sum(1 for k, _ in self._table if k == kind)
+        return len(self._by_kind[kind])
 
     def wake_all(self) -> None:
         """Wake every waiter: the connection closed."""
-        for wake in list(self._table.values()):
-            wake()
+        for table in self._by_kind:
+            for wake in list(table.values()):
+                wake()
 
 
 class Driver:
@@ -371,12 +374,15 @@ class Driver:
         return True
 
     def _dispatch(self, event: Any) -> None:
+        # The most frequent first: items, answers, calls.
         t = type(event)
         waiters = self.waiters
         if t is StreamReadable:
             waiters.wake(READABLE, event.stream_id)
         elif t is Result or t is Error:
             waiters.wake(ANSWER, event.id)
+        elif t is Call:
+            self.on_call(event)
         elif t is StreamWritable:
             waiters.wake(WRITABLE, event.stream_id)
         elif t is Cancel:
@@ -387,7 +393,7 @@ class Driver:
             log.warning(
                 "peer reported a protocol fault: [%s] %s", event.code, shorten(event.message)
             )
-        else:  # Call, Notify, StreamCall
+        else:  # Notify, StreamCall
             self.on_call(event)
 
     # -- writing -----------------------------------------------------------------------
@@ -416,12 +422,12 @@ class Driver:
         """Write the next queued message now if the transport can without waiting
         and the writer is not mid-send (the order of messages is kept); leave the
         rest to the writer. Never awaits, so no cancellation can cut a message."""
-        proto, transport = self.proto, self.transport
-        if not proto.has_data():
+        outbox, transport = self.proto.outbox, self.transport
+        if not outbox.has_data():
             return
         if not self._inflight and not self._coalesce and transport.can_send_now():
             try:
-                message = proto.data_to_send()
+                message = outbox.data_to_send()
                 assert message is not None
                 transport.send_now(message, text=self._text)
             except Exception as exc:  # an unencodable frame: as in the writer, end with 1011
@@ -429,18 +435,18 @@ class Driver:
                 self._wakeup.set()
                 return
             self._sent()
-            if not proto.has_data():
+            if not outbox.has_data():
                 return
         self._wakeup.set()
 
     async def _write_loop(self) -> None:
-        proto, transport, text = self.proto, self.transport, self._text
+        outbox, transport, text = self.proto.outbox, self.transport, self._text
         try:
             while True:
                 if self._write_error is not None:
                     raise self._write_error  # a direct write failed (see _flush)
                 self._coalesce = False
-                message = proto.data_to_send()
+                message = outbox.data_to_send()
                 if message is None:
                     # Idle: what is still buffered is the transport's to drain, and
                     # no send of ours will come to wake the senders waiting for it.
