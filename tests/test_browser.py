@@ -531,7 +531,7 @@ def callee_probe_app() -> rpcstream.Router:
     @router.method
     async def probe() -> dict[str, Any]:
         peer = rpcstream.current_peer()
-        out: dict[str, Any] = {}
+        out: dict[str, Any] = {"page_limit": peer.remote_max_concurrent_handlers}
 
         async def error_of(call: Any) -> list[Any]:
             try:
@@ -589,7 +589,8 @@ async def test_page_handlers_answer_like_python_ones_and_heartbeats_run(
                 reject(signal.reason);
               });
             });
-            const peer = await rs.connect("/", { pingInterval: 0.05, router: {
+            const options = { pingInterval: 0.05, maxConcurrentHandlers: 7 };
+            const peer = await rs.connect("/", { ...options, router: {
               async boom() { throw new TypeError("boom!"); },
               hang() { return aborted(this.signal); },
               async unary() { return 5; },
@@ -610,10 +611,13 @@ async def test_page_handlers_answer_like_python_ones_and_heartbeats_run(
             const out = await peer.call("probe");
             out.alive = !peer.isClosed;  // heartbeats (rpcstream.ping, answered) ran meanwhile
             out.stats = peer.stats;
+            out.server_limit = peer.remoteMaxConcurrentHandlers;
             return out;
             """,
         )
         await tab.close()
+    # Each side advertised its limits first (rpcstream.settings).
+    assert (out["page_limit"], out["server_limit"]) == (7, 256)
     assert out["boom"] == ["InternalError", "TypeError: boom!"]
     assert out["missing"] == ["MethodNotFound", "no method 'nothere'"]
     # Both sides enforce the deadline: the page's answer or Python's own timer wins.

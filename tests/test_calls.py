@@ -222,17 +222,74 @@ async def test_a_slow_handler_never_holds_back_the_others(
     assert results == ["released"]
 
 
-async def test_handlers_beyond_the_limit_are_answered_overloaded(probe: Probe) -> None:
+async def test_callers_beyond_the_advertised_limit_wait_for_a_slot_within_their_deadline(
+    probe: Probe,
+) -> None:
     async with (
         rpcstream.serve(make_router(probe), max_concurrent_handlers=1) as server,
         rpcstream.connect(server.url) as peer,
         anyio.create_task_group() as tg,
     ):
+        assert await peer.call("rpcstream.ping") is None  # the settings came first
+        assert peer.remote_max_concurrent_handlers == 1
         tg.start_soon(peer.call, "block")
         await probe.started.wait()
-        with pytest.raises(rpcstream.Overloaded):
-            await peer.call("add", 1, 2)
+        [served] = server.peers
+        received = served.calls_received
+        # No slot before the deadline: nothing was sent, nothing refused.
+        with pytest.raises(rpcstream.DeadlineExceeded, match="no handler slot"):
+            await peer.call("add", 1, 2, timeout=0.05)
+        assert served.calls_received == received
+        assert peer.stats["waiting_calls"] == 0
+        answers: list[int] = []
+
+        async def add() -> None:
+            answers.append(await peer.call("add", 1, 2))
+
+        tg.start_soon(add)
         probe.release.set()
+    assert answers == [3]
+
+
+@pytest.mark.parametrize("kind", ["calls", "streams"])
+async def test_ten_thousand_calls_or_a_thousand_streams_at_once_work_at_the_defaults(
+    kind: str,
+) -> None:
+    router = rpcstream.Router()
+    gate = anyio.Event()
+
+    @router.method
+    async def wait(i: int) -> int:
+        await gate.wait()
+        return i
+
+    @router.method
+    async def count(n: int) -> AsyncIterator[int]:
+        await gate.wait()
+        for i in range(n):
+            yield i
+
+    results: list[Any] = []
+    n = 10_000 if kind == "calls" else 1_000
+    async with rpcstream.serve(router) as server, rpcstream.connect(server.url) as peer:
+
+        async def one(i: int) -> None:
+            if kind == "calls":
+                results.append(await peer.call("wait", i))
+            else:
+                results.append([x async for x in peer.stream("count", 3)])
+
+        with anyio.fail_after(50):
+            async with anyio.create_task_group() as tg:
+                for i in range(n):
+                    tg.start_soon(one, i)
+                await anyio.lowlevel.checkpoint()
+                gate.set()
+        assert peer.stats["waiting_calls"] == 0
+    if kind == "calls":
+        assert sorted(results) == list(range(n))
+    else:
+        assert results == [[0, 1, 2]] * n
 
 
 async def test_cancelling_the_caller_cancels_the_handler_on_the_other_side(

@@ -190,3 +190,28 @@ async def test_a_string_argument_that_is_not_utf8_is_answered_invalid_params(
             answer, _ = await receive_until(ws, rpcstream.messages.Error)
             assert (answer.id, answer.code) == (1, ErrorCode.INVALID_PARAMS)
             assert "UTF-8" in answer.message
+
+
+async def test_a_peer_that_ignores_the_advertised_limit_is_refused_and_a_cancel_frees_a_slot() -> (
+    None
+):
+    probe = Probe()
+    async with rpcstream.serve(
+        make_router(probe), "127.0.0.1", 0, max_concurrent_handlers=1
+    ) as server:
+        with anyio.fail_after(10):
+            async with raw_connect(server.url, MSGPACK.subprotocol) as ws:
+                # The server's first frame advertises its limit.
+                [settings, *_] = MSGPACK.decode_batch(await ws.recv())
+                assert isinstance(settings, Notify) and settings.method == "rpcstream.settings"
+                assert MSGPACK.decode(settings.kwargs) == {"max_concurrent_handlers": 1}
+                await send(ws, Call(1, "park", raw(["a"]), MSGPACK.empty_map))
+                await probe.event(probe.started, "a").wait()
+                await send(ws, Call(2, "park", raw(["b"]), MSGPACK.empty_map))
+                answer, _ = await receive_until(ws, rpcstream.messages.Error)
+                assert (answer.id, answer.code) == (2, ErrorCode.OVERLOADED)
+                # A Cancel frees the slot when it arrives, as the caller counts it:
+                # a call right behind it, in the same message, is admitted.
+                await send(ws, Cancel(1), Call(3, "park", raw(["c"]), MSGPACK.empty_map))
+                await probe.event(probe.started, "c").wait()
+                await probe.event(probe.cancelled, "a").wait()

@@ -18,7 +18,7 @@ import contextvars
 import inspect
 import logging
 import traceback
-from collections.abc import AsyncIterable
+from collections.abc import AsyncIterable, Callable
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -38,6 +38,7 @@ from ..limits import TokenBucket
 from ..messages import Call, Error, Notify, Result, StreamCall, StreamId
 from ..protocol import shorten, wire_error
 from ..router import Method, Router
+from .admission import SETTINGS, parse_settings
 from .driver import HANDLER, PUMP, Driver
 from .streams import IncomingStream, Senders, deadline
 
@@ -79,6 +80,7 @@ class Callee:
         max_concurrent_handlers: int,
         call_rate: tuple[float, int] | None,
         expose_tracebacks: bool,
+        on_settings: Callable[[int], None],
     ) -> None:
         self._driver = driver
         self._senders = senders
@@ -87,6 +89,7 @@ class Callee:
         self.max_concurrent_handlers = max_concurrent_handlers
         self.expose_tracebacks = expose_tracebacks
         self._bucket = TokenBucket(*call_rate) if call_rate is not None else None
+        self._on_settings = on_settings  # the other side's limits, for our caller
         self.running = 0  # handlers running in tasks (plain functions hold no slot)
         self.calls_received = 0
 
@@ -97,9 +100,13 @@ class Callee:
         self.calls_received += 1
         driver = self._driver
         method = self.router.get(frame.method)
-        if method is None and frame.method == PING and type(frame) is Call:
-            driver.proto.end_call(frame.id, Result(frame.id, driver.codec.encode_raw(None)))
-            return
+        if method is None:
+            if frame.method == PING and type(frame) is Call:
+                driver.proto.end_call(frame.id, Result(frame.id, driver.codec.encode_raw(None)))
+                return
+            if frame.method == SETTINGS and type(frame) is Notify:
+                self._settings(frame)
+                return
         if self._bucket is not None and not self._bucket.take():
             self._refuse(frame, RateLimited(f"{frame.method}: too many calls on this connection"))
             return
@@ -121,13 +128,20 @@ class Callee:
         if method.inline and type(frame) is not StreamCall:
             self._run_inline(frame, method)  # type: ignore[arg-type]
             return
-        self.running += 1
-        scope = anyio.CancelScope()
+        slot = _Slot(self)
         if type(frame) is Call:
-            driver.waiters.add(HANDLER, frame.id, scope.cancel)
+            driver.waiters.add(HANDLER, frame.id, slot.cancel)
         elif type(frame) is StreamCall:
-            driver.waiters.add(PUMP, frame.stream_id, scope.cancel)
-        driver.spawn(self._run, frame, method, scope)
+            driver.waiters.add(PUMP, frame.stream_id, slot.cancel)
+        driver.spawn_eager(self._run, frame, method, slot)
+
+    def _settings(self, frame: Notify) -> None:
+        try:
+            limit = parse_settings(self._driver.codec.decode(frame.kwargs))
+        except Exception:  # malformed: as if never sent
+            limit = None
+        if limit is not None:
+            self._on_settings(limit)
 
     def _refuse(self, frame: IncomingCall, error: RemoteError) -> None:
         if type(frame) is Notify:
@@ -167,7 +181,8 @@ class Callee:
             )
         return result
 
-    async def _run(self, frame: IncomingCall, method: Method, scope: anyio.CancelScope) -> None:
+    async def _run(self, frame: IncomingCall, method: Method, slot: _Slot) -> None:
+        scope = slot.scope
         opened: dict[int, IncomingStream] = {}
         answer: Result | None = None
         failure: BaseException | None = None
@@ -201,7 +216,7 @@ class Callee:
                 failure = Cancelled(f"{frame.method}: the stream's sender was cancelled")
         finally:
             _current_peer.reset(token)
-            self.running -= 1
+            slot.free()
             if type(frame) is Call:
                 self._driver.waiters.discard(HANDLER, frame.id)
             elif type(frame) is StreamCall:
@@ -322,6 +337,29 @@ class Callee:
             if isinstance(sid, int):
                 sids.append(sid)
         return sids
+
+
+class _Slot:
+    """A running handler's place among ``max_concurrent_handlers``. The caller
+    frees it when it cancels (the handler is on its way out, and the caller
+    already counts the slot free, see admission.py), else the handler's end."""
+
+    __slots__ = ("callee", "held", "scope")
+
+    def __init__(self, callee: Callee) -> None:
+        callee.running += 1
+        self.callee = callee
+        self.held = True
+        self.scope = anyio.CancelScope()
+
+    def cancel(self) -> None:
+        self.scope.cancel()
+        self.free()
+
+    def free(self) -> None:
+        if self.held:
+            self.held = False
+            self.callee.running -= 1
 
 
 def _not_a_stream(method: str) -> MethodNotFound:

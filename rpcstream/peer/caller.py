@@ -15,8 +15,9 @@ import msgspec
 
 from ..errors import ConnectionClosed, DeadlineExceeded, InternalError, RemoteError
 from ..messages import Error, Notify, Result, StreamCall, StreamId
+from .admission import Admission
 from .driver import ANSWER, Driver
-from .streams import IncomingStream, Senders
+from .streams import IncomingStream, Senders, deadline
 
 __all__ = ["Caller"]
 
@@ -24,9 +25,10 @@ __all__ = ["Caller"]
 class Caller:
     """Makes calls on the other side; see :class:`~rpcstream.RpcPeer` for the API."""
 
-    def __init__(self, driver: Driver, senders: Senders) -> None:
+    def __init__(self, driver: Driver, senders: Senders, max_waiting_calls: int) -> None:
         self._driver = driver
         self._senders = senders
+        self.admission = Admission(max_waiting_calls)
 
     async def call(
         self,
@@ -40,6 +42,27 @@ class Caller:
         driver = self._driver
         driver.check_open()
         _check_method(method)
+        admission = self.admission
+        if not admission.try_acquire():
+            # Beyond the other side's limit: wait for a slot, within the deadline.
+            until = deadline(timeout)
+            await admission.acquire(until)
+            if timeout is not None:
+                timeout = max(0.0, until - anyio.current_time())
+        try:
+            return await self._call(method, args, kwargs, timeout, result_type)
+        finally:
+            admission.release()
+
+    async def _call(
+        self,
+        method: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        timeout: float | None,
+        result_type: Any,
+    ) -> Any:
+        driver = self._driver
         proto = driver.proto
         args_raw, kwargs_raw, stream_args, sids = self._encode_params(args, kwargs)
         cid: int = driver.send_now(
@@ -100,14 +123,26 @@ class Caller:
         _check_method(method)
         proto = driver.proto
         sid = proto.streams.next_stream_id()
-        # Open our end first: if that fails, no handler is left waiting for credit.
-        stream = IncomingStream(driver, sid, item_type, window_items, window_bytes, timeout)
-        try:
-            args_raw, kwargs_raw, stream_args, _ = self._encode_params(args, kwargs)
-        except BaseException:
-            stream.close()
-            raise
-        proto.send(StreamCall(sid, method, args_raw, kwargs_raw, timeout, stream_args))
+        admission = self.admission
+
+        def start() -> None:
+            # Open our end first: if that fails, no handler is left waiting for credit.
+            stream.open()
+            try:
+                args_raw, kwargs_raw, stream_args, _ = self._encode_params(args, kwargs)
+            except BaseException:
+                stream.close()
+                raise
+            proto.send(StreamCall(sid, method, args_raw, kwargs_raw, timeout, stream_args))
+
+        stream = IncomingStream(
+            driver, sid, item_type, window_items, window_bytes, timeout, open_now=False
+        )
+        if admission.try_acquire():
+            stream.hold_slot(admission.release)
+            start()
+        else:  # beyond the other side's limit: the first read waits for a slot
+            stream.start_later(admission.acquire, start, admission.release)
         return stream
 
     def _encode_params(

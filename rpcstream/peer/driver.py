@@ -50,6 +50,7 @@ from ..protocol import (
     StreamWritable,
     shorten,
 )
+from ..transport import EagerTasks
 from ..transport.base import Transport
 
 __all__ = ["ANSWER", "HANDLER", "PUMP", "READABLE", "WRITABLE", "Driver", "Lifecycle", "Waiters"]
@@ -135,11 +136,13 @@ class Driver:
         self.low_buffered_amount = max_buffered_amount // 4
         self.max_queued_bytes = max_queued_bytes
         self.on_call: Callable[[Any], None] = _no_handlers
+        self.on_close: Callable[[], None] = _nothing  # the caller's admission wakes its waiters
         # The RpcPeer this driver works for: what handlers and streams name as their peer.
         self.owner: Any = None
         proto.outbox.on_data = self._wake_writer
         self._text = not proto.codec.binary
         self._tg: TaskGroup | None = None
+        self._eager: EagerTasks | None = None
         self._stack: contextlib.AsyncExitStack | None = None
         self._tasks = 0
         # Writer mechanics: the writer waits on _wakeup; _quiet means queueing a
@@ -165,6 +168,7 @@ class Driver:
         stack = contextlib.AsyncExitStack()
         self._tg = await stack.enter_async_context(task_group())
         self._stack = stack
+        self._eager = EagerTasks.here()
         self.state = Lifecycle.OPEN
         self.spawn(self._read_loop)
         self.spawn(self._write_loop)
@@ -175,6 +179,9 @@ class Driver:
         try:
             await self.aclose()
         finally:
+            if self._eager:  # closing cancelled them, through their own scopes
+                with anyio.CancelScope(shield=True):
+                    await self._eager.wait()
             self._tg.cancel_scope.cancel()
             suppress = await self._stack.__aexit__(*exc_info)
         return suppress
@@ -184,6 +191,17 @@ class Driver:
         assert self._tg is not None
         self._tasks += 1
         self._tg.start_soon(self._counted, func, args)
+
+    def spawn_eager(self, func: Callable[..., Any], *args: Any) -> None:
+        """As :meth:`spawn`, but where the loop can (asyncio on Python 3.12+) the
+        task's first step runs now, before this returns (see EagerTasks). Its
+        owner must be able to cancel it through a cancel scope of its own: the
+        driver's task group does not hold it."""
+        if self._eager is None:
+            self.spawn(func, *args)
+            return
+        self._tasks += 1
+        self._eager.start(self._counted(func, args))
 
     async def _counted(self, func: Callable[..., Any], args: tuple[Any, ...]) -> None:
         try:
@@ -221,6 +239,7 @@ class Driver:
             return
         self.proto.close(exc)
         self.waiters.wake_all()
+        self.on_close()
         if self._drained is not None:
             self._drained.set()
         self._wakeup.set()
@@ -478,6 +497,10 @@ class Driver:
         if drained is not None and self.buffered_amount <= self.low_buffered_amount:
             self._drained = None
             drained.set()
+
+
+def _nothing() -> None:
+    pass
 
 
 def _no_handlers(frame: Any) -> None:

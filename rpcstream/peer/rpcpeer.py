@@ -16,10 +16,11 @@ from typing import Any, Self
 
 import anyio
 
-from ..messages import MSGPACK, Codec, StreamId
+from ..messages import MSGPACK, Codec, Notify, StreamId
 from ..protocol import Protocol, Side, State
 from ..router import Router
 from ..transport.base import Transport
+from .admission import SETTINGS
 from .callee import Callee
 from .caller import Caller
 from .driver import PUMP, Driver, Lifecycle
@@ -60,6 +61,9 @@ class RpcPeer:
         max_queued_bytes: answers queued for a peer that does not read them
             (it keeps calling but never reads) beyond this abort the connection
             (local code 1008): stream data is bounded by credit, answers by this.
+        max_waiting_calls: our calls and stream calls beyond the other side's
+            advertised ``max_concurrent_handlers`` wait for a slot; beyond this
+            many waiting, a call raises :class:`Overloaded` at once.
     """
 
     def __init__(
@@ -80,6 +84,7 @@ class RpcPeer:
         close_timeout: float = 5.0,
         call_rate: tuple[float, int] | None = None,
         max_queued_bytes: int = 16 * 1024 * 1024,
+        max_waiting_calls: int = 100_000,
     ) -> None:
         self.transport = transport
         self.router = router if router is not None else Router()
@@ -102,7 +107,8 @@ class RpcPeer:
         )
         driver.owner = self
         self._senders = Senders(driver, self._report)
-        self._caller = Caller(driver, self._senders)
+        self._caller = Caller(driver, self._senders, max_waiting_calls)
+        driver.on_close = self._caller.admission.close
         self._callee = Callee(
             driver,
             self._senders,
@@ -111,6 +117,7 @@ class RpcPeer:
             max_concurrent_handlers=max_concurrent_handlers,
             call_rate=call_rate,
             expose_tracebacks=expose_tracebacks,
+            on_settings=self._caller.admission.set_limit,
         )
         driver.on_call = self._callee.on_call
         self.principal: Any = None
@@ -122,6 +129,12 @@ class RpcPeer:
     # -- lifecycle ---------------------------------------------------------------------
 
     async def __aenter__(self) -> Self:
+        # Our limits go first, so the other side's callers wait rather than
+        # being refused (see admission.py).
+        limits = {"max_concurrent_handlers": self._callee.max_concurrent_handlers}
+        self._driver.proto.send(
+            Notify(SETTINGS, self.codec.empty_array, self.codec.encode_raw(limits), [])
+        )
         await self._driver.start()
         return self
 
@@ -175,6 +188,12 @@ class RpcPeer:
         return self._driver.close_timeout
 
     @property
+    def remote_max_concurrent_handlers(self) -> int:
+        """The other side's ``max_concurrent_handlers``: what it advertised, or
+        the default until it does. Our calls beyond it wait for a slot."""
+        return self._caller.admission.limit
+
+    @property
     def calls_received(self) -> int:
         """Calls, notifications and stream calls received so far."""
         return self._callee.calls_received
@@ -190,6 +209,7 @@ class RpcPeer:
         driver = self._driver
         return {
             "pending_calls": driver.proto.calls_waiting,
+            "waiting_calls": self._caller.admission.waiting,
             "running_handlers": self._callee.running,
             "streams": driver.proto.streams.count,
             "pumps": driver.waiters.count(PUMP),

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import AsyncIterable, AsyncIterator, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 from typing import Any, Self
 
 import anyio
@@ -50,15 +50,60 @@ class IncomingStream(AsyncIterator[Any]):
         window_items: int | None = None,
         window_bytes: int | None = None,
         timeout: float | None = None,
+        *,
+        open_now: bool = True,
     ) -> None:
         self._driver = driver
         self.stream_id = stream_id
         self._open = True
         self._deadline = deadline(timeout)
-        decoder = driver.codec.decoder(item_type)
-        driver.proto.streams.open_incoming(
-            stream_id, decoder.decode, window_items=window_items, window_bytes=window_bytes
+        self._decode = driver.codec.decoder(item_type).decode
+        self._windows = (window_items, window_bytes)
+        # A stream call's slot on the other side (see admission.py), given back
+        # once when the stream is done; and, beyond the limit, how to start.
+        self._release: Callable[[], None] | None = None
+        self._pending: (
+            tuple[Callable[[float], Awaitable[None]], Callable[[], None], Callable[[], None]] | None
+        ) = None
+        if open_now:
+            self.open()
+
+    def open(self) -> None:
+        """Register the stream with the protocol, which grants its first credit."""
+        window_items, window_bytes = self._windows
+        self._driver.proto.streams.open_incoming(
+            self.stream_id, self._decode, window_items=window_items, window_bytes=window_bytes
         )
+
+    def hold_slot(self, release: Callable[[], None]) -> None:
+        """The stream holds a handler slot on the other side until it is done."""
+        self._release = release
+
+    def start_later(
+        self,
+        acquire: Callable[[float], Awaitable[None]],
+        start: Callable[[], None],
+        release: Callable[[], None],
+    ) -> None:
+        """Start at the first read, once ``acquire`` (within the stream's deadline)
+        got a slot: ``start`` opens the stream and sends the call."""
+        self._pending = (acquire, start, release)
+
+    async def _start(self) -> None:
+        assert self._pending is not None
+        acquire, start, release = self._pending
+        self._pending = None
+        try:
+            await acquire(self._deadline)
+        except BaseException:
+            self._open = False  # never started: nothing to close, no slot held
+            raise
+        self._release = release
+        try:
+            start()
+        except BaseException:
+            self.close()
+            raise
 
     def __repr__(self) -> str:
         return f"<IncomingStream {self.stream_id}{'' if self._open else ' closed'}>"
@@ -80,6 +125,8 @@ class IncomingStream(AsyncIterator[Any]):
     async def __anext__(self) -> Any:
         if not self._open:
             raise StopAsyncIteration
+        if self._pending is not None:
+            await self._start()
         driver, sid = self._driver, self.stream_id
         streams, waiters = driver.proto.streams, driver.waiters
         while True:
@@ -92,6 +139,7 @@ class IncomingStream(AsyncIterator[Any]):
                 raise StopAsyncIteration from None
             except KeyError:  # closed with peer.close_receiving_stream(stream_id)
                 self._open = False
+                self._give_back_slot()
                 raise StopAsyncIteration from None
             except BaseException:
                 self.close()
@@ -123,7 +171,15 @@ class IncomingStream(AsyncIterator[Any]):
         """Stop receiving; the sender is told to stop. Needs no ``await``."""
         if self._open:
             self._open = False
-            close_receiving(self._driver, self.stream_id)
+            if self._pending is None:
+                close_receiving(self._driver, self.stream_id)
+            self._pending = None
+            self._give_back_slot()
+
+    def _give_back_slot(self) -> None:
+        release, self._release = self._release, None
+        if release is not None:
+            release()
 
     async def aclose(self) -> None:
         """Stop receiving (see :meth:`close`)."""

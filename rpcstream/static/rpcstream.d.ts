@@ -250,6 +250,8 @@ export declare class Peer extends EventTarget {
   /** Bytes queued for the socket and not yet sent. */
   readonly bufferedAmount: number;
   readonly stats: PeerStats;
+  /** The server's max_concurrent_handlers as it advertised it (256 until it does). */
+  readonly remoteMaxConcurrentHandlers: number;
 
   /** Call `method` with positional `args` and keyword `kwargs`; resolve with the result. */
   call<R = any>(

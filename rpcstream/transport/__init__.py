@@ -9,17 +9,18 @@ knows websockets, or which event loop runs.
 - ``asyncio_ws``: connections that hand each message over as it arrives;
 - ``trio_ws``: connections whose reader never waits on their writer.
 - ``memory``: two peers joined in one process, for tests.
-- ``loop``: :func:`is_trio`.
+- ``loop``: :func:`is_trio`, and :class:`EagerTasks` where the loop starts tasks eagerly.
 """
 
 from .base import Transport
 from .http import HttpRequest, HttpResponse, Upgrade
-from .loop import is_trio
+from .loop import EagerTasks, is_trio
 from .memory import MemoryTransport, memory_transport_pair
 from .options import WebSocketOptions
 from .websocket import WebSocketTransport, open_websocket, serve_websocket
 
 __all__ = [
+    "EagerTasks",
     "HttpRequest",
     "HttpResponse",
     "MemoryTransport",

@@ -8,7 +8,7 @@ import {
   Overloaded, toRemoteError,
 } from "./errors.js";
 import { encodable, encodeValue } from "./codec.js";
-import { FrameTag } from "./protocol.js";
+import { FrameTag, SETTINGS_METHOD } from "./protocol.js";
 import { IncomingStream } from "./streams.js";
 import { isAsyncGeneratorFunction, isAsyncIterable, lookup, raceAbort } from "./util.js";
 
@@ -40,6 +40,11 @@ export class Callee {
     const tag = frame[0];
     const method = tag === NOTIFY ? frame[1] : frame[2];
     this.peer.callsReceived += 1;
+    if (tag === NOTIFY && method === SETTINGS_METHOD && !lookup(this.peer.router, method)) {
+      const limit = frame[3]?.max_concurrent_handlers;
+      if (Number.isInteger(limit) && limit >= 1) this.peer.remoteMaxConcurrentHandlers = limit;
+      return;
+    }
     if (tag === STREAM_CALL) {
       // The caller allocates the id of the stream it will receive.
       const streams = this.peer._streams;

@@ -10,7 +10,9 @@
 import { ConnectionClosed, DeadlineExceeded, ErrorCode, RemoteError } from "./errors.js";
 import { decodeBatch, streamDataSizes } from "./codec.js";
 import { Callee } from "./callee.js";
-import { FrameTag, HEARTBEAT_METHOD, MAX_MESSAGE_BYTES, SUBPROTOCOL } from "./protocol.js";
+import {
+  FrameTag, HEARTBEAT_METHOD, MAX_MESSAGE_BYTES, SETTINGS_METHOD, SUBPROTOCOL,
+} from "./protocol.js";
 import { IncomingStream, StreamTable } from "./streams.js";
 import { checkCall, deferred, safeUrl, socketUrl, soon } from "./util.js";
 
@@ -53,6 +55,8 @@ export class Peer extends EventTarget {
     this.faultsReceived = 0;
     this.faultsSent = 0;
     this.callsReceived = 0;
+    /** The server's max_concurrent_handlers, as it advertised (256 until it does). */
+    this.remoteMaxConcurrentHandlers = 256;
 
     ws.binaryType = "arraybuffer";
     ws.onmessage = (event) => this._onMessage(event.data);
@@ -60,6 +64,10 @@ export class Peer extends EventTarget {
       this._shutdown(new ConnectionClosed(event.code || 1006, event.reason || ""));
     };
     ws.onerror = () => {}; // a close event always follows
+
+    // Our limits go first, as the Python peer's do (rpcstream/peer/admission.py).
+    const limits = { max_concurrent_handlers: this.maxConcurrentHandlers };
+    this._queueControl(JSON.stringify([NOTIFY, SETTINGS_METHOD, [], limits, []]));
 
     const interval = options.pingInterval === undefined ? 20 : options.pingInterval;
     const timeout = options.pingTimeout === undefined ? 20 : options.pingTimeout;

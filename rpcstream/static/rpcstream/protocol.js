@@ -55,3 +55,9 @@ export const MAX_MESSAGE_BYTES = 256 * 1024;
 
 /** The reserved method every peer answers at once (rpcstream.peer.PING). */
 export const HEARTBEAT_METHOD = "rpcstream.ping";
+
+/**
+ * The reserved notification each side sends first, its kwargs its limits
+ * (rpcstream/peer/admission.py): `{max_concurrent_handlers: n}`.
+ */
+export const SETTINGS_METHOD = "rpcstream.settings";
