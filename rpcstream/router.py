@@ -89,7 +89,7 @@ class Method:
         hints: dict[str, Any] = {}
         for f in forms:  # an object's hints are those of its __call__
             try:
-                hints = typing.get_type_hints(f)
+                hints = typing.get_type_hints(f, include_extras=True)
                 break
             except Exception:  # unresolvable forward references: no conversion
                 continue
