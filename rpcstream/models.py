@@ -43,11 +43,13 @@ __all__ = [
     "AdapterDecoder",
     "MAX_MESSAGE",
     "adapter",
+    "build_decoder",
     "check_type",
     "convert",
     "dec_hook",
     "describe",
     "enc_hook",
+    "encode_json",
     "is_model",
     "mentions_pydantic",
 ]
@@ -138,6 +140,10 @@ def dec_hook(type_: Any, obj: Any) -> Any:
 
     Anything else is refused with msgspec's own wording (``Expected `X`, got
     `dict```), which msgspec raises as a ``ValidationError`` with the path."""
+    if isinstance(type_, type) and isinstance(obj, type_):
+        # msgspec's own rule for a custom type when no hook is set (``object``
+        # takes anything): with a hook, msgspec leaves even that to the hook.
+        return obj
     if is_model(type_):
         try:
             return type_.model_validate(obj)
@@ -156,6 +162,11 @@ def enc_hook(obj: Any) -> Any:
         if base is not None and isinstance(obj, base):
             return obj.model_dump(mode="json", by_alias=True)
     raise TypeError(f"Encoding objects of type {type(obj).__qualname__} is unsupported")
+
+
+encode_json = msgspec.json.Encoder(enc_hook=enc_hook).encode
+"""JSON by msgspec, pydantic models as their JSON form: run event data as stored
+(``rpcstream.runs.events.encode_data`` with models; that module imports only msgspec)."""
 
 
 def adapter(hint: Any) -> Any:

@@ -18,6 +18,7 @@ import pytest
 import rpcstream
 from rpcstream import models
 from rpcstream.messages import JSON, MSGPACK
+from rpcstream.runs.writer import RunWriter
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -268,6 +269,19 @@ async def test_a_run_validates_and_streams_model_events(codec: str) -> None:
         assert "age: Field required" in bad.value.message
 
 
+@pytest.mark.anyio
+async def test_a_run_writer_outside_the_server_stores_models_as_their_json_form() -> None:
+    async with rpcstream.MemoryStore() as store:
+        writer = await RunWriter.create(store, "job", "generate")
+        await writer.send("token", Token(text="hi", index=0))
+        await writer.send("complete", [User(name="ann", age=1)])
+        stored = await store.read("job", after=1)
+    assert [(e.type, msgspec.json.decode(e.data)) for e in stored] == [
+        ("token", {"text": "hi", "index": 0}),
+        ("complete", [{"name": "ann", "age": 1, "tags": []}]),
+    ]
+
+
 class Plain:
     """A class msgspec cannot build and pydantic does not own."""
 
@@ -299,6 +313,15 @@ def test_the_codecs_encode_models_and_refuse_other_unknown_objects_as_before() -
         ]
         with pytest.raises(TypeError, match="Encoding objects of type object is unsupported"):
             codec.encode(object())
+
+
+def test_the_decoders_keep_msgspec_s_rule_for_other_classes() -> None:
+    # With a dec_hook msgspec hands every custom type to it: `object` must still take
+    # anything, and any other class still be refused with msgspec's wording.
+    for codec in (MSGPACK, JSON):
+        assert codec.decode(codec.encode({"a": [1, 2]}), object) == {"a": [1, 2]}
+        with pytest.raises(msgspec.ValidationError, match="Expected `Plain`, got `dict`"):
+            codec.decode(codec.encode({"name": "x"}), Plain)
 
 
 def test_validation_messages_are_one_bounded_line() -> None:

@@ -12,9 +12,8 @@ and what :class:`~rpcstream.runs.client.RunClient` and the browser module
 * :class:`RunStatus`: the ``status`` strings of ``runs.status`` and ``runs.cancel``.
 * :func:`encode_data`: event data is stored and sent as JSON, encoded by msgspec.
 
-This module imports nothing of rpcstream beyond :mod:`rpcstream.models` (itself
-only msgspec and the standard library), so the stores (which must never import
-the server) can use it too.
+This module imports nothing of rpcstream beyond msgspec and the standard
+library, so the stores (which must never import the server) can use it too.
 """
 
 from __future__ import annotations
@@ -23,8 +22,6 @@ import enum
 from typing import Any, Final, Protocol
 
 import msgspec
-
-from .. import models
 
 __all__ = [
     "MAX_EVENT_ID",
@@ -116,9 +113,8 @@ class RunEvent(msgspec.Struct):
     flow: str
 
 
-encode_data = msgspec.json.Encoder(enc_hook=models.enc_hook).encode
-"""Event data as stored and sent: JSON, by msgspec (Structs, dataclasses, dicts...,
-pydantic models as their JSON form)."""
+encode_data = msgspec.json.Encoder().encode
+"""Event data as stored and sent: JSON, by msgspec (Structs, dataclasses, dicts...)."""
 
 decode_data = msgspec.json.Decoder().decode
 """The inverse of :func:`encode_data` (to plain Python values)."""

@@ -123,7 +123,7 @@ class RunChannel:
         try:
             if declared is not None:
                 data = models.convert(data, declared)  # Structs and pydantic models
-            encoded = encode_data(data)
+            encoded = models.encode_json(data)  # encode_data, and pydantic models
         except (msgspec.ValidationError, TypeError) as exc:
             raise EventValidationError(f"event {type!r} of flow {run.flow.name!r}: {exc}") from exc
         terminal = type == EventType.COMPLETE
@@ -416,7 +416,7 @@ class RunServer:
                 terminal, data = EventType.CANCELLED.value, None
             if not run.finished:
                 try:
-                    encoded = encode_data(data)
+                    encoded = models.encode_json(data)  # the flow may return a model
                 except TypeError:
                     terminal = EventType.ERROR.value
                     encoded = encode_data(
