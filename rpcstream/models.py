@@ -160,7 +160,11 @@ def enc_hook(obj: Any) -> Any:
     if pd is not None:
         base = getattr(pd, "BaseModel", None)
         if base is not None and isinstance(obj, base):
-            return obj.model_dump(mode="json", by_alias=True)
+            try:
+                return obj.model_dump(mode="json", by_alias=True)
+            except ValueError as exc:  # PydanticSerializationError: a field it cannot dump
+                # TypeError is what every encoding site expects of a value it cannot send.
+                raise TypeError(f"{type(obj).__qualname__} cannot be dumped: {exc}") from exc
     raise TypeError(f"Encoding objects of type {type(obj).__qualname__} is unsupported")
 
 

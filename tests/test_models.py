@@ -324,6 +324,17 @@ def test_the_decoders_keep_msgspec_s_rule_for_other_classes() -> None:
             codec.decode(codec.encode({"name": "x"}), Plain)
 
 
+class Loose(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(arbitrary_types_allowed=True)
+    thing: Any
+
+
+def test_a_model_pydantic_cannot_dump_is_a_type_error_as_for_any_unencodable_value() -> None:
+    for codec in (MSGPACK, JSON):
+        with pytest.raises(TypeError, match="Loose cannot be dumped"):
+            codec.encode(Loose(thing=object()))
+
+
 def test_validation_messages_are_one_bounded_line() -> None:
     try:
         User.model_validate({"name": 1, "age": "x" * 10_000})
