@@ -21,6 +21,8 @@ from typing import Any, Final, NewType, TypeAlias
 
 import msgspec
 
+from . import models
+
 __all__ = [
     "CODECS",
     "JSON",
@@ -182,7 +184,10 @@ class Codec:
     """Encodes batches of frames and payload values for one wire format.
 
     Encoders and decoders are built once; per-type decoders are cached so a
-    handler's parameter types are only compiled on first use.
+    handler's parameter types are only compiled on first use. pydantic models
+    are encoded and validated through msgspec's hooks (see :mod:`rpcstream.models`),
+    which msgspec only calls for values it cannot handle itself: Structs,
+    dataclasses and builtins pay nothing for it.
     """
 
     __slots__ = (
@@ -203,14 +208,14 @@ class Codec:
         self._decoders: dict[Any, Any] = {}
         if name == "msgpack":
             self.binary = True
-            self._encoder: msgspec.msgpack.Encoder | msgspec.json.Encoder = (
-                msgspec.msgpack.Encoder()
+            self._encoder: msgspec.msgpack.Encoder | msgspec.json.Encoder = msgspec.msgpack.Encoder(
+                enc_hook=models.enc_hook
             )
             self._decoder_cls: Any = msgspec.msgpack.Decoder
             self._batch_decoder: Any = msgspec.msgpack.Decoder(list[Frame])
         elif name == "json":
             self.binary = False
-            self._encoder = msgspec.json.Encoder()
+            self._encoder = msgspec.json.Encoder(enc_hook=models.enc_hook)
             self._decoder_cls = msgspec.json.Decoder
             self._batch_decoder = msgspec.json.Decoder(list[Frame])
         else:
@@ -230,14 +235,15 @@ class Codec:
         return msgspec.Raw(self._encoder.encode(value))
 
     def decoder(self, type_: Any) -> Any:
-        """A decoder converting a payload to ``type_`` (cached per type)."""
+        """A decoder converting a payload to ``type_`` (cached per type); its
+        ``decode`` raises ``msgspec.ValidationError`` or ``msgspec.DecodeError``."""
         try:
             return self._decoders[type_]
         except KeyError:
-            dec = self._decoders[type_] = self._decoder_cls(type_)
+            dec = self._decoders[type_] = models.build_decoder(self._decoder_cls, type_)
             return dec
         except TypeError:  # an unhashable annotation: build one each time
-            return self._decoder_cls(type_)
+            return models.build_decoder(self._decoder_cls, type_)
 
     def decode(self, raw: msgspec.Raw | bytes, type_: Any = Any) -> Any:
         """Decode a payload to ``type_`` (raises ``msgspec.ValidationError``)."""

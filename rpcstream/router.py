@@ -8,6 +8,11 @@ say what the parameters are: each wire value is converted to its parameter's
 type by msgspec, so a handler never sees a ``str`` where it declared ``int``.
 A parameter annotated ``AsyncIterator[T]`` (or ``AsyncIterable[T]``) receives a
 stream the caller sends, its items converted to ``T``.
+
+Types may be anything msgspec converts (Structs, dataclasses, TypedDicts, attrs
+classes, builtins) and, when pydantic 2 is installed, pydantic models and
+containers of them (see :mod:`rpcstream.models`). A type no value could convert
+to (a plain class) is refused when the handler is registered.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from typing import Any, TypeVar, overload
 
 import msgspec
 
+from . import models
 from .errors import InvalidParams
 from .messages import Codec
 
@@ -89,7 +95,7 @@ class Method:
         hints: dict[str, Any] = {}
         for f in forms:  # an object's hints are those of its __call__
             try:
-                hints = typing.get_type_hints(f)
+                hints = typing.get_type_hints(f, include_extras=True)
                 break
             except Exception:  # unresolvable forward references: no conversion
                 continue
@@ -99,6 +105,11 @@ class Method:
             hints.get("return", sig.return_annotation)
         )
         params = [_Param(p, hints.get(p.name, p.annotation)) for p in sig.parameters.values()]
+        for p in params:
+            try:
+                models.check_type(p.type if p.stream_item is None else p.stream_item)
+            except TypeError as exc:
+                raise TypeError(f"handler {name!r}: parameter {p.name!r}: {exc}") from None
         P = inspect.Parameter
         self._positional = [
             p for p in params if p.kind in (P.POSITIONAL_ONLY, P.POSITIONAL_OR_KEYWORD)

@@ -40,6 +40,7 @@ import msgspec
 from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
+from .. import models
 from .._tasks import task_group
 from ..errors import (
     EventValidationError,
@@ -117,8 +118,8 @@ class RunChannel:
         declared = run.flow.events.get(type)
         try:
             if declared is not None:
-                data = msgspec.convert(data, declared)
-            encoded = encode_data(data)
+                data = models.convert(data, declared)  # Structs and pydantic models
+            encoded = models.encode_json(data)  # encode_data, and pydantic models
         except (msgspec.ValidationError, TypeError) as exc:
             raise EventValidationError(f"event {type!r} of flow {run.flow.name!r}: {exc}") from exc
         terminal = type == EventType.COMPLETE
@@ -288,9 +289,14 @@ class RunServer:
     def flow(self, name: str, *, events: dict[str, type] | None = None) -> Callable[[F], F]:
         """Register ``async def flow(ctx, **params)`` under ``name``.
 
-        ``events`` maps event types to the msgspec-convertible types their data
-        must fit (Structs, dataclasses, TypedDicts...).
+        ``events`` maps event types to the types their data must fit: what
+        msgspec converts (Structs, dataclasses, TypedDicts...) or pydantic models.
         """
+        for type_, declared in (events or {}).items():
+            try:
+                models.check_type(declared)
+            except TypeError as exc:
+                raise TypeError(f"flow {name!r}: event {type_!r}: {exc}") from None
 
         def decorator(func: F) -> F:
             if name in self._flows:
@@ -381,7 +387,7 @@ class RunServer:
         if limit is not None and sum(r.owner == owner for r in self._runs.values()) >= limit:
             raise Overloaded(f"too many runs in flight for this principal (max {limit})")
         try:
-            values = msgspec.convert(params or {}, found.params)
+            values = models.convert(params or {}, found.params)
         except msgspec.ValidationError as exc:
             raise InvalidParams(f"flow {name!r}: {exc}") from None
         kwargs = {n: getattr(values, n) for n in found.param_names}
@@ -406,7 +412,7 @@ class RunServer:
                 terminal, data = EventType.CANCELLED.value, None
             if not run.finished:
                 try:
-                    encoded = encode_data(data)
+                    encoded = models.encode_json(data)  # the flow may return a model
                 except TypeError:
                     terminal = EventType.ERROR.value
                     encoded = encode_data(

@@ -21,8 +21,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from .. import models
 from ..store.base import EventStore
-from .events import TERMINAL_TYPES, ErrorData, EventType, begin_run, encode_data
+from .events import TERMINAL_TYPES, ErrorData, EventType, begin_run
 
 __all__ = ["RunWriter"]
 
@@ -50,7 +51,7 @@ class RunWriter:
 
     async def send(self, type: str, data: Any = None) -> int:
         """Append an event of ``type`` with ``data``; a terminal type ends the run."""
-        encoded = encode_data(data)
+        encoded = models.encode_json(data)  # encode_data, and pydantic models
         event = await self.store.append(self.run_id, type, encoded, terminal=type in TERMINAL_TYPES)
         return event.id
 
