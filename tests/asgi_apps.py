@@ -5,7 +5,7 @@
   token: the principal is the token; ``bad`` is forbidden). Served on its own,
   the ASGI server's lifespan events start it.
 - ``site``: a Starlette app with ``rpc`` mounted at ``/rpc`` (``Mount``) and at
-  ``/ws`` (``WebSocketRoute``), a plain route at ``/hello``, and a lifespan that
+  ``/ws`` (``WebSocketRoute``), plain routes at ``/hello`` and ``/page``, and a lifespan that
   starts ``rpc`` (mounted apps get no lifespan events of their own).
 - ``redis_rpc``: ``rpc``'s router on a ``RedisStore`` at ``$REDIS_URL``, to see
   ``/readyz`` fail when Redis is gone.
@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator
 import anyio
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import PlainTextResponse
+from starlette.responses import HTMLResponse, PlainTextResponse
 from starlette.routing import Mount, Route, WebSocketRoute
 
 import rpcstream
@@ -92,6 +92,11 @@ async def hello(request: Request) -> PlainTextResponse:
     return PlainTextResponse("hello from starlette")
 
 
+async def page(request: Request) -> HTMLResponse:
+    """A blank page for the browser tests, which import ``/rpc/rpcstream.js``."""
+    return HTMLResponse("<!doctype html><title>rpcstream under ASGI</title>")
+
+
 _mounted = rpcstream.asgi.app(make_runs(), authenticate=authenticate)
 
 
@@ -104,6 +109,7 @@ async def _lifespan(app: Starlette) -> AsyncIterator[None]:
 site = Starlette(
     routes=[
         Route("/hello", hello),
+        Route("/page", page),
         WebSocketRoute("/ws", _mounted),
         Mount("/rpc", app=_mounted),
     ],
