@@ -175,7 +175,8 @@ class Service:
         return respond(200, b"ready\n", "text/plain; charset=utf-8")
 
     async def check_ready(self) -> str | None:
-        """``None`` when ready, else why not (:attr:`not_ready`, or the store's error)."""
+        """``None`` when ready, else why not (:attr:`not_ready`, or that the
+        store failed: its error is logged, not told to whoever asks)."""
         if self.not_ready is not None:
             return self.not_ready
         store = getattr(self.app, "store", None)
@@ -185,10 +186,11 @@ class Service:
             with anyio.fail_after(READINESS_TIMEOUT):
                 await store.check()
         except TimeoutError:
-            return f"store unavailable: no answer within {READINESS_TIMEOUT} s"
+            log.warning("readiness check: the store did not answer within %s s", READINESS_TIMEOUT)
+            return "store unavailable"
         except Exception as exc:  # StoreUnavailable, a closed store, a backend's own error
-            log.warning("readiness check failed: %s", exc)
-            return f"store unavailable: {exc}"
+            log.warning("readiness check: the store failed: %s", exc)
+            return "store unavailable"
         return None
 
     async def on_request(self, request: HttpRequest) -> HttpResponse | Upgrade:
