@@ -88,7 +88,9 @@ PAGE = """<!doctype html>
   await peer.close();
   const client = new RunClient(new URL("/rpc/", location.href.replace(/^http/, "ws")).href);
   const runId = await client.start("countdown", { start: 3 });
-  for await (const event of client.subscribe(runId)) say(event.type + " " + JSON.stringify(event.data));
+  for await (const event of client.subscribe(runId)) {
+    say(event.type + " " + JSON.stringify(event.data));
+  }
   await client.close();
 </script>
 """

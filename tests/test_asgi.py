@@ -27,6 +27,7 @@ import pytest
 from redis_server import RedisServer, free_port, require_redis_server
 
 import rpcstream
+import rpcstream.asgi
 from tests.browser import CHROMIUM, cdp_session, launch
 from tests.tcp_proxy import tcp_proxy
 
@@ -244,3 +245,61 @@ async def test_the_browser_module_works_against_each_server(server: str) -> None
         "items": 300,
         "total": 300 * 299 // 2,
     }
+
+
+async def run_lifespan(app: rpcstream.asgi.AsgiApp, *, then: Any = None) -> list[dict[str, Any]]:
+    """Drive the ASGI lifespan protocol in process; ``then()`` runs between
+    startup and shutdown. Returns what the app sent."""
+    sent: list[dict[str, Any]] = []
+    events = [{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}]
+
+    async def receive() -> dict[str, Any]:
+        if len(events) == 1 and then is not None:
+            await then()
+        return events.pop(0)
+
+    async def send(event: dict[str, Any]) -> None:
+        sent.append(event)
+
+    await app({"type": "lifespan", "asgi": {"version": "3.0"}}, receive, send)
+    return sent
+
+
+async def test_lifespan_events_start_and_stop_the_run_server_in_process() -> None:
+    runs = rpcstream.RunServer()
+    app = rpcstream.asgi.app(runs)
+    seen: list[str | None] = []
+
+    async def between() -> None:
+        seen.append(await app.service.check_ready())
+
+    sent = await run_lifespan(app, then=between)
+    assert [e["type"] for e in sent] == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
+    assert seen == [None]  # ready while started
+    assert await app.service.check_ready() is not None  # not once stopped
+
+
+async def test_a_store_that_cannot_open_fails_the_startup_with_its_message() -> None:
+    class Broken(rpcstream.MemoryStore):
+        async def _open(self) -> None:
+            raise rpcstream.StoreUnavailable("cannot reach the store")
+
+    app = rpcstream.asgi.app(rpcstream.RunServer(Broken()))
+    sent = await run_lifespan(app)
+    assert sent[0]["type"] == "lifespan.startup.failed"
+    assert "cannot reach the store" in sent[0]["message"]
+
+
+async def test_a_router_needs_no_start_and_the_lifespan_is_a_no_op() -> None:
+    app = rpcstream.asgi.app(rpcstream.Router())
+    assert await app.service.check_ready() is None
+    sent = await run_lifespan(app)
+    assert [e["type"] for e in sent] == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
+
+
+async def test_an_app_cannot_be_started_twice_at_once() -> None:
+    app = rpcstream.asgi.app(rpcstream.RunServer())
+    async with app.lifespan():
+        with pytest.raises(RuntimeError, match="started already"):
+            async with app.lifespan():
+                pass

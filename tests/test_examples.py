@@ -89,6 +89,6 @@ async def test_fastapi_app_serves_its_routes_and_rpcstream_on_one_port_under_uvi
             ("tick", 1),
             ("complete", "liftoff"),
         ]
-        status, body, kind = await http_get(f"http://127.0.0.1:{port}/")
+        status, body, _ = await http_get(f"http://127.0.0.1:{port}/")
         assert status == 200 and b'from "/rpc/rpcstream.js"' in body
         assert (await http_get(f"http://127.0.0.1:{port}/rpc/readyz"))[:2] == (200, b"ready\n")
