@@ -92,3 +92,47 @@ async def test_fastapi_app_serves_its_routes_and_rpcstream_on_one_port_under_uvi
         status, body, _ = await http_get(f"http://127.0.0.1:{port}/")
         assert status == 200 and b'from "/rpc/rpcstream.js"' in body
         assert (await http_get(f"http://127.0.0.1:{port}/rpc/readyz"))[:2] == (200, b"ready\n")
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # the browser is the client
+async def test_fastapi_apps_page_calls_streams_and_follows_a_run_in_a_browser() -> None:
+    from tests.browser import CHROMIUM, cdp_session, launch
+    from tests.test_asgi import serving
+
+    if not os.access(CHROMIUM, os.X_OK):
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"CI=true, so the browser tests must run, but {CHROMIUM} is missing")
+        pytest.skip(f"{CHROMIUM} not found: install the Debian package chromium")
+    browser = launch()
+    try:
+        with serving("uvicorn", "examples.fastapi_app:app") as port:
+            async with cdp_session(browser.ws_url) as cdp:
+                page = await cdp.new_page()
+                await page.goto(f"http://127.0.0.1:{port}/")
+                # Resolves once the page has written the run's last event.
+                text = await page.evaluate(
+                    """new Promise((resolve) => {
+                      const out = document.getElementById("out");
+                      const check = () => {
+                        if (out.textContent.includes("complete")) resolve(out.textContent);
+                      };
+                      new MutationObserver(check).observe(
+                        out, { childList: true, characterData: true, subtree: true });
+                      check();
+                    })"""
+                )
+                await page.close()
+    finally:
+        browser.close()
+    assert text.splitlines() == [
+        "add(1, 2) = 3",
+        "count: 0",
+        "count: 1",
+        "count: 2",
+        'started {"flow":"countdown"}',
+        "tick 3",
+        "tick 2",
+        "tick 1",
+        'complete "liftoff"',
+    ]
