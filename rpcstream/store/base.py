@@ -240,6 +240,17 @@ class EventStore(abc.ABC):
 
     # -- the contract ---------------------------------------------------------
 
+    async def check(self) -> None:
+        """Raise unless the store can serve now: what ``/readyz`` asks.
+
+        Raises :class:`~rpcstream.errors.StoreUnavailable` when the backend
+        cannot be reached (Redis), :class:`anyio.ClosedResourceError` once
+        closed. The default only checks that the store is open; backends with
+        something to reach override :meth:`_check`.
+        """
+        self._check_open()
+        await self._check()
+
     async def create_run(self, run_id: str, flow: str, owner: str | None = None) -> RunInfo:
         """Create an empty, running run.
 
@@ -330,6 +341,9 @@ class EventStore(abc.ABC):
 
     async def _aclose(self) -> None:  # noqa: B027 - optional hook, empty on purpose
         """Backend hook for :meth:`aclose`; runs shielded from cancellation."""
+
+    async def _check(self) -> None:  # noqa: B027 - optional hook, empty on purpose
+        """Backend hook for :meth:`check`: one cheap round trip to the backend."""
 
     @abc.abstractmethod
     async def _create_run(self, run_id: str, flow: str, owner: str | None) -> RunInfo:

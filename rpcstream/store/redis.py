@@ -340,6 +340,11 @@ class RedisStore(EventStore):
         if pool is not None:
             await pool.disconnect()
 
+    async def _check(self) -> None:
+        client = self._client()
+        with self._mapped("ping"):
+            await client.ping()
+
     def _client(self) -> Redis:
         client = self._redis
         if client is None:

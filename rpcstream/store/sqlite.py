@@ -39,6 +39,7 @@ from typing import Any, TypeVar
 
 import anyio
 
+from ..errors import StoreUnavailable
 from .base import RUNNING, EventStore, RunInfo, StoredEvent
 from .commit import GroupCommit, Request, Take
 
@@ -176,6 +177,15 @@ class SQLiteStore(EventStore):
             conn, self._conn = self._conn, None
             if conn is not None:
                 await anyio.to_thread.run_sync(conn.close)
+
+    async def _check(self) -> None:
+        def probe(conn: sqlite3.Connection) -> None:
+            conn.execute("SELECT 1 FROM runs LIMIT 1").fetchall()
+
+        try:
+            await self._run(probe)
+        except sqlite3.Error as exc:  # the file is gone, unreadable, locked past its timeout
+            raise StoreUnavailable(f"cannot read {self.path}: {exc}") from exc
 
     async def _ensure_open(self) -> None:
         """Open on first use, but never reopen behind the back of :meth:`aclose`."""

@@ -8,10 +8,13 @@ knows websockets, or which event loop runs.
   :func:`serve_websocket`, which pick the event loop's module:
 - ``asyncio_ws``: connections that hand each message over as it arrives;
 - ``trio_ws``: connections whose reader never waits on their writer.
+- ``asgi``: :class:`AsgiTransport` over the ASGI WebSocket interface, and
+  :func:`serve_asgi_websocket` / :func:`serve_asgi_http` for ASGI scopes.
 - ``memory``: two peers joined in one process, for tests.
 - ``loop``: :func:`is_trio`, and :class:`EagerTasks` where the loop starts tasks eagerly.
 """
 
+from .asgi import AsgiTransport, serve_asgi_http, serve_asgi_websocket
 from .base import Transport
 from .http import HttpRequest, HttpResponse, Upgrade
 from .loop import EagerTasks, is_trio
@@ -20,6 +23,7 @@ from .options import WebSocketOptions
 from .websocket import WebSocketTransport, open_websocket, serve_websocket
 
 __all__ = [
+    "AsgiTransport",
     "EagerTasks",
     "HttpRequest",
     "HttpResponse",
@@ -31,5 +35,7 @@ __all__ = [
     "is_trio",
     "memory_transport_pair",
     "open_websocket",
+    "serve_asgi_http",
+    "serve_asgi_websocket",
     "serve_websocket",
 ]

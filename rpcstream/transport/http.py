@@ -4,7 +4,7 @@ A server transport reads each request into an :class:`HttpRequest` and asks the
 server's hook what to do: answer it with an :class:`HttpResponse` (a plain route,
 a refusal) or :class:`Upgrade` it, carrying whatever the server wants handed to
 the connection's handler (rpcstream: the principal). Nothing here knows a
-WebSocket library, so another server transport (ASGI) can speak the same.
+WebSocket library, so the ASGI transport (``asgi``) speaks the same.
 """
 
 from __future__ import annotations
@@ -47,6 +47,10 @@ class HttpRequest:
     headers: Headers
     remote_address: Any
     """The client's (host, port), where known."""
+    websocket: bool | None = None
+    """Whether the server knows it asks for a WebSocket (an ASGI ``websocket``
+    scope, which may come over HTTP/2 with no ``Upgrade`` header); ``None``:
+    judge from the headers."""
 
     @property
     def path(self) -> str:
@@ -61,6 +65,8 @@ class HttpRequest:
     @property
     def is_upgrade(self) -> bool:
         """Whether it asks for a WebSocket (otherwise it is plain HTTP)."""
+        if self.websocket is not None:
+            return self.websocket
         return "websocket" in self.headers.get("Upgrade", "").lower()
 
     @property
