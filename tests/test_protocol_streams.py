@@ -320,39 +320,59 @@ def test_a_window_that_holds_a_fast_stream_back_doubles_up_to_its_maximum() -> N
     a.streams.open_outgoing(1)
     b.streams.open_incoming(1, identity, window_items=10_000, window_bytes=1000)
     deliver(b, a)
+    pool = b.streams.pool_left
     sent = _run_rounds(a, b, 1, 12, send=None, take="all")
     assert b.streams.window_bytes_of(1) == 8000
     assert sent[0] == 10 and max(sent) == 80  # 1000 then 8000 bytes a round
-    assert b.streams.window_growth_left == 16 * 1024 * 1024 - 7000
+    assert b.streams.pool_left == pool - 7000
 
 
-def test_a_lagging_consumer_or_a_stream_of_small_items_never_grows_the_window() -> None:
-    a, b = pair(max_window_bytes=8000)
+def test_an_item_window_that_holds_a_stream_of_small_items_back_doubles_too() -> None:
+    a, b = pair(max_window_items=64)
+    a.streams.open_outgoing(1)
+    b.streams.open_incoming(1, identity, window_items=4, window_bytes=100_000)
+    deliver(b, a)
+    sent = _run_rounds(a, b, 1, 12, send=None, take="all", payload=b"t")
+    assert sent[0] == 4 and max(sent) == 64  # tokens: the item window was the limit
+
+
+def test_a_lagging_consumer_never_grows_a_window() -> None:
+    a, b = pair(max_window_bytes=8000, max_window_items=64)
     for sid in (1, 3):
         a.streams.open_outgoing(sid)
     b.streams.open_incoming(1, identity, window_items=10_000, window_bytes=1000)
     b.streams.open_incoming(3, identity, window_items=4, window_bytes=1000)
     deliver(b, a)
-    # Stream 1: the consumer takes half of what waits, so it never waits itself.
+    pool = b.streams.pool_left
+    # The consumer takes half of what waits, so it never waits itself.
     _run_rounds(a, b, 1, 12, send=None, take="half")
-    # Stream 3: small items fill the item window first (like tokens).
-    _run_rounds(a, b, 3, 12, send=None, take="all", payload=b"t")
+    sent = _run_rounds(a, b, 3, 12, send=None, take="half", payload=b"t")
     assert b.streams.window_bytes_of(1) == b.streams.window_bytes_of(3) == 1000
+    assert max(sent) <= 4
     assert b.streams.buffered_items(1) <= 11  # the lagging consumer's buffer: the window
-    assert b.streams.window_growth_left == 16 * 1024 * 1024
+    assert b.streams.pool_left == pool
 
 
-def test_growth_is_charged_to_one_budget_per_connection_and_given_back_on_close() -> None:
-    a, b = pair(max_window_bytes=8000, max_window_growth=5000)
-    for sid in (1, 3):
+def test_windows_draw_from_one_receive_budget_per_connection_and_give_it_back() -> None:
+    # 16,000 bytes for 4 streams: a floor of 2,000 each (8,000) and a pool of 8,000.
+    a, b = pair(max_streams=4, max_receive_buffer=16_000, max_window_bytes=6000)
+    assert (b.streams.floor_bytes, b.streams.pool_left) == (2000, 8000)
+    for sid in (1, 3, 5):
         a.streams.open_outgoing(sid)
-        b.streams.open_incoming(sid, identity, window_items=10_000, window_bytes=1000)
+        b.streams.open_incoming(sid, identity, window_items=10_000, window_bytes=6000)
+    assert [b.streams.window_bytes_of(sid) for sid in (1, 3, 5)] == [6000, 6000, 2000]
+    assert b.streams.pool_left == 0
     deliver(b, a)
-    _run_rounds(a, b, 1, 12, send=None, take="all")
-    assert b.streams.window_bytes_of(1) == 6000  # 1000 + the whole budget (1000, 2000, 2000)
-    _run_rounds(a, b, 3, 12, send=None, take="all")
-    assert b.streams.window_bytes_of(3) == 1000  # nothing left to grow with
+    sent = _run_rounds(a, b, 5, 3, send=None, take="all")
+    assert max(sent) == 20  # 2,000 bytes a round: its floor, the pool being spent
     b.streams.close_incoming(1)
-    assert b.streams.window_growth_left == 5000
-    _run_rounds(a, b, 3, 12, send=None, take="all")
-    assert b.streams.window_bytes_of(3) == 6000
+    assert b.streams.pool_left == 4000
+    sent = _run_rounds(a, b, 5, 4, send=None, take="all")
+    assert b.streams.window_bytes_of(5) == 6000 and max(sent) == 60  # grew back
+    total = sum(b.streams.window_bytes_of(sid) for sid in (3, 5))
+    assert total + 2 * b.streams.floor_bytes <= 16_000  # and two floors still free
+
+
+def test_a_receive_budget_too_small_for_its_streams_is_refused() -> None:
+    with pytest.raises(ValueError, match="two bytes per stream"):
+        Protocol(MSGPACK, Side.ACCEPTING, max_streams=4096, max_receive_buffer=4096)

@@ -45,12 +45,12 @@ class RpcPeer:
             answered ``overloaded`` at once instead of queued (plain-function
             handlers finish at once and hold no slot).
         window_items, window_bytes: the credit each incoming stream grants at first.
-        max_window_bytes: a stream's byte window doubles, up to this, while the
-            window is what holds it back (its sender uses all its credit and its
-            consumer waits); ``window_bytes`` turns growth off.
-        max_window_growth: the total growth all incoming streams of the
-            connection may hold at once: the receive buffers stay within
-            ``max_streams * window_bytes + max_window_growth``.
+        max_window_bytes, max_window_items: a stream's windows double, up to
+            these, while the window is what holds it back (its consumer keeps
+            up and waits for more); equal to the first window, no growth.
+        max_receive_buffer: the bytes all incoming streams of the connection may
+            have granted and buffered at once (a hard cap: windows draw from it,
+            see :mod:`rpcstream.protocol.streams`).
         max_buffered_amount: stream senders wait while more than this many bytes
             are queued for the socket, until it drains below a quarter of it.
         max_streams: open streams (both directions) per connection.
@@ -76,8 +76,9 @@ class RpcPeer:
         max_concurrent_handlers: int = 256,
         window_items: int = 256,
         window_bytes: int = 256 * 1024,
-        max_window_bytes: int = 4 * 1024 * 1024,
-        max_window_growth: int = 16 * 1024 * 1024,
+        max_window_bytes: int = 16 * 1024 * 1024,
+        max_window_items: int = 16384,
+        max_receive_buffer: int = 32 * 1024 * 1024,
         max_buffered_amount: int = 1024 * 1024,
         max_streams: int = 4096,
         expose_tracebacks: bool = False,
@@ -95,7 +96,8 @@ class RpcPeer:
             window_items=window_items,
             window_bytes=window_bytes,
             max_window_bytes=max_window_bytes,
-            max_window_growth=max_window_growth,
+            max_window_items=max_window_items,
+            max_receive_buffer=max_receive_buffer,
             max_streams=max_streams,
         )
         self._driver = driver = Driver(

@@ -50,8 +50,9 @@ class Protocol:
         window_bytes: int = 256 * 1024,
         max_streams: int = 4096,
         max_message_bytes: int = 256 * 1024,
-        max_window_bytes: int = 4 * 1024 * 1024,
-        max_window_growth: int = 16 * 1024 * 1024,
+        max_window_bytes: int = 16 * 1024 * 1024,
+        max_window_items: int = 16384,
+        max_receive_buffer: int = 32 * 1024 * 1024,
         on_data: Callable[[], None] | None = None,
     ) -> None:
         self.codec = codec
@@ -65,7 +66,8 @@ class Protocol:
             window_bytes=window_bytes,
             max_streams=max_streams,
             max_window_bytes=max_window_bytes,
-            max_window_growth=max_window_growth,
+            max_window_items=max_window_items,
+            max_receive_buffer=max_receive_buffer,
         )
         self.state = State.OPEN
         self.close_error: BaseException | None = None

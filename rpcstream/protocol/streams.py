@@ -9,16 +9,26 @@ the receiver grants what was consumed back, once half a window has been consumed
 (like HTTP/2's WINDOW_UPDATE, batched so credit frames stay rare).
 
 Window growth. A small window caps a stream at one window per round trip, so
-streams start at ``window_bytes`` and grow, as QUIC and HTTP/2 stacks auto-tune
-theirs: a grant that half a window of *bytes* triggered (not half a window of
-items), when the consumer found nothing waiting since the last grant (waiting
-for the first items does not count), doubles the window, up to
-``max_window_bytes``. A consumer that lags always has items waiting, so its
-window never grows and the memory it can be made to hold stays one window;
-streams of small items (tokens) fill the item window first and keep theirs too.
-What streams grew is charged to one budget per connection,
-``max_window_growth``, and given back when they close, so a connection's
-receive buffers stay within ``max_streams * window_bytes + max_window_growth``.
+windows grow, as QUIC and HTTP/2 stacks auto-tune theirs: when the consumer
+found nothing waiting since the last grant (it keeps up, so the window is what
+holds the stream back; waiting for the first items does not count), a grant
+that half the *byte* window triggered doubles the byte window, up to
+``max_window_bytes``, and one that half the *item* window triggered doubles the
+item window, up to ``max_window_items``. A consumer that lags always has items
+waiting, so its windows never grow and the memory it can be made to hold stays
+one window.
+
+The receive budget. Every byte window draws from one budget per connection,
+``max_receive_buffer``, so whatever the number of streams, the bytes granted
+and buffered stay within it (a peer that sends beyond its credit has that
+stream failed instead; the one exception the rules allow is a single item
+larger than the credit left, which is what a window smaller than an item
+needs). Each possible stream (``max_streams``) has a floor reserved for it, at
+most half the budget, so a new stream always gets a window and a stream never
+waits for another to be read; what a window holds above its floor comes from
+the other half, the pool, and goes back to it when the stream closes. A stream
+that opened while the pool ran low starts at its floor and grows back toward
+its own window as its grants come and the pool allows.
 
 Early frames. An id the *peer* allocates can carry frames before we register
 it: credit and cancels for a stream we will send (the receiver allocated the id
@@ -83,12 +93,14 @@ class _Incoming:
         "items",
         "regranted",
         "starved",
+        "wanted_bytes",
         "window_bytes",
         "window_items",
     )
 
     def __init__(self, decode: Callable[[Any], Any], window_items: int, window_bytes: int):
         self.decode = decode
+        self.wanted_bytes = window_bytes  # its own window, which the budget may cut
         self.items: deque[tuple[Any, int]] = deque()
         self.window_items = window_items
         self.window_bytes = window_bytes
@@ -98,7 +110,7 @@ class _Incoming:
         self.consumed_bytes = 0
         self.starved = False  # the consumer found no item waiting since the last grant
         self.regranted = False  # a grant was made: waiting from now on counts as starving
-        self.grown = 0  # bytes the window grew by, charged to the connection's budget
+        self.grown = 0  # bytes of window above the floor, drawn from the connection's pool
         self.done = False  # no more frames will be accepted
         # A RemoteError from the sender, or ConnectionClosed from the I/O layer.
         self.error: BaseException | None = None
@@ -133,12 +145,13 @@ class StreamTable:
         window_bytes: int,
         max_streams: int,
         max_window_bytes: int,
-        max_window_growth: int,
+        max_window_items: int,
+        max_receive_buffer: int,
     ) -> None:
         if window_items < 1 or window_bytes < 1:
             raise ValueError("stream windows must allow at least one item and one byte")
-        if max_window_growth < 0:
-            raise ValueError("max_window_growth must not be negative")
+        if max_receive_buffer < 2 * max_streams:
+            raise ValueError("max_receive_buffer must allow two bytes per stream (max_streams)")
         self.codec = codec
         self.side = side
         self.outbox = outbox
@@ -146,7 +159,11 @@ class StreamTable:
         self.window_bytes = window_bytes
         self.max_streams = max_streams
         self.max_window_bytes = max_window_bytes
-        self.window_growth_left = max_window_growth  # the connection's budget (see above)
+        self.max_window_items = max_window_items
+        # The receive budget (see above): a floor for each possible stream, the
+        # rest a pool that windows above their floors draw from.
+        self.floor_bytes = max(1, min(window_bytes, max_receive_buffer // (2 * max_streams)))
+        self.pool_left = max_receive_buffer - self.floor_bytes * max_streams
         self._next_id = 2 if side is Side.ACCEPTING else 1
         self._incoming: dict[int, _Incoming] = {}
         self._outgoing: dict[int, _Outgoing] = {}
@@ -219,7 +236,11 @@ class StreamTable:
         docstring) is registered ended, with no credit to grant.
         """
         self._check_new(stream_id)
-        st = _Incoming(decode, window_items or self.window_items, window_bytes or self.window_bytes)
+        wanted = window_bytes or self.window_bytes
+        st = _Incoming(decode, window_items or self.window_items, min(wanted, self.floor_bytes))
+        st.wanted_bytes = wanted
+        self._draw(st, wanted - st.window_bytes)
+        st.credit_bytes = st.window_bytes
         self._incoming[stream_id] = st
         if stream_id in self._early_in:
             st.done = True
@@ -254,16 +275,23 @@ class StreamTable:
                     st.consumed_items * 2 >= st.window_items
                     or st.consumed_bytes * 2 >= st.window_bytes
                 ):
-                    grant = st.consumed_bytes
-                    if st.starved and st.consumed_bytes * 2 >= st.window_bytes:
-                        # Bytes, not items, filled the window, and the consumer
-                        # waited for more: the window holds the stream back.
-                        grant += self._grow(st)
+                    grant, grant_items = st.consumed_bytes, st.consumed_items
+                    if st.starved:
+                        # The consumer waited for more: the window holds the stream back.
+                        if st.consumed_bytes * 2 >= st.window_bytes:
+                            double = min(st.window_bytes, self.max_window_bytes - st.window_bytes)
+                            grant += self._draw(st, double)
+                        if st.consumed_items * 2 >= st.window_items:
+                            extra = min(st.window_items, self.max_window_items - st.window_items)
+                            st.window_items += max(0, extra)
+                            grant_items += max(0, extra)
+                    if st.window_bytes < st.wanted_bytes:  # cut by the budget: grow back
+                        grant += self._draw(st, st.wanted_bytes - st.window_bytes)
                     st.starved = False
                     st.regranted = True
-                    st.credit_items += st.consumed_items
+                    st.credit_items += grant_items
                     st.credit_bytes += grant
-                    self.outbox.send(Credit(stream_id, st.consumed_items, grant))
+                    self.outbox.send(Credit(stream_id, grant_items, grant))
                     st.consumed_items = st.consumed_bytes = 0
             return item
         if st.done:
@@ -273,16 +301,15 @@ class StreamTable:
         st.starved = st.regranted  # waiting for the first items is no sign
         raise Empty
 
-    def _grow(self, st: _Incoming) -> int:
-        """Double a stream's byte window within both limits; return the growth."""
-        extra = min(
-            st.window_bytes, self.max_window_bytes - st.window_bytes, self.window_growth_left
-        )
+    def _draw(self, st: _Incoming, want: int) -> int:
+        """Widen a stream's byte window by up to ``want`` bytes from the pool;
+        return by how much."""
+        extra = min(want, self.pool_left)
         if extra <= 0:
             return 0
         st.window_bytes += extra
         st.grown += extra
-        self.window_growth_left -= extra
+        self.pool_left -= extra
         return extra
 
     def window_bytes_of(self, stream_id: int) -> int:
@@ -298,7 +325,7 @@ class StreamTable:
         st = self._incoming.pop(stream_id, None)
         if st is None:
             return
-        self.window_growth_left += st.grown
+        self.pool_left += st.grown
         if not self.is_ours(stream_id):
             self._remember_ended(stream_id)
         if not st.done:
