@@ -30,6 +30,7 @@ from .handshake import (
     run_authenticate,
 )
 from .messages import CODECS, Codec
+from .observe import hooks
 from .peer import RpcPeer
 from .protocol import Side
 from .router import Router
@@ -222,11 +223,13 @@ async def serve(
         )
         peer.principal = principal
         server._add(peer)
+        opened = hooks.connection_opened(peer)  # observe
         try:
             async with peer:
                 await peer.wait_closed()
         finally:
             # The peer's task group has ended: every task it started is done.
+            hooks.connection_closed(peer, opened)  # observe
             server._remove(peer)
             _principal.reset(token)
             left = per_principal[pid] - 1
@@ -240,7 +243,7 @@ async def serve(
             await stack.enter_async_context(app)  # a RunServer starts its store and runs
         async with serve_websocket(
             handler,
-            on_request,
+            hooks.reporting_refusals(on_request),  # observe: a line per refused upgrade
             host,
             port,
             subprotocols=subprotocols,

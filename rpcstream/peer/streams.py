@@ -18,6 +18,7 @@ import anyio
 
 from ..errors import Cancelled, DeadlineExceeded, RemoteError
 from ..messages import StreamId
+from ..observe.hooks import CallObservation
 from ..protocol import Empty, Finished, State
 from .driver import PUMP, READABLE, WRITABLE, Driver
 
@@ -41,6 +42,9 @@ class IncomingStream(AsyncIterator[Any]):
     iteration raises its :class:`RemoteError` after the items sent before the
     failure; when the connection closed, :class:`ConnectionClosed`.
     """
+
+    call: CallObservation | None = None
+    """observe: the stream call an observer follows, ended with the stream."""
 
     def __init__(
         self,
@@ -88,12 +92,16 @@ class IncomingStream(AsyncIterator[Any]):
             except Empty:
                 pass
             except Finished:
+                if self.call is not None:  # observe
+                    self.call.end("ok")
                 self.close()
                 raise StopAsyncIteration from None
             except KeyError:  # closed with peer.close_receiving_stream(stream_id)
                 self._open = False
                 raise StopAsyncIteration from None
-            except BaseException:
+            except BaseException as exc:
+                if self.call is not None:  # observe
+                    self.call.end(_stream_outcome(exc), exc)
                 self.close()
                 raise
             ev = anyio.Event()
@@ -114,6 +122,8 @@ class IncomingStream(AsyncIterator[Any]):
             finally:
                 waiters.discard(READABLE, sid)
             if timed_out:
+                if self.call is not None:  # observe
+                    self.call.end("deadline_exceeded")
                 self.close()
                 raise DeadlineExceeded(f"stream {sid}: deadline exceeded")
             if not self._open:
@@ -124,6 +134,8 @@ class IncomingStream(AsyncIterator[Any]):
         if self._open:
             self._open = False
             close_receiving(self._driver, self.stream_id)
+            if self.call is not None and not self.call.ended:  # observe: stopped early
+                self.call.end("cancelled")
 
     async def aclose(self) -> None:
         """Stop receiving (see :meth:`close`)."""
@@ -142,6 +154,13 @@ class IncomingStream(AsyncIterator[Any]):
         if getattr(self, "_open", False):
             with contextlib.suppress(Exception):  # the loop may be gone at interpreter exit
                 self.close()
+
+
+def _stream_outcome(exc: BaseException) -> str:
+    """observe: how a stream call ended, when reading it raised ``exc``."""
+    from .caller import client_outcome
+
+    return client_outcome(exc)
 
 
 def close_receiving(driver: Driver, stream_id: int) -> None:
@@ -214,6 +233,8 @@ class Senders:
                 while not streams.can_send(sid):
                     if streams.is_cancelled(sid) or proto.state is State.CLOSED:
                         return
+                    if driver.observer is not None:  # observe: held back by the receiver
+                        driver.observer.stream_stalled(driver.owner, sid)
                     ev = anyio.Event()
                     waiters.add(WRITABLE, sid, ev.set)
                     try:
