@@ -49,10 +49,14 @@ __all__ = [
     "current",
     "handshake_refused",
     "install",
+    "events_appended",
+    "events_delivered",
     "observing",
     "outcome_of",
     "peer_fields",
     "reporting_refusals",
+    "run_status",
+    "store_failed",
     "uninstall",
 ]
 
@@ -133,14 +137,16 @@ class Observer:
     def run_status(self, flow: str, status: str) -> None:
         """A run of ``flow`` started (``running``) or ended (its terminal type)."""
 
-    def events_appended(self, flow: str, count: int) -> None:
-        """``count`` events of a run of ``flow`` were stored."""
+    def events_appended(self, count: int) -> None:
+        """``count`` run events were stored (by flows, the framework or outside writers)."""
 
     def events_delivered(self, count: int) -> None:
         """``count`` run events were handed to a subscriber's stream."""
 
     def store_error(self, operation: str, error: BaseException) -> None:
-        """A store operation (``append``, ``sweep``, ...) failed."""
+        """A store operation (``append``, ``read``, ``sweep``) failed for a reason
+        of the store's own (unreachable, a database error), not the caller's
+        (an unknown or finished run, a bad argument)."""
 
 
 class _Fanout(Observer):
@@ -178,9 +184,9 @@ class _Fanout(Observer):
         for o in self.observers:
             o.run_status(flow, status)
 
-    def events_appended(self, flow: str, count: int) -> None:
+    def events_appended(self, count: int) -> None:
         for o in self.observers:
-            o.events_appended(flow, count)
+            o.events_appended(count)
 
     def events_delivered(self, count: int) -> None:
         for o in self.observers:
@@ -361,3 +367,37 @@ def reporting_refusals(
 def _reason(response: HttpResponse) -> str:
     text = response.body.decode("utf-8", "replace").strip()
     return text[:200] if text else response.reason
+
+
+# -- runs and stores: the observers only (these may run per event) -----------------------
+
+
+def run_status(flow: str, status: str) -> None:
+    """Report that a run of ``flow`` started (``running``) or ended (its terminal type)."""
+    if _current is not None:
+        _current.run_status(flow, status)
+
+
+def events_appended(count: int) -> None:
+    """Report ``count`` run events stored."""
+    if _current is not None:
+        _current.events_appended(count)
+
+
+def events_delivered(count: int) -> None:
+    """Report ``count`` run events handed to a subscriber's stream."""
+    if _current is not None:
+        _current.events_delivered(count)
+
+
+def store_failed(operation: str, error: BaseException) -> None:
+    """Report a failed store operation, if the store is to blame (see
+    :meth:`Observer.store_error`)."""
+    if _current is None:
+        return
+    from ..errors import RemoteError, StoreUnavailable
+
+    if isinstance(error, StoreUnavailable) or not isinstance(
+        error, RemoteError | ValueError | TypeError
+    ):
+        _current.store_error(operation, error)

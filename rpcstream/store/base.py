@@ -60,6 +60,7 @@ import anyio
 import msgspec
 
 from ..errors import EventsTrimmed, RunExpired, RunFinished, RunNotFound
+from ..observe import hooks
 from ..runs.events import MAX_EVENT_ID, TERMINAL_TYPES, RunStatus
 
 __all__ = [
@@ -269,7 +270,13 @@ class EventStore(abc.ABC):
             )
         if not isinstance(data, bytes):
             raise TypeError(f"data must be bytes (JSON-encoded), not {data.__class__.__name__}")
-        return await self._append(run_id, type, data, terminal)
+        try:  # observe: failures and appended events
+            event = await self._append(run_id, type, data, terminal)
+        except Exception as exc:
+            hooks.store_failed("append", exc)
+            raise
+        hooks.events_appended(1)
+        return event
 
     async def read(self, run_id: str, after: int, limit: int = 1000) -> list[StoredEvent]:
         """Up to ``limit`` events with ids above ``after``, ascending.
@@ -283,7 +290,11 @@ class EventStore(abc.ABC):
         _check_after(after)
         if limit < 1:
             raise ValueError(f"limit must be at least 1, not {limit}")
-        return await self._read(run_id, after, limit)
+        try:  # observe
+            return await self._read(run_id, after, limit)
+        except Exception as exc:
+            hooks.store_failed("read", exc)
+            raise
 
     async def info(self, run_id: str) -> RunInfo:
         """The run's metadata; raises like :meth:`read`."""
