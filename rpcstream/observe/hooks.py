@@ -223,11 +223,12 @@ def _join(found: list[CallObservation | None]) -> CallObservation | None:
     return parts[0] if len(parts) == 1 else _Joined(parts)
 
 
+_O = TypeVar("_O", bound=Observer)
 _installed: list[Observer] = []
 _current: Observer | None = None
 
 
-def install(observer: Observer) -> Observer:
+def install(observer: _O) -> _O:
     """Report to ``observer`` from now on (peers built from now on); returns it."""
     global _current
     if observer not in _installed:
