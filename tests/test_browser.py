@@ -529,6 +529,14 @@ def callee_probe_app() -> rpcstream.Router:
     router = rpcstream.Router()
 
     @router.method
+    async def probe_boom() -> list[str]:
+        try:
+            await rpcstream.current_peer().call("boom")
+        except rpcstream.RemoteError as exc:
+            return [type(exc).__name__, exc.message]
+        return ["no error"]
+
+    @router.method
     async def probe() -> dict[str, Any]:
         peer = rpcstream.current_peer()
         out: dict[str, Any] = {}
@@ -589,7 +597,7 @@ async def test_page_handlers_answer_like_python_ones_and_heartbeats_run(
                 reject(signal.reason);
               });
             });
-            const peer = await rs.connect("/", { pingInterval: 0.05, router: {
+            const peer = await rs.connect("/", { pingInterval: 0.05, exposeErrors: true, router: {
               async boom() { throw new TypeError("boom!"); },
               hang() { return aborted(this.signal); },
               async unary() { return 5; },
@@ -610,11 +618,18 @@ async def test_page_handlers_answer_like_python_ones_and_heartbeats_run(
             const out = await peer.call("probe");
             out.alive = !peer.isClosed;  // heartbeats (rpcstream.ping, answered) ran meanwhile
             out.stats = peer.stats;
+            // By default a page, like Python, tells only the error's name.
+            const quiet = await rs.connect("/", { router: {
+              async boom() { throw new TypeError("a secret"); },
+            } });
+            out.quiet = await quiet.call("probe_boom");
+            quiet.close();
             return out;
             """,
         )
         await tab.close()
-    assert out["boom"] == ["InternalError", "TypeError: boom!"]
+    assert out["boom"] == ["InternalError", "TypeError: boom!"]  # the page opted in
+    assert out["quiet"] == ["InternalError", "TypeError: internal error (see the browser console)"]
     assert out["missing"] == ["MethodNotFound", "no method 'nothere'"]
     # Both sides enforce the deadline: the page's answer or Python's own timer wins.
     assert out["deadline"][0] == "DeadlineExceeded"
