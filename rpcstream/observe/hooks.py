@@ -75,11 +75,10 @@ STREAM: Final = "stream"
 class CallObservation:
     """One call as an observer follows it, from start to :meth:`end`.
 
-    ``meta`` is what the caller's side attaches to the call frame (trace
-    context headers), ``None`` for nothing. :meth:`end` is called at most once
-    per observation that the peer asked for... except where noted: the peer may
-    call it again (a stream closed after it finished), and the first call wins,
-    so implementations guard with ``ended``.
+    ``meta`` is what the calling side attaches to the call frame (trace context
+    headers), ``None`` for nothing. The peer may call :meth:`end` more than once
+    (a stream that finished, then is closed): the first call is the outcome, so
+    implementations do nothing once ``ended`` is set.
     """
 
     __slots__ = ("ended", "meta")

@@ -134,7 +134,7 @@ class Caller:
         call = None if obs is None else obs.call_sent(driver.owner, hooks.STREAM, method)
         meta = None if call is None else call.meta
         proto.send(StreamCall(sid, method, args_raw, kwargs_raw, timeout, stream_args, meta))
-        stream.call = call
+        stream._observation = call
         return stream
 
     def _encode_params(

@@ -43,8 +43,8 @@ class IncomingStream(AsyncIterator[Any]):
     failure; when the connection closed, :class:`ConnectionClosed`.
     """
 
-    call: CallObservation | None = None
-    """observe: the stream call an observer follows, ended with the stream."""
+    # observe: the stream call an observer follows, ended with the stream (first end wins).
+    _observation: CallObservation | None = None
 
     def __init__(
         self,
@@ -92,16 +92,16 @@ class IncomingStream(AsyncIterator[Any]):
             except Empty:
                 pass
             except Finished:
-                if self.call is not None:  # observe
-                    self.call.end("ok")
+                if self._observation is not None:  # observe
+                    self._observation.end("ok")
                 self.close()
                 raise StopAsyncIteration from None
             except KeyError:  # closed with peer.close_receiving_stream(stream_id)
                 self._open = False
                 raise StopAsyncIteration from None
             except BaseException as exc:
-                if self.call is not None:  # observe
-                    self.call.end(_stream_outcome(exc), exc)
+                if self._observation is not None:  # observe
+                    self._observation.end(_stream_outcome(exc), exc)
                 self.close()
                 raise
             ev = anyio.Event()
@@ -122,8 +122,8 @@ class IncomingStream(AsyncIterator[Any]):
             finally:
                 waiters.discard(READABLE, sid)
             if timed_out:
-                if self.call is not None:  # observe
-                    self.call.end("deadline_exceeded")
+                if self._observation is not None:  # observe
+                    self._observation.end("deadline_exceeded")
                 self.close()
                 raise DeadlineExceeded(f"stream {sid}: deadline exceeded")
             if not self._open:
@@ -134,8 +134,8 @@ class IncomingStream(AsyncIterator[Any]):
         if self._open:
             self._open = False
             close_receiving(self._driver, self.stream_id)
-            if self.call is not None and not self.call.ended:  # observe: stopped early
-                self.call.end("cancelled")
+            if self._observation is not None:  # observe: stopped early, if not ended yet
+                self._observation.end("cancelled")
 
     async def aclose(self) -> None:
         """Stop receiving (see :meth:`close`)."""
