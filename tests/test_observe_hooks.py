@@ -15,6 +15,7 @@ import pytest
 import rpcstream
 import rpcstream.testing
 from rpcstream.observe import hooks
+from rpcstream.observe.outcomes import outcome_of
 
 pytestmark = pytest.mark.anyio
 
@@ -209,10 +210,10 @@ async def test_peers_built_with_no_observer_keep_none() -> None:
 
 
 def test_outcomes_are_ok_or_the_name_of_an_error_code() -> None:
-    assert hooks.outcome_of(None) == "ok"
-    assert hooks.outcome_of(rpcstream.Overloaded("busy")) == "overloaded"
-    assert hooks.outcome_of(rpcstream.RemoteError(1042, "app")) == "error"
-    assert hooks.outcome_of(ValueError("bug")) == "internal_error"
+    assert outcome_of(None) == "ok"
+    assert outcome_of(rpcstream.Overloaded("busy")) == "overloaded"
+    assert outcome_of(rpcstream.RemoteError(1042, "app")) == "error"
+    assert outcome_of(ValueError("bug")) == "internal_error"
 
 
 def test_importing_rpcstream_imports_neither_prometheus_nor_opentelemetry() -> None:

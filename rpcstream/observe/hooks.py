@@ -1,5 +1,8 @@
 """What rpcstream reports, and to whom: the observer interface and its registry.
 
+This module imports nothing of rpcstream, so that every layer may report here,
+the stores included.
+
 Theory of operation
 -------------------
 The peer, the server and the run server call the functions and methods here at
@@ -33,10 +36,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from typing import TYPE_CHECKING, Any, Final, TypeVar
-
-if TYPE_CHECKING:
-    from ..transport.http import HttpRequest, HttpResponse
+from typing import Any, Final, TypeVar
 
 __all__ = [
     "CALL",
@@ -52,11 +52,10 @@ __all__ = [
     "events_appended",
     "events_delivered",
     "observing",
-    "outcome_of",
     "peer_fields",
     "reporting_refusals",
     "run_status",
-    "store_failed",
+    "store_error",
     "uninstall",
 ]
 
@@ -88,7 +87,9 @@ class CallObservation:
         self.ended = False
 
     def end(self, outcome: str, error: BaseException | None = None) -> None:
-        """The call finished with ``outcome`` (see :func:`outcome_of`)."""
+        """The call finished with ``outcome``: ``ok``, ``cancelled``,
+        ``connection_closed`` (calls this side made), or the name of the error
+        code (see :mod:`rpcstream.observe.outcomes`)."""
         self.ended = True
 
 
@@ -262,31 +263,20 @@ def current() -> Observer | None:
     return _current
 
 
-def outcome_of(error: BaseException | None) -> str:
-    """A call's outcome as reported: ``ok``, or the snake-case name of the error
-    code it ended with (``internal_error``, ``invalid_params``, ``cancelled``...;
-    ``error`` for an application's own code)."""
-    if error is None:
-        return "ok"
-    from ..errors import ErrorCode, RemoteError
-
-    code = getattr(error, "code", None) if isinstance(error, RemoteError) else None
-    if code is None:
-        return "internal_error"
-    try:
-        return ErrorCode(code).name.lower()
-    except ValueError:
-        return "error"
-
-
 def peer_fields(peer: Any) -> dict[str, Any]:
     """The context fields that name a peer in log lines: remote address and principal."""
-    from ..handshake import principal_id
-
     return {
         "remote_address": _address(peer.transport.remote_address),
-        "principal": principal_id(peer.principal),
+        "principal": _principal_id(peer.principal),
     }
+
+
+def _principal_id(principal: Any) -> str | None:
+    # As rpcstream.handshake.principal_id, which this module cannot import: it sits
+    # below every layer that reports (stores included) and imports none of them.
+    if principal is None or isinstance(principal, str):
+        return principal
+    return str(getattr(principal, "id", principal))
 
 
 def _address(address: Any) -> str | None:
@@ -350,23 +340,24 @@ def handshake_refused(status: int, reason: str, remote_address: Any) -> None:
 
 
 def reporting_refusals(
-    on_request: Callable[[HttpRequest], Awaitable[_R]],
-) -> Callable[[HttpRequest], Awaitable[_R]]:
-    """Wrap a server's request hook so that each upgrade it refuses is reported once."""
-    from ..transport.http import HttpResponse
+    on_request: Callable[[Any], Awaitable[_R]],
+) -> Callable[[Any], Awaitable[_R]]:
+    """Wrap a server's request hook (``HttpRequest -> HttpResponse | Upgrade``) so
+    that each upgrade it refuses (answers with an ``HttpResponse``) is reported once."""
 
-    async def hook(request: HttpRequest) -> _R:
+    async def hook(request: Any) -> _R:
         answer = await on_request(request)
-        if isinstance(answer, HttpResponse) and request.is_upgrade:
-            handshake_refused(answer.status, _reason(answer), request.remote_address)
+        status = getattr(answer, "status", None)  # an HttpResponse; an Upgrade has none
+        if status is not None and request.is_upgrade:
+            handshake_refused(status, _reason(answer), request.remote_address)
         return answer
 
     return hook
 
 
-def _reason(response: HttpResponse) -> str:
-    text = response.body.decode("utf-8", "replace").strip()
-    return text[:200] if text else response.reason
+def _reason(response: Any) -> str:
+    text = bytes(response.body).decode("utf-8", "replace").strip()
+    return text[:200] if text else str(response.reason)
 
 
 # -- runs and stores: the observers only (these may run per event) -----------------------
@@ -390,14 +381,8 @@ def events_delivered(count: int) -> None:
         _current.events_delivered(count)
 
 
-def store_failed(operation: str, error: BaseException) -> None:
-    """Report a failed store operation, if the store is to blame (see
-    :meth:`Observer.store_error`)."""
-    if _current is None:
-        return
-    from ..errors import RemoteError, StoreUnavailable
-
-    if isinstance(error, StoreUnavailable) or not isinstance(
-        error, RemoteError | ValueError | TypeError
-    ):
+def store_error(operation: str, error: BaseException) -> None:
+    """Report a store operation that failed for the store's own reasons (the
+    caller decides: see :meth:`Observer.store_error`)."""
+    if _current is not None:
         _current.store_error(operation, error)

@@ -37,6 +37,7 @@ from ..errors import (
 from ..limits import TokenBucket
 from ..messages import Call, Error, Notify, Result, StreamCall, StreamId
 from ..observe import hooks
+from ..observe.outcomes import outcome_of
 from ..protocol import shorten, wire_error
 from ..router import Method, Router
 from .driver import HANDLER, PUMP, Driver
@@ -140,7 +141,7 @@ class Callee:
         if type(frame) is Notify:
             log.warning("dropped notification %s: %s", shorten(repr(frame.method)), error)
             if call is not None:  # observe
-                call.end(hooks.outcome_of(error), error)
+                call.end(outcome_of(error), error)
         else:
             self._finish(frame, None, error, call)
         self._close_stream_args(frame, {})
@@ -267,11 +268,11 @@ class Callee:
                     extra=fields,
                 )
             if call is not None:  # observe
-                call.end(hooks.outcome_of(failure), failure)
+                call.end(outcome_of(failure), failure)
             return
         error = None if failure is None else self.remote_error(failure, frame.method)
         if call is not None:  # observe
-            call.end(hooks.outcome_of(error), failure)
+            call.end(outcome_of(error), failure)
         if t is Call:
             assert isinstance(frame, Call)
             reply: Result | Error | None = answer

@@ -16,6 +16,7 @@ import msgspec
 from ..errors import ConnectionClosed, DeadlineExceeded, InternalError, RemoteError
 from ..messages import Error, Notify, Result, StreamCall, StreamId
 from ..observe import hooks
+from ..observe.outcomes import client_outcome, outcome_of
 from .driver import ANSWER, Driver
 from .streams import IncomingStream, Senders
 
@@ -86,7 +87,7 @@ class Caller:
         if type(answer) is Error:
             error = RemoteError.from_wire(answer.code, answer.message, answer.data)
             if call is not None:  # observe
-                call.end(hooks.outcome_of(error), error)
+                call.end(outcome_of(error), error)
             raise error
         assert isinstance(answer, ConnectionClosed)
         if call is not None:  # observe
@@ -170,15 +171,6 @@ class Caller:
                 raise TypeError(f"parameters cannot be encoded: {exc}") from exc
             raise
         return args_raw, kwargs_raw, stream_args, sids
-
-
-def client_outcome(exc: BaseException) -> str:
-    """observe: how a call this side made ended, when it ended with ``exc``."""
-    if isinstance(exc, RemoteError):
-        return hooks.outcome_of(exc)
-    if isinstance(exc, ConnectionClosed):
-        return "connection_closed"
-    return "cancelled"  # the caller's task was cancelled (or interrupted)
 
 
 def _check_method(method: str) -> None:

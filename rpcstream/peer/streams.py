@@ -19,6 +19,7 @@ import anyio
 from ..errors import Cancelled, DeadlineExceeded, RemoteError
 from ..messages import StreamId
 from ..observe.hooks import CallObservation
+from ..observe.outcomes import client_outcome
 from ..protocol import Empty, Finished, State
 from .driver import PUMP, READABLE, WRITABLE, Driver
 
@@ -101,7 +102,7 @@ class IncomingStream(AsyncIterator[Any]):
                 raise StopAsyncIteration from None
             except BaseException as exc:
                 if self._observation is not None:  # observe
-                    self._observation.end(_stream_outcome(exc), exc)
+                    self._observation.end(client_outcome(exc), exc)
                 self.close()
                 raise
             ev = anyio.Event()
@@ -154,13 +155,6 @@ class IncomingStream(AsyncIterator[Any]):
         if getattr(self, "_open", False):
             with contextlib.suppress(Exception):  # the loop may be gone at interpreter exit
                 self.close()
-
-
-def _stream_outcome(exc: BaseException) -> str:
-    """observe: how a stream call ended, when reading it raised ``exc``."""
-    from .caller import client_outcome
-
-    return client_outcome(exc)
 
 
 def close_receiving(driver: Driver, stream_id: int) -> None:

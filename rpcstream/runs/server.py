@@ -366,7 +366,7 @@ class RunServer:
                 removed = await self.store.sweep()
             except Exception as exc:
                 log.exception("sweeping expired runs failed")
-                hooks.store_failed("sweep", exc)  # observe
+                hooks.store_error("sweep", exc)  # observe
             else:
                 if removed:
                     log.debug("removed %d expired runs", removed)

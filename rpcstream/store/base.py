@@ -60,7 +60,7 @@ import anyio
 import msgspec
 
 from ..errors import EventsTrimmed, RunExpired, RunFinished, RunNotFound
-from ..observe import hooks
+from ..observe.hooks import events_appended, store_error
 from ..runs.events import MAX_EVENT_ID, TERMINAL_TYPES, RunStatus
 
 __all__ = [
@@ -71,6 +71,9 @@ __all__ = [
     "RunInfo",
     "StoredEvent",
 ]
+
+# observe: what a store raises because of the request, not of itself (not store errors).
+_CALLERS_FAULT = (RunNotFound, RunExpired, RunFinished, EventsTrimmed, ValueError, TypeError)
 
 RunId = NewType("RunId", str)
 """The id of one run: chosen by whoever creates it, unique in its store."""
@@ -273,9 +276,10 @@ class EventStore(abc.ABC):
         try:  # observe: failures and appended events
             event = await self._append(run_id, type, data, terminal)
         except Exception as exc:
-            hooks.store_failed("append", exc)
+            if not isinstance(exc, _CALLERS_FAULT):
+                store_error("append", exc)
             raise
-        hooks.events_appended(1)
+        events_appended(1)
         return event
 
     async def read(self, run_id: str, after: int, limit: int = 1000) -> list[StoredEvent]:
@@ -293,7 +297,8 @@ class EventStore(abc.ABC):
         try:  # observe
             return await self._read(run_id, after, limit)
         except Exception as exc:
-            hooks.store_failed("read", exc)
+            if not isinstance(exc, _CALLERS_FAULT):
+                store_error("read", exc)
             raise
 
     async def info(self, run_id: str) -> RunInfo:
