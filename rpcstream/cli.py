@@ -4,6 +4,7 @@
 
     rpcstream serve [APP] [--store memory|sqlite:PATH|redis://...] [--host H] [--port P]
                     [--certfile PEM [--keyfile PEM]]   wss:// with that certificate
+                    [--log-level info] [--log-format text|json]   logs on stderr
     rpcstream call URL METHOD [ARGS...]        print the result as JSON
     rpcstream stream URL METHOD [ARGS...]      print a streaming method's items as JSON lines
     rpcstream tail URL RUN_ID [--after N]      a run's events as JSON lines, through disconnects
@@ -43,6 +44,7 @@ import msgspec
 
 from . import __version__
 from .errors import ConnectionClosed, HandshakeRefused, RemoteError, RpcStreamError
+from .observe import logs
 from .urls import websocket_url
 
 if TYPE_CHECKING:
@@ -138,6 +140,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--certfile", help="PEM certificate chain: serve wss:// (TLS)")
     serve.add_argument("--keyfile", help="PEM private key, if not in --certfile")
+    logs.add_arguments(serve)  # --log-level, --log-format
 
     call = sub.add_parser("call", help="call a method and print its JSON result")
     _call_arguments(call, timeout=30.0)
@@ -304,6 +307,7 @@ async def _serve(args: argparse.Namespace) -> int:
     from .runs.server import RunServer
     from .server import serve
 
+    logs.configure_logging(args.log_level, args.log_format)
     app = _load_app(args.app)
     if args.store is not None:
         if not isinstance(app, RunServer):

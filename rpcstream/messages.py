@@ -60,6 +60,7 @@ class Call(msgspec.Struct, tag=1, array_like=True, frozen=True):
     kwargs: msgspec.Raw
     timeout: float | None = None  # seconds; the callee enforces it as a deadline
     stream_args: list[int | str] = []  # which args/kwargs are stream ids (see Notify)
+    meta: dict[str, str] | None = None  # call metadata: W3C trace context (traceparent)
 
 
 class Notify(msgspec.Struct, tag=2, array_like=True, frozen=True):
@@ -74,6 +75,7 @@ class Notify(msgspec.Struct, tag=2, array_like=True, frozen=True):
     args: msgspec.Raw
     kwargs: msgspec.Raw
     stream_args: list[int | str] = []
+    meta: dict[str, str] | None = None  # as Call's
 
 
 class StreamCall(msgspec.Struct, tag=3, array_like=True, frozen=True):
@@ -90,6 +92,7 @@ class StreamCall(msgspec.Struct, tag=3, array_like=True, frozen=True):
     kwargs: msgspec.Raw
     timeout: float | None = None
     stream_args: list[int | str] = []
+    meta: dict[str, str] | None = None  # as Call's
 
 
 class Result(msgspec.Struct, tag=4, array_like=True, frozen=True):

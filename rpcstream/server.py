@@ -35,6 +35,7 @@ from .handshake import (
     run_authenticate,
 )
 from .messages import CODECS, Codec
+from .observe import hooks
 from .peer import RpcPeer
 from .protocol import Side
 from .router import Router
@@ -196,7 +197,13 @@ class Service:
     async def on_request(self, request: HttpRequest) -> HttpResponse | Upgrade:
         """Answer a plain request from the routes; refuse an upgrade (403 origin,
         401/403 ``authenticate``, 429 limit, 503 not started) or let it through
-        with the principal."""
+        with the principal. Each refused upgrade is logged and reported once."""
+        answer = await self._answer(request)
+        if request.is_upgrade and isinstance(answer, HttpResponse):  # observe
+            hooks.handshake_refused(answer.status, _reason(answer), request.remote_address)
+        return answer
+
+    async def _answer(self, request: HttpRequest) -> HttpResponse | Upgrade:
         if not request.is_upgrade:
             route = self.http_routes.get(request.path)
             if isinstance(route, StaticFile):
@@ -256,11 +263,13 @@ class Service:
         )
         peer.principal = principal
         server._add(peer)
+        opened = hooks.connection_opened(peer)  # observe
         try:
             async with peer:
                 await peer.wait_closed()
         finally:
             # The peer's task group has ended: every task it started is done.
+            hooks.connection_closed(peer, opened)  # observe
             server._remove(peer)
             _principal.reset(token)
             left = per_principal[pid] - 1
@@ -268,6 +277,11 @@ class Service:
                 per_principal[pid] = left
             else:
                 del per_principal[pid]
+
+
+def _reason(response: HttpResponse) -> str:
+    text = response.body.decode("utf-8", "replace").strip()
+    return text[:200] if text else response.reason
 
 
 @contextlib.asynccontextmanager

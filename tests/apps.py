@@ -26,3 +26,9 @@ router = rpcstream.Router()
 async def echo(value: object) -> object:
     """Return what it was given."""
     return value
+
+
+@router.method
+async def divide(a: float, b: float) -> float:
+    """Fails with ZeroDivisionError for ``b == 0``: an unexpected handler exception."""
+    return a / b

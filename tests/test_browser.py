@@ -529,6 +529,14 @@ def callee_probe_app() -> rpcstream.Router:
     router = rpcstream.Router()
 
     @router.method
+    async def probe_boom() -> list[str]:
+        try:
+            await rpcstream.current_peer().call("boom")
+        except rpcstream.RemoteError as exc:
+            return [type(exc).__name__, exc.message]
+        return ["no error"]
+
+    @router.method
     async def probe() -> dict[str, Any]:
         peer = rpcstream.current_peer()
         out: dict[str, Any] = {"page_limit": peer.remote_max_concurrent_handlers}
@@ -589,7 +597,7 @@ async def test_page_handlers_answer_like_python_ones_and_heartbeats_run(
                 reject(signal.reason);
               });
             });
-            const options = { pingInterval: 0.05, maxConcurrentHandlers: 7 };
+            const options = { pingInterval: 0.05, maxConcurrentHandlers: 7, exposeErrors: true };
             const peer = await rs.connect("/", { ...options, router: {
               async boom() { throw new TypeError("boom!"); },
               hang() { return aborted(this.signal); },
@@ -612,13 +620,20 @@ async def test_page_handlers_answer_like_python_ones_and_heartbeats_run(
             out.alive = !peer.isClosed;  // heartbeats (rpcstream.ping, answered) ran meanwhile
             out.stats = peer.stats;
             out.server_limit = peer.remoteMaxConcurrentHandlers;
+            // By default a page, like Python, tells only the error's name.
+            const quiet = await rs.connect("/", { router: {
+              async boom() { throw new TypeError("a secret"); },
+            } });
+            out.quiet = await quiet.call("probe_boom");
+            quiet.close();
             return out;
             """,
         )
         await tab.close()
     # Each side advertised its limits first (rpcstream.settings).
     assert (out["page_limit"], out["server_limit"]) == (7, 256)
-    assert out["boom"] == ["InternalError", "TypeError: boom!"]
+    assert out["boom"] == ["InternalError", "TypeError: boom!"]  # the page opted in
+    assert out["quiet"] == ["InternalError", "TypeError: internal error (see the browser console)"]
     assert out["missing"] == ["MethodNotFound", "no method 'nothere'"]
     # Both sides enforce the deadline: the page's answer or Python's own timer wins.
     assert out["deadline"][0] == "DeadlineExceeded"

@@ -36,6 +36,8 @@ from ..errors import (
 )
 from ..limits import TokenBucket
 from ..messages import Call, Error, Notify, Result, StreamCall, StreamId
+from ..observe import hooks
+from ..observe.outcomes import outcome_of
 from ..protocol import shorten, wire_error
 from ..router import Method, Router
 from .admission import SETTINGS, parse_settings
@@ -45,11 +47,15 @@ from .streams import IncomingStream, Senders, deadline
 if TYPE_CHECKING:
     from .rpcpeer import RpcPeer
 
-__all__ = ["PING", "Callee", "current_peer"]
+__all__ = ["GENERIC_MESSAGE", "PING", "Callee", "current_peer"]
 
 PING = "rpcstream.ping"
 """A reserved method every peer answers with ``None`` at once: a liveness check for
 clients (browsers) that cannot send WebSocket pings."""
+
+GENERIC_MESSAGE = "internal error (see the server log)"
+"""What a caller is told of an unexpected exception, after its type, unless the
+side that ran the handler opted in with ``expose_errors``."""
 
 log = logging.getLogger("rpcstream.peer")
 
@@ -79,7 +85,7 @@ class Callee:
         *,
         max_concurrent_handlers: int,
         call_rate: tuple[float, int] | None,
-        expose_tracebacks: bool,
+        expose_errors: bool,
         on_settings: Callable[[int], None],
     ) -> None:
         self._driver = driver
@@ -87,7 +93,7 @@ class Callee:
         self._peer = peer
         self.router = router
         self.max_concurrent_handlers = max_concurrent_handlers
-        self.expose_tracebacks = expose_tracebacks
+        self.expose_errors = expose_errors
         self._bucket = TokenBucket(*call_rate) if call_rate is not None else None
         self._on_settings = on_settings  # the other side's limits, for our caller
         self.running = 0  # handlers running in tasks (plain functions hold no slot)
@@ -144,10 +150,14 @@ class Callee:
             self._on_settings(limit)
 
     def _refuse(self, frame: IncomingCall, error: RemoteError) -> None:
+        obs = self._driver.observer  # observe
+        call = None if obs is None else obs.call_received(self._peer, *_kind_of(frame))
         if type(frame) is Notify:
             log.warning("dropped notification %s: %s", shorten(repr(frame.method)), error)
+            if call is not None:  # observe
+                call.end(outcome_of(error), error)
         else:
-            self._finish(frame, None, error, in_reader=True)
+            self._finish(frame, None, error, call, in_reader=True)
         self._close_stream_args(frame, {})
 
     # -- the one handler runner ---------------------------------------------------------
@@ -159,6 +169,8 @@ class Callee:
         opened: dict[int, IncomingStream] = {}
         answer: Result | None = None
         failure: BaseException | None = None
+        obs = self._driver.observer  # observe
+        call = None if obs is None else obs.call_received(self._peer, *_kind_of(frame))
         try:
             args, kwargs = self._bind(frame, method, opened)
             result = contextvars.copy_context().run(self._call_plain, method, args, kwargs)
@@ -166,7 +178,7 @@ class Callee:
                 answer = self._result(frame, result)
         except Exception as exc:
             failure = exc
-        self._finish(frame, answer, failure, in_reader=True)
+        self._finish(frame, answer, failure, call, in_reader=True)
         self._close_stream_args(frame, opened)
 
     def _call_plain(self, method: Method, args: list[Any], kwargs: dict[str, Any]) -> Any:
@@ -188,6 +200,8 @@ class Callee:
         failure: BaseException | None = None
         timeout = None if type(frame) is Notify else frame.timeout  # type: ignore[union-attr]
         token = _current_peer.set(self._peer)
+        obs = self._driver.observer  # observe: in this task, so a span it makes is current
+        call = None if obs is None else obs.call_received(self._peer, *_kind_of(frame))
         try:
             with scope:
                 try:
@@ -221,7 +235,7 @@ class Callee:
                 self._driver.waiters.discard(HANDLER, frame.id)
             elif type(frame) is StreamCall:
                 self._driver.waiters.discard(PUMP, frame.stream_id)
-            self._finish(frame, answer, failure)
+            self._finish(frame, answer, failure, call)
             self._close_stream_args(frame, opened)
 
     async def _invoke(
@@ -255,6 +269,7 @@ class Callee:
         frame: IncomingCall,
         answer: Result | None,
         failure: BaseException | None,
+        call: hooks.CallObservation | None = None,
         in_reader: bool = False,
     ) -> None:
         """Deliver a handler's outcome as its kind calls for. ``in_reader``: we
@@ -263,9 +278,21 @@ class Callee:
         t = type(frame)
         if t is Notify:
             if failure is not None:
-                log.error("notification handler %r failed", frame.method, exc_info=failure)
+                fields = {"method": frame.method, **hooks.peer_fields(self._peer)}
+                log.error(
+                    "notification handler %s failed (peer %s, principal %s)",
+                    shorten(repr(frame.method)),
+                    fields["remote_address"],
+                    fields["principal"],
+                    exc_info=failure,
+                    extra=fields,
+                )
+            if call is not None:  # observe
+                call.end(outcome_of(failure), failure)
             return
-        error = None if failure is None else self.remote_error(failure)
+        error = None if failure is None else self.remote_error(failure, frame.method)
+        if call is not None:  # observe
+            call.end(outcome_of(error), failure)
         if t is Call:
             cid: int = frame.id  # type: ignore[union-attr]
             reply: Result | Error | None = answer
@@ -279,16 +306,30 @@ class Callee:
         else:
             driver.proto.streams.end_outgoing(frame.stream_id, error)  # type: ignore[union-attr]
 
-    def remote_error(self, exc: BaseException) -> RemoteError:
+    def remote_error(self, exc: BaseException, what: str | None = None) -> RemoteError:
         """What the caller is told of an exception: itself if it is a
-        :class:`RemoteError`, else ``internal_error`` (with the traceback when
-        ``expose_tracebacks``)."""
+        :class:`RemoteError` (raised on purpose, so its message stands), else
+        ``internal_error`` naming only the exception's type, unless
+        ``expose_errors`` (then its text, and its traceback in ``data``).
+
+        Every other exception is a bug in a handler or a stream's iterator: it is
+        logged here, once, at ERROR with its traceback, the method (``what``)
+        and the peer.
+        """
         if isinstance(exc, RemoteError):
             return exc
-        data = None
-        if self.expose_tracebacks:
-            data = {"traceback": "".join(traceback.format_exception(exc))}
-        log.debug("handler raised", exc_info=exc)
+        fields = {"method": what, **hooks.peer_fields(self._peer)}
+        log.error(
+            "%s failed (peer %s, principal %s)",
+            "a stream sender" if what is None else f"handler {shorten(repr(what))}",
+            fields["remote_address"],
+            fields["principal"],
+            exc_info=exc,
+            extra=fields,
+        )
+        if not self.expose_errors:
+            return InternalError(f"{type(exc).__name__}: {GENERIC_MESSAGE}")
+        data = {"traceback": "".join(traceback.format_exception(exc))}
         return InternalError(f"{type(exc).__name__}: {exc}", data)
 
     # -- parameters and stream arguments ------------------------------------------------
@@ -360,6 +401,13 @@ class _Slot:
         if self.held:
             self.held = False
             self.callee.running -= 1
+
+
+def _kind_of(frame: IncomingCall) -> tuple[str, str, dict[str, str] | None]:
+    """observe: a call's kind, method and metadata, as observers are told them."""
+    t = type(frame)
+    kind = hooks.CALL if t is Call else hooks.STREAM if t is StreamCall else hooks.NOTIFY
+    return kind, frame.method, frame.meta
 
 
 def _not_a_stream(method: str) -> MethodNotFound:

@@ -15,6 +15,8 @@ import msgspec
 
 from ..errors import ConnectionClosed, DeadlineExceeded, InternalError, RemoteError
 from ..messages import Error, Notify, Result, StreamCall, StreamId
+from ..observe import hooks
+from ..observe.outcomes import client_outcome, outcome_of
 from .admission import Admission
 from .driver import ANSWER, Driver
 from .streams import IncomingStream, Senders, deadline
@@ -65,8 +67,16 @@ class Caller:
         driver = self._driver
         proto = driver.proto
         args_raw, kwargs_raw, stream_args, sids = self._encode_params(args, kwargs)
+        obs = driver.observer  # observe
+        call = None if obs is None else obs.call_sent(driver.owner, hooks.CALL, method)
         cid: int = driver.send_now(
-            proto.send_call, method, args_raw, kwargs_raw, timeout, stream_args
+            proto.send_call,
+            method,
+            args_raw,
+            kwargs_raw,
+            timeout,
+            stream_args,
+            None if call is None else call.meta,
         )
         event = anyio.Event()
         driver.waiters.add(ANSWER, cid, event.set)
@@ -78,14 +88,18 @@ class Caller:
                     await event.wait()
                 if not event.is_set():
                     raise DeadlineExceeded(f"{method}: no answer within {timeout} s")
-        except BaseException:
+        except BaseException as exc:
             proto.take_answer(cid)  # no answer yet: the callee is told to stop
             self._senders.stop_unopened(sids)
+            if call is not None:  # observe
+                call.end(client_outcome(exc), exc)
             raise
         finally:
             driver.waiters.discard(ANSWER, cid)
         answer = proto.take_answer(cid)
         if type(answer) is Result:
+            if call is not None:  # observe
+                call.end("ok")
             try:
                 return driver.codec.decode(answer.value, result_type)
             except msgspec.ValidationError as exc:
@@ -94,8 +108,13 @@ class Caller:
                 ) from None
         self._senders.stop_unopened(sids)
         if type(answer) is Error:
-            raise RemoteError.from_wire(answer.code, answer.message, answer.data)
+            error = RemoteError.from_wire(answer.code, answer.message, answer.data)
+            if call is not None:  # observe
+                call.end(outcome_of(error), error)
+            raise error
         assert isinstance(answer, ConnectionClosed)
+        if call is not None:  # observe
+            call.end("connection_closed", answer)
         raise ConnectionClosed(answer.code, answer.reason)
 
     async def notify(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -104,7 +123,12 @@ class Caller:
         driver.check_open()
         _check_method(method)
         args_raw, kwargs_raw, stream_args, _ = self._encode_params(args, kwargs)
-        driver.proto.send(Notify(method, args_raw, kwargs_raw, stream_args))
+        obs = driver.observer  # observe
+        call = None if obs is None else obs.call_sent(driver.owner, hooks.NOTIFY, method)
+        meta = None if call is None else call.meta
+        driver.proto.send(Notify(method, args_raw, kwargs_raw, stream_args, meta))
+        if call is not None:  # observe: a notification is done once it is sent
+            call.end("ok")
         await anyio.lowlevel.checkpoint()
 
     def stream(
@@ -133,7 +157,11 @@ class Caller:
             except BaseException:
                 stream.close()
                 raise
-            proto.send(StreamCall(sid, method, args_raw, kwargs_raw, timeout, stream_args))
+            obs = driver.observer  # observe: ended by the stream (see IncomingStream)
+            call = None if obs is None else obs.call_sent(driver.owner, hooks.STREAM, method)
+            meta = None if call is None else call.meta
+            proto.send(StreamCall(sid, method, args_raw, kwargs_raw, timeout, stream_args, meta))
+            stream._observation = call
 
         stream = IncomingStream(
             driver, sid, item_type, window_items, window_bytes, timeout, open_now=False

@@ -42,6 +42,7 @@ from anyio.abc import TaskGroup
 from .._tasks import task_group
 from ..errors import ConnectionClosed, LocalProtocolError
 from ..messages import Call, Cancel, Codec, Error, Fault, Result
+from ..observe import hooks
 from ..protocol import (
     Protocol,
     State,
@@ -139,6 +140,8 @@ class Driver:
         self.on_close: Callable[[], None] = _nothing  # the caller's admission wakes its waiters
         # The RpcPeer this driver works for: what handlers and streams name as their peer.
         self.owner: Any = None
+        # observe: who is told of calls and stalls; None (nobody) costs one check.
+        self.observer: hooks.Observer | None = hooks.current()
         proto.outbox.on_data = self._wake_writer
         self._text = not proto.codec.binary
         self._tg: TaskGroup | None = None

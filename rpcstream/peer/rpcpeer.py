@@ -54,7 +54,12 @@ class RpcPeer:
         max_buffered_amount: stream senders wait while more than this many bytes
             are queued for the socket, until it drains below a quarter of it.
         max_streams: open streams (both directions) per connection.
-        expose_tracebacks: send handler tracebacks to the caller in ``data``.
+        expose_errors: tell callers the text of unexpected handler exceptions,
+            and their traceback in ``data``. Off by default: a caller gets
+            ``internal_error`` with only the exception's type
+            (``"ZeroDivisionError: internal error (see the server log)"``), and
+            the exception is logged (``rpcstream.peer``, ERROR, with traceback).
+            A :class:`RemoteError` raised on purpose always keeps its message.
         close_timeout: how long closing may wait to flush and say goodbye.
         call_rate: ``(per_second, burst)``: incoming calls, notifications and
             stream calls beyond this token bucket are answered ``rate_limited``.
@@ -81,7 +86,7 @@ class RpcPeer:
         max_receive_buffer: int = 32 * 1024 * 1024,
         max_buffered_amount: int = 1024 * 1024,
         max_streams: int = 4096,
-        expose_tracebacks: bool = False,
+        expose_errors: bool = False,
         close_timeout: float = 5.0,
         call_rate: tuple[float, int] | None = None,
         max_queued_bytes: int = 16 * 1024 * 1024,
@@ -118,7 +123,7 @@ class RpcPeer:
             self.router,
             max_concurrent_handlers=max_concurrent_handlers,
             call_rate=call_rate,
-            expose_tracebacks=expose_tracebacks,
+            expose_errors=expose_errors,
             on_settings=self._caller.admission.set_limit,
         )
         driver.on_call = self._callee.on_call
@@ -175,9 +180,9 @@ class RpcPeer:
         return self._callee.max_concurrent_handlers
 
     @property
-    def expose_tracebacks(self) -> bool:
-        """Whether handler tracebacks go to the caller in ``data``."""
-        return self._callee.expose_tracebacks
+    def expose_errors(self) -> bool:
+        """Whether the text and traceback of handler exceptions go to the caller."""
+        return self._callee.expose_errors
 
     @property
     def max_buffered_amount(self) -> int:

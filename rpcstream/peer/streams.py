@@ -18,6 +18,8 @@ import anyio
 
 from ..errors import Cancelled, DeadlineExceeded, RemoteError
 from ..messages import StreamId
+from ..observe.hooks import CallObservation
+from ..observe.outcomes import client_outcome
 from ..protocol import Empty, Finished, State
 from .driver import PUMP, READABLE, WRITABLE, Driver
 
@@ -41,6 +43,9 @@ class IncomingStream(AsyncIterator[Any]):
     iteration raises its :class:`RemoteError` after the items sent before the
     failure; when the connection closed, :class:`ConnectionClosed`.
     """
+
+    # observe: the stream call an observer follows, ended with the stream (first end wins).
+    _observation: CallObservation | None = None
 
     def __init__(
         self,
@@ -135,13 +140,17 @@ class IncomingStream(AsyncIterator[Any]):
             except Empty:
                 pass
             except Finished:
+                if self._observation is not None:  # observe
+                    self._observation.end("ok")
                 self.close()
                 raise StopAsyncIteration from None
             except KeyError:  # closed with peer.close_receiving_stream(stream_id)
                 self._open = False
                 self._give_back_slot()
                 raise StopAsyncIteration from None
-            except BaseException:
+            except BaseException as exc:
+                if self._observation is not None:  # observe
+                    self._observation.end(client_outcome(exc), exc)
                 self.close()
                 raise
             ev = anyio.Event()
@@ -162,6 +171,8 @@ class IncomingStream(AsyncIterator[Any]):
             finally:
                 waiters.discard(READABLE, sid)
             if timed_out:
+                if self._observation is not None:  # observe
+                    self._observation.end("deadline_exceeded")
                 self.close()
                 raise DeadlineExceeded(f"stream {sid}: deadline exceeded")
             if not self._open:
@@ -175,6 +186,8 @@ class IncomingStream(AsyncIterator[Any]):
                 close_receiving(self._driver, self.stream_id)
             self._pending = None
             self._give_back_slot()
+            if self._observation is not None:  # observe: stopped early, if not ended yet
+                self._observation.end("cancelled")
 
     def _give_back_slot(self) -> None:
         release, self._release = self._release, None
@@ -270,6 +283,8 @@ class Senders:
                 while not streams.can_send(sid):
                     if streams.is_cancelled(sid) or proto.state is State.CLOSED:
                         return
+                    if driver.observer is not None:  # observe: held back by the receiver
+                        driver.observer.stream_stalled(driver.owner, sid)
                     ev = anyio.Event()
                     waiters.add(WRITABLE, sid, ev.set)
                     try:

@@ -102,12 +102,13 @@ class Protocol:
         kwargs: msgspec.Raw,
         timeout: float | None = None,
         stream_args: list[int | str] | None = None,
+        meta: dict[str, str] | None = None,  # observe: trace context
     ) -> int:
         """Queue a ``Call`` and register it as waiting; return its id."""
         cid = self._next_call_id
         self._next_call_id += 1
         self._calls_out[cid] = None
-        self.outbox.send(Call(cid, method, args, kwargs, timeout, stream_args or []))
+        self.outbox.send(Call(cid, method, args, kwargs, timeout, stream_args or [], meta))
         return cid
 
     def take_answer(self, call_id: int) -> Result | Error | BaseException | None:

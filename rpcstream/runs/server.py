@@ -54,6 +54,7 @@ from ..errors import (
 )
 from ..handshake import StaticFile, current_principal, principal_id
 from ..limits import TokenBucket
+from ..observe import hooks
 from ..peer import current_peer
 from ..router import Router
 from ..store.base import EventStore, RunInfo, StoredEvent
@@ -365,8 +366,9 @@ class RunServer:
             await anyio.sleep(self.sweep_interval)
             try:
                 removed = await self.store.sweep()
-            except Exception:
+            except Exception as exc:
                 log.exception("sweeping expired runs failed")
+                hooks.store_error("sweep", exc)  # observe
             else:
                 if removed:
                     log.debug("removed %d expired runs", removed)
@@ -395,6 +397,7 @@ class RunServer:
         await begin_run(self.store, run_id, name, owner)
         run = self._runs[run_id] = _Run(run_id, found, self.inbox_size, owner, self.send_rate)
         self._tg.start_soon(self._execute, run, kwargs)
+        hooks.run_status(name, RunStatus.RUNNING.value)  # observe
         return run_id
 
     async def _execute(self, run: _Run, kwargs: dict[str, Any]) -> None:
@@ -424,6 +427,7 @@ class RunServer:
         except Exception:
             log.exception("could not record the end of run %s", run.run_id)
         finally:
+            hooks.run_status(run.flow.name, terminal)  # observe
             run.inbox_send.close()
             run.inbox_receive.close()
             del self._runs[run.run_id]
@@ -453,6 +457,7 @@ class RunServer:
             async with contextlib.aclosing(self.store.follow(run_id, after)) as events:
                 async for event in events:
                     yield _to_wire(event, info, as_raw)
+                    hooks.events_delivered(1)  # observe
         finally:
             left = self._subscribers[run_id] - 1
             if left:

@@ -183,8 +183,9 @@ export interface ConnectOptions {
   pingTimeout?: number | null;
   /** Seconds the WebSocket handshake may take (10; 0: no limit). */
   openTimeout?: number;
-  /** Send handlers' stacks to the server in error data. */
-  exposeTracebacks?: boolean;
+  /** Send the text of handlers' unexpected errors, and their stacks in error data, to
+   * the server (default false: only the error's name, the rest to the console). */
+  exposeErrors?: boolean;
   /** Abort the connection attempt. */
   signal?: AbortSignal;
 }

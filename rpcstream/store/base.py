@@ -60,6 +60,7 @@ import anyio
 import msgspec
 
 from ..errors import EventsTrimmed, RunExpired, RunFinished, RunNotFound
+from ..observe.hooks import events_appended, store_error
 from ..runs.events import MAX_EVENT_ID, TERMINAL_TYPES, RunStatus
 
 __all__ = [
@@ -70,6 +71,9 @@ __all__ = [
     "RunInfo",
     "StoredEvent",
 ]
+
+# observe: what a store raises because of the request, not of itself (not store errors).
+_CALLERS_FAULT = (RunNotFound, RunExpired, RunFinished, EventsTrimmed, ValueError, TypeError)
 
 RunId = NewType("RunId", str)
 """The id of one run: chosen by whoever creates it, unique in its store."""
@@ -280,7 +284,14 @@ class EventStore(abc.ABC):
             )
         if not isinstance(data, bytes):
             raise TypeError(f"data must be bytes (JSON-encoded), not {data.__class__.__name__}")
-        return await self._append(run_id, type, data, terminal)
+        try:  # observe: failures and appended events
+            event = await self._append(run_id, type, data, terminal)
+        except Exception as exc:
+            if not isinstance(exc, _CALLERS_FAULT):
+                store_error("append", exc)
+            raise
+        events_appended(1)
+        return event
 
     async def read(self, run_id: str, after: int, limit: int = 1000) -> list[StoredEvent]:
         """Up to ``limit`` events with ids above ``after``, ascending.
@@ -294,7 +305,12 @@ class EventStore(abc.ABC):
         _check_after(after)
         if limit < 1:
             raise ValueError(f"limit must be at least 1, not {limit}")
-        return await self._read(run_id, after, limit)
+        try:  # observe
+            return await self._read(run_id, after, limit)
+        except Exception as exc:
+            if not isinstance(exc, _CALLERS_FAULT):
+                store_error("read", exc)
+            raise
 
     async def info(self, run_id: str) -> RunInfo:
         """The run's metadata; raises like :meth:`read`."""

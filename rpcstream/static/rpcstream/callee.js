@@ -187,7 +187,7 @@ export class Callee {
       answer = [null, result];
     } catch (exc) {
       if (!controller.signal.aborted) {
-        answer = [toRemoteError(exc, this.peer.exposeTracebacks), undefined];
+        answer = [toRemoteError(exc, this.peer.exposeErrors), undefined];
       } else if (controller.signal.reason instanceof DeadlineExceeded) {
         answer = [controller.signal.reason, undefined];
       } // else cancelled by the caller or by the connection closing: no answer at all

@@ -131,11 +131,17 @@ export class ReconnectFailed extends ConnectionClosed {
 /** We were asked to do something the protocol forbids (an id in use, say). */
 export class LocalProtocolError extends RpcStreamError {}
 
-/** What a handler's exception looks like on the wire (as Callee.remote_error in rpcstream/peer/callee.py). */
-export function toRemoteError(exc, exposeTracebacks = false) {
+/**
+ * What a handler's exception looks like on the wire (as Callee.remote_error in rpcstream/peer/callee.py): a
+ * RemoteError as it is; anything else, a bug, is logged to the console once and sent
+ * as its type only, unless the peer opted in with exposeErrors (then its text, and
+ * its stack in data).
+ */
+export function toRemoteError(exc, exposeErrors = false) {
   if (exc instanceof RemoteError) return exc;
   const name = exc?.name ?? typeof exc;
+  console.error("rpcstream: a handler failed", exc);
+  if (!exposeErrors) return new InternalError(`${name}: internal error (see the browser console)`);
   const text = exc?.message ?? String(exc);
-  const data = exposeTracebacks && exc?.stack ? { traceback: String(exc.stack) } : null;
-  return new InternalError(`${name}: ${text}`, data);
+  return new InternalError(`${name}: ${text}`, exc?.stack ? { traceback: String(exc.stack) } : null);
 }

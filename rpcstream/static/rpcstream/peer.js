@@ -34,7 +34,7 @@ export class Peer extends EventTarget {
     this.maxConcurrentHandlers = options.maxConcurrentHandlers ?? 256;
     this.maxStreams = options.maxStreams ?? 4096;
     this.maxBufferedAmount = options.maxBufferedAmount ?? 1024 * 1024;
-    this.exposeTracebacks = options.exposeTracebacks ?? false;
+    this.exposeErrors = options.exposeErrors ?? false;
     if (!(this.windowItems >= 1 && this.windowBytes >= 1)) {
       throw new RangeError("stream windows must allow at least one item and one byte");
     }

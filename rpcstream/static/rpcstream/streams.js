@@ -234,7 +234,7 @@ export class Outgoing {
       error = signal.aborted ? signal.reason : exc;
     } finally {
       clearTimeout(timer);
-      const remote = error === null ? null : toRemoteError(error, this.peer.exposeTracebacks);
+      const remote = error === null ? null : toRemoteError(error, this.peer.exposeErrors);
       this.peer._streams.endOutgoing(this.streamId, remote);
       onDone?.();
     }
