@@ -129,7 +129,8 @@ async def calls_received(router: rpcstream.Router) -> list[Call]:
         on_call = server._driver.on_call
 
         def record(frame: Call) -> None:
-            received.append(frame)
+            if type(frame) is Call:  # not the client's rpcstream.settings notification
+                received.append(frame)
             on_call(frame)
 
         server._driver.on_call = record
