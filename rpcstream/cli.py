@@ -45,6 +45,7 @@ import msgspec
 from . import __version__
 from .errors import ConnectionClosed, HandshakeRefused, RemoteError, RpcStreamError
 from .observe import logs
+from .transport.websocket import describe_failure
 from .urls import websocket_url
 
 if TYPE_CHECKING:
@@ -395,43 +396,12 @@ def _client_tls(args: argparse.Namespace, urls: list[str]) -> dict[str, Any]:
         raise _tls_error("--cafile", cafile, exc) from exc
 
 
-def _leaves(exc: BaseException) -> list[BaseException]:
-    """The specific failures under the generic ones a connection attempt wraps them in."""
-    if isinstance(exc, BaseExceptionGroup):
-        return [leaf for sub in exc.exceptions for leaf in _leaves(sub)]
-    cause = exc.__cause__
-    # trio: OSError("all attempts to connect ... failed") over a group of the real
-    # errors; BrokenResourceError("") over the TLS error.
-    if cause is not None and (isinstance(cause, BaseExceptionGroup) or not str(exc)):
-        return _leaves(cause)
-    return [exc]
-
-
-_TLS_REFUSED = "the server closed the connection in the TLS handshake (a plain ws:// server?)"
-
-
 def describe_connect_failure(exc: ConnectionClosed, secure: bool) -> str:
-    """Why a connection could not open, in words (not "(1 sub-exception)").
-
-    ``secure``: the URL was ``wss://``, so a reset means the TLS handshake failed.
-    """
+    """Why a connection could not open, in words (see
+    :func:`rpcstream.transport.websocket.describe_failure`)."""
     if exc.__cause__ is None:
         return exc.reason or str(exc)
-    texts: list[str] = []
-    for leaf in _leaves(exc.__cause__):
-        # asyncio sees a reset, trio an EOF, when a plain server drops a TLS hello.
-        if isinstance(leaf, (ssl.SSLEOFError, ssl.SSLZeroReturnError)) or (
-            secure and isinstance(leaf, ConnectionResetError)
-        ):
-            text = _TLS_REFUSED
-        elif isinstance(leaf, OSError) and not isinstance(leaf, ssl.SSLError) and leaf.errno:
-            # The same words on asyncio and trio (getaddrinfo's errors are negative).
-            text = os.strerror(leaf.errno) if leaf.errno > 0 else str(leaf.strerror)
-        else:
-            text = str(leaf) or type(leaf).__name__
-        if text not in texts:
-            texts.append(text)
-    return "; ".join(texts)
+    return describe_failure(exc.__cause__, secure)
 
 
 @contextlib.asynccontextmanager

@@ -15,6 +15,7 @@ and the loop-free :mod:`~rpcstream.transport.http` types, never websockets.
 from __future__ import annotations
 
 import contextlib
+import os
 import ssl as ssl_module
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from typing import Any
@@ -178,7 +179,7 @@ async def open_websocket(
         cm = loop_ws.connect(url, **kwargs)
         ws = await cm.__aenter__()
     except loop_ws.UNREACHABLE as exc:
-        reason = exc.__cause__ or exc  # the SSL error under trio's BrokenResourceError
+        reason = describe_failure(exc, secure=url.startswith("wss://"))
         raise ConnectionClosed(1006, f"cannot connect to {url}: {reason}") from exc
     except websockets.exceptions.InvalidStatus as exc:
         status = exc.response.status_code
@@ -249,3 +250,39 @@ async def serve_websocket(
         from . import asyncio_ws as loop_ws  # type: ignore[no-redef]
     async with loop_ws.serve(ws_handler, host, port, **kwargs) as bound:
         yield bound
+
+
+_TLS_REFUSED = "the server closed the connection in the TLS handshake (a plain ws:// server?)"
+
+
+def describe_failure(exc: BaseException, secure: bool) -> str:
+    """Why a connection attempt failed, in words, the same on asyncio and trio: the
+    specific failures under the generic ones the loops wrap them in (trio's "all
+    attempts to connect ... failed (1 sub-exception)", an empty BrokenResourceError
+    over the TLS error). ``secure``: the URL was ``wss://``, so a reset means the
+    TLS handshake failed (asyncio sees a reset, trio an EOF, when a plain server
+    drops a TLS hello)."""
+    texts: list[str] = []
+    for leaf in _leaves(exc):
+        if isinstance(leaf, (ssl_module.SSLEOFError, ssl_module.SSLZeroReturnError)) or (
+            secure and isinstance(leaf, ConnectionResetError)
+        ):
+            text = _TLS_REFUSED
+        elif isinstance(leaf, OSError) and not isinstance(leaf, ssl_module.SSLError) and leaf.errno:
+            # getaddrinfo's errors are negative: their text is in strerror.
+            text = os.strerror(leaf.errno) if leaf.errno > 0 else str(leaf.strerror)
+        else:
+            text = str(leaf) or type(leaf).__name__
+        if text not in texts:
+            texts.append(text)
+    return "; ".join(texts)
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    """The specific failures under the generic ones a connection attempt wraps them in."""
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for sub in exc.exceptions for leaf in _leaves(sub)]
+    cause = exc.__cause__
+    if cause is not None and (isinstance(cause, BaseExceptionGroup) or not str(exc)):
+        return _leaves(cause)
+    return [exc]
