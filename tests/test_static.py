@@ -16,7 +16,7 @@ import pytest
 
 from rpcstream import errors, messages
 from rpcstream.handshake import STATIC_DIR, builtin_routes
-from rpcstream.store.base import TERMINAL_TYPES
+from rpcstream.runs.events import TERMINAL_TYPES, EventType
 
 ENTRY = STATIC_DIR / "rpcstream.js"
 MODULES = STATIC_DIR / "rpcstream"
@@ -169,9 +169,7 @@ def test_the_js_frame_tags_are_the_python_structs_tags() -> None:
 def test_the_js_run_event_types_are_pythons() -> None:
     files = sources()
     event_types = frozen_table(files, "EventType")
-    # lead: re-point to rpcstream.runs.events after merge
-    python_types = {"started"} | set(TERMINAL_TYPES)
-    assert event_types == {t.upper(): t for t in python_types}
+    assert event_types == {t.name: t.value for t in EventType}
     assert frozen_set(files, "TERMINAL_TYPES", {"EventType": event_types}) == TERMINAL_TYPES
     assert "TERMINAL_TYPES" in entry_exports()
 
