@@ -96,9 +96,20 @@ def make_store(spec: str) -> Any:
 async def serve_child(store: str) -> None:
     """Child: serve until stdin closes; print ``{"url", "pid"}`` first."""
     runs = make_server(make_store(store))
+    profile = os.environ.get("RUNS_BENCH_PROFILE")  # a path: cProfile the server into it
+    profiler = None
+    if profile:
+        import cProfile
+
+        profiler = cProfile.Profile()
     async with rpcstream.serve(runs, "127.0.0.1", 0) as server:
         emit({"url": server.url, "pid": os.getpid()})
+        if profiler is not None:
+            profiler.enable()
         await anyio.to_thread.run_sync(sys.stdin.read, abandon_on_cancel=True)
+        if profiler is not None:
+            profiler.disable()
+            profiler.dump_stats(profile)
 
 
 # -- the client child ----------------------------------------------------------------------
@@ -199,24 +210,25 @@ async def client_child(spec: Figures) -> None:
             emit({"ready": True})
         wall = time.monotonic() - start
         cpu = time.process_time() - cpu
-    wrong = [s.wrong for s in subs if s.wrong is not None]
-    firsts = [s.first for s in subs if s.first is not None]
-    emit(
-        {
-            "deliveries": sum(s.deliveries for s in subs),
-            # Those after ``ready``: every subscription had exactly its ``started`` by then.
-            "measured": sum(s.deliveries for s in subs) - len(subs),
-            "ticks": sum(len(s.latencies_us) for s in subs),
-            "messages": Counted.messages - messages,
-            "first_receipt": min(firsts, default=None),
-            "last_receipt": max((s.last_at for s in subs), default=None),
-            "cpu_s": round(cpu, 3),
-            "wall_s": round(wall, 3),
-            "verified": not wrong,
-            "wrong": wrong[:3],
-            "latencies_us": [x for s in subs for x in s.latencies_us],
-        }
-    )
+        # Printed before the connections close: the parent stops its clock here.
+        wrong = [s.wrong for s in subs if s.wrong is not None]
+        firsts = [s.first for s in subs if s.first is not None]
+        emit(
+            {
+                "deliveries": sum(s.deliveries for s in subs),
+                # Those after ``ready``: every subscription had exactly its ``started`` then.
+                "measured": sum(s.deliveries for s in subs) - len(subs),
+                "ticks": sum(len(s.latencies_us) for s in subs),
+                "messages": Counted.messages - messages,
+                "first_receipt": min(firsts, default=None),
+                "last_receipt": max((s.last_at for s in subs), default=None),
+                "cpu_s": round(cpu, 3),
+                "wall_s": round(wall, 3),
+                "verified": not wrong,
+                "wrong": wrong[:3],
+                "latencies_us": [x for s in subs for x in s.latencies_us],
+            }
+        )
 
 
 async def replay_child(spec: Figures) -> None:

@@ -201,3 +201,18 @@ async def test_run_client_falls_back_to_single_events_on_a_server_without_batche
         with pytest.raises(InvalidParams):  # other parameter errors still raise
             async for _ in client.subscribe("r", after="x"):  # type: ignore[arg-type]
                 pass
+
+
+def test_timestamps_are_formatted_exactly_as_datetime_does() -> None:
+    import datetime
+    import random
+
+    from rpcstream.runs.fanout import iso_time
+
+    rng = random.Random(15)
+    cases = [0.0, -0.0005, 1.0, 1796307376.9999995, 1796307376.0005, 1796307376.9995]
+    cases += [rng.uniform(-1e9, 4e9) for _ in range(5000)]
+    cases += [1796307376 + rng.randrange(1000) / 1000 + 0.0000005 for _ in range(1000)]
+    for ts in cases:
+        expected = datetime.datetime.fromtimestamp(ts, datetime.UTC)
+        assert iso_time(ts) == expected.isoformat(timespec="milliseconds")[:-6] + "Z", ts

@@ -45,6 +45,7 @@ import contextlib
 import datetime
 import functools
 import logging
+import math
 from collections import deque
 from collections.abc import AsyncGenerator, Iterator
 from itertools import islice
@@ -75,11 +76,25 @@ BATCH_BYTES: Final = 64 * 1024
 _EVENT_OVERHEAD: Final = 96
 
 
-@functools.lru_cache(maxsize=4096)
 def iso_time(ts: float) -> str:
     """``ts`` (unix seconds) as ISO 8601 UTC with milliseconds, as events carry it."""
-    dt = datetime.datetime.fromtimestamp(ts, datetime.UTC)
-    return dt.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    # Only the seconds go through datetime (cached: events come many per second);
+    # the milliseconds are appended. Rounded to microseconds first, as
+    # datetime.fromtimestamp does, then truncated to milliseconds, as isoformat does.
+    fraction, whole = math.modf(ts)
+    us = round(fraction * 1_000_000)
+    seconds = int(whole)
+    if us >= 1_000_000:
+        seconds, us = seconds + 1, us - 1_000_000
+    elif us < 0:
+        seconds, us = seconds - 1, us + 1_000_000
+    return f"{_iso_seconds(seconds)}.{us // 1000:03d}Z"
+
+
+@functools.lru_cache(maxsize=1024)
+def _iso_seconds(seconds: int) -> str:
+    dt = datetime.datetime.fromtimestamp(seconds, datetime.UTC)
+    return dt.strftime("%Y-%m-%dT%H:%M:%S")
 
 
 def wire_event(event: StoredEvent, info: RunInfo, binary: bool) -> RunEvent:
@@ -199,11 +214,60 @@ class Fanout:
         run_id = info.run_id
         self._counts[run_id] = self._counts.get(run_id, 0) + 1
         hub = self._acquire(info)
+        # One generator, not one wrapping another: each item costs one resume.
         try:
-            items = self._items(hub, info, after, codec, batch)
-            async with contextlib.aclosing(items) as stream:
-                async for item in stream:
-                    yield item
+            store, name, binary = self.store, codec.name, codec.binary
+            position = after
+            while True:
+                if hub is None and info.status != RUNNING:
+                    # Finished when subscribed to: its events are all in the store.
+                    while True:
+                        events = await store.read(info.run_id, position, store.follow_batch)
+                        if not events:
+                            return
+                        for item in _encode_list(events, info, codec, batch):
+                            yield item
+                        position = events[-1].id
+                        if events[-1].type in TERMINAL_TYPES:
+                            return
+                if hub is None or hub.failed:
+                    # No hub to share (the server is not running it, or its follow
+                    # failed): follow the store alone, as a subscription did before hubs.
+                    follow = store.follow(info.run_id, position)
+                    async with contextlib.aclosing(follow) as alone:
+                        async for event in alone:
+                            for item in _encode_list([event], info, codec, batch):
+                                yield item
+                    return
+                wake = hub.wake  # before looking: a publish after this line wakes us
+                entries = hub.after(position)
+                if entries is None:  # behind the hub: catch up from the store
+                    events = await store.read(info.run_id, position, store.follow_batch)
+                    if not events:
+                        await wake.wait()
+                        continue
+                    for item in _encode_list(events, info, codec, batch):
+                        yield item
+                    position = events[-1].id
+                    if events[-1].type in TERMINAL_TYPES:
+                        return
+                    continue
+                if not entries:
+                    if hub.final_id is not None and position >= hub.final_id:
+                        return
+                    await wake.wait()
+                    continue
+                raws = [_encoded(entry, name, info, binary) for entry in entries]
+                last = entries[-1].event
+                if batch:
+                    for chunk in _chunks(raws):
+                        yield chunk
+                else:
+                    for raw in raws:
+                        yield raw
+                position = last.id
+                if last.type in TERMINAL_TYPES:
+                    return
         finally:
             if hub is not None:
                 self._release(hub)
@@ -212,62 +276,6 @@ class Fanout:
                 self._counts[run_id] = left
             else:
                 del self._counts[run_id]
-
-    async def _items(
-        self, hub: Hub | None, info: RunInfo, after: int, codec: Codec, batch: bool
-    ) -> AsyncGenerator[Any, None]:
-        store, name, binary = self.store, codec.name, codec.binary
-        position = after
-        while True:
-            if hub is None and info.status != RUNNING:
-                # Finished when subscribed to: its events are all in the store.
-                while True:
-                    events = await store.read(info.run_id, position, store.follow_batch)
-                    if not events:
-                        return
-                    for item in _encode_list(events, info, codec, batch):
-                        yield item
-                    position = events[-1].id
-                    if events[-1].type in TERMINAL_TYPES:
-                        return
-            if hub is None or hub.failed:
-                # No hub to share (the server is not running it, or its follow
-                # failed): follow the store alone, as a subscription did before hubs.
-                follow = store.follow(info.run_id, position)
-                async with contextlib.aclosing(follow) as alone:
-                    async for event in alone:
-                        for item in _encode_list([event], info, codec, batch):
-                            yield item
-                return
-            wake = hub.wake  # before looking: a publish after this line wakes us
-            entries = hub.after(position)
-            if entries is None:  # behind the hub: catch up from the store
-                events = await store.read(info.run_id, position, store.follow_batch)
-                if not events:
-                    await wake.wait()
-                    continue
-                for item in _encode_list(events, info, codec, batch):
-                    yield item
-                position = events[-1].id
-                if events[-1].type in TERMINAL_TYPES:
-                    return
-                continue
-            if not entries:
-                if hub.final_id is not None and position >= hub.final_id:
-                    return
-                await wake.wait()
-                continue
-            raws = [_encoded(entry, name, info, binary) for entry in entries]
-            last = entries[-1].event
-            if batch:
-                for chunk in _chunks(raws):
-                    yield chunk
-            else:
-                for raw in raws:
-                    yield raw
-            position = last.id
-            if last.type in TERMINAL_TYPES:
-                return
 
 
 def _encoded(entry: _Entry, name: str, info: RunInfo, binary: bool) -> msgspec.Raw:
