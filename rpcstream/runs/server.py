@@ -441,15 +441,18 @@ class RunServer:
     async def _subscribe(
         self, run_id: str, after: int = 0, batch: bool = False
     ) -> AsyncIterator[Any]:
-        # A plain ``async def`` returning the fan-out's generator: one generator
-        # layer fewer per item than wrapping it.
+        # An async generator (not a function returning one), so that the router
+        # knows it streams: ``call("runs.subscribe")`` is refused as a stream.
         if not 0 <= after <= MAX_EVENT_ID:
             # The caller's mistake, not ours: the store would raise ValueError.
             raise InvalidParams(
                 f"runs.subscribe(): 'after' must be an event id, 0 to {MAX_EVENT_ID}, not {after}"
             )
         info = await self._check_access(run_id, "subscribe")
-        return self._fanout.subscribe(info, after, current_peer().codec, batch)
+        items = self._fanout.subscribe(info, after, current_peer().codec, batch)
+        async with contextlib.aclosing(items) as stream:
+            async for item in stream:
+                yield item
 
     async def _status(self, run_id: str) -> dict[str, Any]:
         info = await self._check_access(run_id, "status")
