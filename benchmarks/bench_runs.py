@@ -48,6 +48,8 @@ baseline's; above 1 is better for throughputs, below 1 for latencies):
 * replay: ``store.follow`` alone (:func:`benchmarks.bench_store.replay`);
 * fan-out: 1,000 ``store.follow`` tasks and one task appending, paced the same way.
 
+``--deployed`` measures as deployed instead: :mod:`benchmarks.runs_deployed`.
+
 Everything runs in ONE process and on ONE event loop: client and server share the
 CPU (the SQLite store also uses a worker thread), and send and receive times come
 from the same clock. The machine's second core only helps SQLite's thread.
@@ -677,7 +679,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the measurements ``argv`` selects; print one JSON line per result."""
+    """Run the measurements ``argv`` selects; print one JSON line per result.
+
+    ``--deployed`` runs :mod:`benchmarks.runs_deployed` instead (the server alone in
+    its process, clients in others), with the rest of ``argv``.
+    """
+    argv = sys.argv[1:] if argv is None else argv
+    if "--deployed" in argv:
+        from .runs_deployed import main as deployed
+
+        return deployed([a for a in argv if a != "--deployed"])
     args = parse_args(argv)
     loops = list(LOOPS) if args.loop == "all" else [args.loop]
     with contextlib.ExitStack() as stack:

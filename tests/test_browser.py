@@ -178,11 +178,11 @@ def make_app(state: State) -> rpcstream.RunServer:
     runs = rpcstream.RunServer(router=router)
 
     @runs.flow("ticks")
-    async def ticks(ctx: rpcstream.RunContext, n: int, pause_at: int = -1) -> None:
+    async def ticks(ctx: rpcstream.RunContext, n: int, pause_at: int = -1, pad: int = 0) -> None:
         for i in range(n):
             if i == pause_at:
                 await state.gate.wait()
-            await ctx.client.send("tick", i)
+            await ctx.client.send("tick", [i, "x" * pad] if pad else i)
 
     return runs
 
@@ -376,7 +376,10 @@ async def test_run_subscription_resumes_exactly_through_server_side_cuts(
         client.onstatechange = (e) => states.push(e.detail.state);
         window.resumedAfter = [];
         client.addEventListener("resume", (e) => resumedAfter.push(e.detail.after));
-        const runId = await client.start("ticks", { n: args.n, pause_at: 150 });
+        // Events of 8 KB: a batch (runs.subscribe's items are lists of events, up
+        // to 64 KiB) holds 8 of them, so a window of 8 items leaves events that
+        // the server still holds back at each cut.
+        const runId = await client.start("ticks", { n: args.n, pause_at: 150, pad: 8000 });
         // A small window: at each cut the server still holds events back.
         window.sub = client.subscribe(runId, { windowItems: 8 });
         window.ids = [];

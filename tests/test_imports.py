@@ -66,7 +66,7 @@ LAYERS: list[set[str]] = [
     {"messages", "observe.hooks", "observe.logs"},
     {"observe.outcomes", "observe.__init__", "observe.otel"},
     {"protocol", "router", "transport", "store"},
-    {"handshake", "peer", "runs.writer"},
+    {"handshake", "peer", "runs.writer", "runs.fanout"},
     {"client", "server", "runs.server", "observe.prometheus"},
     {"runs.client", "testing", "asgi"},
     {"demo"},

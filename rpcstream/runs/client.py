@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import random
+import weakref
 from collections.abc import AsyncGenerator, Callable, Sequence
 from types import TracebackType
 from typing import Any, Self
@@ -34,7 +35,13 @@ from anyio.abc import TaskGroup
 
 from .._tasks import task_group
 from ..client import connect
-from ..errors import ConnectionClosed, DeadlineExceeded, HandshakeRefused, ReconnectFailed
+from ..errors import (
+    ConnectionClosed,
+    DeadlineExceeded,
+    HandshakeRefused,
+    InvalidParams,
+    ReconnectFailed,
+)
 from ..peer import RpcPeer
 from ..router import Router
 from .events import TERMINAL_TYPES
@@ -111,6 +118,9 @@ class RunClient:
         self._failed: ReconnectFailed | None = None
         self._tg: TaskGroup | None = None
         self._stack: contextlib.AsyncExitStack | None = None
+        # Peers of servers that refused ``batch=True`` (older ones): weakly held,
+        # so a closed connection's entry goes with it.
+        self._no_batches: weakref.WeakSet[RpcPeer] = weakref.WeakSet()
         self.connections = 0
         """How many connections were opened so far (1 + reconnects)."""
         self.url: str | None = None
@@ -269,13 +279,30 @@ class RunClient:
         last = after
         while True:
             peer = await self.peer(wait=True)
+            batch = peer not in self._no_batches
             try:
-                async with peer.stream("runs.subscribe", run_id, after=last) as events:
-                    async for event in events:
-                        last = event["id"]
-                        yield event
-                        if event["type"] in TERMINAL_TYPES:
-                            return
+                async with peer.stream(
+                    "runs.subscribe", run_id, after=last, **_batch(batch)
+                ) as items:
+                    async for item in items:
+                        # With batch=True an item is a list of events: replay and
+                        # catch-up arrive many per message. Those not handed out
+                        # yet when the connection drops are read again after
+                        # ``last``, so a batch cut short loses nothing.
+                        for event in item if type(item) is list else (item,):
+                            last = event["id"]
+                            yield event
+                            if event["type"] in TERMINAL_TYPES:
+                                return
                 return  # the run had ended before ``after``: nothing more will come
+            except InvalidParams as exc:
+                if not batch or "batch" not in str(exc):
+                    raise
+                # A server from before batches: ask it for one event per item.
+                self._no_batches.add(peer)
             except ConnectionClosed:
                 log.info("subscription to %s lost after event %d; resuming", run_id, last)
+
+
+def _batch(on: bool) -> dict[str, bool]:
+    return {"batch": True} if on else {}

@@ -24,8 +24,6 @@ flow raised) or ``cancelled`` (``runs.cancel``, or the server shutting down).
 from __future__ import annotations
 
 import contextlib
-import datetime
-import functools
 import inspect
 import logging
 import math
@@ -57,19 +55,18 @@ from ..limits import TokenBucket
 from ..observe import hooks
 from ..peer import current_peer
 from ..router import Router
-from ..store.base import EventStore, RunInfo, StoredEvent
+from ..store.base import EventStore, RunInfo
 from ..store.memory import MemoryStore
 from .events import (
     MAX_EVENT_ID,
     TERMINAL_TYPES,
     ErrorData,
     EventType,
-    RunEvent,
     RunStatus,
     begin_run,
-    decode_data,
     encode_data,
 )
+from .fanout import Fanout, iso_time
 
 __all__ = [
     "ClientEvent",
@@ -133,7 +130,7 @@ class RunChannel:
 
     def has_subscribers(self) -> bool:
         """Whether any client (on this server) watches the run now."""
-        return self._server._subscribers.get(self._run.run_id, 0) > 0
+        return self._server._fanout.subscribers(self._run.run_id) > 0
 
     async def receive(self) -> ClientEvent:
         """The next event a client sent with ``runs.send`` (waits for one)."""
@@ -265,7 +262,7 @@ class RunServer:
         self.cancel_timeout = cancel_timeout
         self._flows: dict[str, _Flow] = {}
         self._runs: dict[str, _Run] = {}
-        self._subscribers: dict[str, int] = {}
+        self._fanout = Fanout(self.store)
         self._tg: TaskGroup | None = None
         self._exit: contextlib.AsyncExitStack | None = None
         self._router = Router()
@@ -316,6 +313,9 @@ class RunServer:
             await stack.enter_async_context(self.store)
             await self._end_orphans()
             self._tg = await stack.enter_async_context(task_group())
+            # The store may have been replaced since __init__ (the CLI does).
+            self._fanout = Fanout(self.store)
+            self._fanout.tg = self._tg
             stack.callback(self._tg.cancel_scope.cancel)
             stack.callback(self._cancel_all)
             if self.sweep_interval and math.isfinite(self.sweep_interval):
@@ -444,36 +444,31 @@ class RunServer:
         run_id = await self.start(flow, params, owner=principal_id(current_principal()))
         return {"run_id": run_id, "stream_id": run_id}
 
-    async def _subscribe(self, run_id: str, after: int = 0) -> AsyncIterator[RunEvent]:
+    async def _subscribe(
+        self, run_id: str, after: int = 0, batch: bool = False
+    ) -> AsyncIterator[Any]:
+        # An async generator (not a function returning one), so that the router
+        # knows it streams: ``call("runs.subscribe")`` is refused as a stream.
         if not 0 <= after <= MAX_EVENT_ID:
             # The caller's mistake, not ours: the store would raise ValueError.
             raise InvalidParams(
                 f"runs.subscribe(): 'after' must be an event id, 0 to {MAX_EVENT_ID}, not {after}"
             )
         info = await self._check_access(run_id, "subscribe")
-        as_raw = not current_peer().codec.binary  # JSON clients: stored JSON passes through
-        self._subscribers[run_id] = self._subscribers.get(run_id, 0) + 1
-        try:
-            async with contextlib.aclosing(self.store.follow(run_id, after)) as events:
-                async for event in events:
-                    yield _to_wire(event, info, as_raw)
-                    hooks.events_delivered(1)  # observe
-        finally:
-            left = self._subscribers[run_id] - 1
-            if left:
-                self._subscribers[run_id] = left
-            else:
-                del self._subscribers[run_id]
+        items = self._fanout.subscribe(info, after, current_peer().codec, batch)
+        async with contextlib.aclosing(items) as stream:
+            async for item in stream:
+                yield item
 
     async def _status(self, run_id: str) -> dict[str, Any]:
         info = await self._check_access(run_id, "status")
-        return _status(info, self._subscribers.get(run_id, 0))
+        return _status(info, self._fanout.subscribers(run_id))
 
     async def _cancel(self, run_id: str) -> dict[str, Any]:
         info = await self._check_access(run_id, "cancel")
         run = self._runs.get(run_id)
         if run is None:  # finished, or running on another node
-            return _status(info, self._subscribers.get(run_id, 0))
+            return _status(info, self._fanout.subscribers(run_id))
         run.scope.cancel()
         return {"run_id": run_id, "status": RunStatus.CANCELLING.value}
 
@@ -501,18 +496,6 @@ def owner_only(principal: Any, info: RunInfo, action: str) -> bool:
     return info.owner is None or principal_id(principal) == info.owner
 
 
-def _to_wire(event: StoredEvent, info: RunInfo, as_raw: bool) -> RunEvent:
-    data = msgspec.Raw(event.data) if as_raw else decode_data(event.data)
-    return RunEvent(event.id, event.type, data, _iso(event.timestamp), info.run_id, info.flow)
-
-
-@functools.lru_cache(maxsize=4096)
-def _iso(ts: float) -> str:
-    # Cached: an event fanned out to many subscribers is formatted once.
-    dt = datetime.datetime.fromtimestamp(ts, datetime.UTC)
-    return dt.isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
 def _status(info: RunInfo, subscribers: int) -> dict[str, Any]:
     return {
         "run_id": info.run_id,
@@ -520,7 +503,7 @@ def _status(info: RunInfo, subscribers: int) -> dict[str, Any]:
         "status": info.status,
         "last_id": info.last_id,
         "first_id": info.first_id,
-        "created": _iso(info.created),
-        "finished": None if info.finished is None else _iso(info.finished),
+        "created": iso_time(info.created),
+        "finished": None if info.finished is None else iso_time(info.finished),
         "subscribers": subscribers,
     }

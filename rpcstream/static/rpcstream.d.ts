@@ -288,7 +288,7 @@ export declare function connect(url: string, options?: ConnectOptions): Promise<
 
 // -- run streams ----------------------------------------------------------------------
 
-/** One event of a run, as runs.subscribe sends it. */
+/** One event of a run, as runs.subscribe sends it (with `batch: true`, arrays of them). */
 export interface RunEvent<D = any> {
   /** Contiguous from 1: a resume continues after the last id seen. */
   id: number;
@@ -348,6 +348,8 @@ export interface RunCallOptions extends CallOptions {
 export interface SubscribeOptions {
   /** Start after this event id (0: from the start). */
   after?: number;
+  /** Credit in stream items: the subscription asks for batches, so an item is an
+   * array of events (up to 64 KiB of them), handed out one at a time. */
   windowItems?: number;
   windowBytes?: number;
 }

@@ -2,7 +2,7 @@
 // the subscriptions that follow a run's events through them (as
 // rpcstream/runclient.py).
 
-import { ConnectionClosed, DeadlineExceeded, ReconnectFailed } from "./errors.js";
+import { ConnectionClosed, DeadlineExceeded, InvalidParams, ReconnectFailed } from "./errors.js";
 import { connect } from "./peer.js";
 import { deferred, raceAbort, safeUrl, sleep } from "./util.js";
 
@@ -69,6 +69,8 @@ export class RunClient extends EventTarget {
     /** Called with each "statechange" event, like a DOM on... property. */
     this.onstatechange = null;
     this._peer = null;
+    // Peers of servers that refused runs.subscribe's `batch` (older ones).
+    this._noBatches = new WeakSet();
     this._failed = null;
     this._closed = false;
     this._stop = new AbortController();
@@ -256,6 +258,7 @@ class Subscription {
   }
 
   async *_run() {
+    let downgraded = false; // retrying at once without batches: not a resume
     for (let first = true; ; first = false) {
       if (this._closed) return;
       let peer;
@@ -265,23 +268,35 @@ class Subscription {
         if (this._closed) return;
         throw exc; // ReconnectFailed, or the RunClient was closed
       }
-      if (!first) {
+      if (!first && !downgraded) {
         this.resumes += 1;
         this.client.dispatchEvent(new CustomEvent("resume", {
           detail: { runId: this.runId, after: this.lastEventId },
         }));
       }
+      downgraded = false;
+      const batch = !this.client._noBatches.has(peer);
       try {
-        this._stream = peer.stream(
-          "runs.subscribe", [this.runId], { after: this.lastEventId }, this._streamOptions,
-        );
-        for await (const event of this._stream) {
-          this.lastEventId = event.id;
-          yield event;
-          if (TERMINAL_TYPES.has(event.type)) return;
+        // batch: each item is a list of events (replay and catch-up arrive many
+        // per message). Events of a batch not handed out when the connection
+        // drops are read again after lastEventId: nothing is lost.
+        const kwargs = batch ? { after: this.lastEventId, batch: true } : { after: this.lastEventId };
+        this._stream = peer.stream("runs.subscribe", [this.runId], kwargs, this._streamOptions);
+        for await (const item of this._stream) {
+          for (const event of Array.isArray(item) ? item : [item]) {
+            this.lastEventId = event.id;
+            yield event;
+            if (TERMINAL_TYPES.has(event.type)) return;
+          }
         }
         return; // the run had ended before `after`: nothing more will come
       } catch (exc) {
+        if (batch && exc instanceof InvalidParams && String(exc.message).includes("batch")) {
+          // A server from before batches: ask it for one event per item.
+          this.client._noBatches.add(peer);
+          downgraded = true;
+          continue;
+        }
         // Lost with the connection: subscribe again after the last id handed out.
         if (!(exc instanceof ConnectionClosed) || exc instanceof ReconnectFailed) throw exc;
       } finally {

@@ -1,0 +1,280 @@
+"""The children of ``bench_runs --deployed``: a RunServer alone in its process, and clients.
+
+* ``--serve STORE``: a RunServer (every setting at its default) on ``memory`` or
+  ``sqlite:PATH`` with the benchmark's flows and three methods the parent drives it
+  with (``bench.arm``, ``bench.go``, ``bench.replay_run``). Prints ``{"url", "pid"}``
+  and serves until its stdin closes.
+* ``--client SPEC``: opens its share of the connections, subscribes, prints
+  ``{"ready": true}`` once every subscription has its run's ``started`` event, reads
+  every subscription to its terminal event, checks the ids (contiguous from 1, one
+  terminal event last), and prints its figures: latency samples, deliveries, the
+  WebSocket messages they came in, and its own CPU time.
+
+Latency is receipt minus the ``t`` each ``tick`` event carries: ``time.monotonic()``
+(CLOCK_MONOTONIC, one clock for every process on the host), taken by the flow just
+before ``ctx.client.send``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import anyio
+
+import rpcstream
+
+Figures = dict[str, Any]
+
+# -- the server child ----------------------------------------------------------------------
+
+
+class Gate:
+    """What every paced flow waits on: the parent opens it once all clients are ready."""
+
+    def __init__(self) -> None:
+        self.event = anyio.Event()
+
+
+def make_server(store: Any) -> rpcstream.RunServer:
+    """The RunServer the benchmark serves: flows ``paced`` and ``methods`` to drive it."""
+    gate = Gate()
+    router = rpcstream.Router()
+
+    async def arm() -> None:
+        gate.event = anyio.Event()
+
+    async def go() -> None:
+        gate.event.set()
+
+    async def replay_run(events: int) -> str:
+        run_id = f"replay-{events}-{random.getrandbits(32):08x}"
+        await runs.store.create_run(run_id, "replay", None)
+        payload = json.dumps({"token": "x" * 16, "i": 0}).encode()
+        for _ in range(events - 1):
+            await runs.store.append(run_id, "token", payload)
+        await runs.store.append(run_id, "complete", b"null", terminal=True)
+        return run_id
+
+    router.add(arm, "bench.arm")
+    router.add(go, "bench.go")
+    router.add(replay_run, "bench.replay_run")
+    runs = rpcstream.RunServer(store, router=router)
+
+    @runs.flow("paced")
+    async def paced(ctx: rpcstream.RunContext, n: int, rate: float) -> None:
+        await gate.event.wait()
+        # A random phase: runs started together do not all tick at the same instant.
+        start = time.monotonic() + random.random() / rate
+        for i in range(n):
+            delay = start + i / rate - time.monotonic()
+            if delay > 0:
+                await anyio.sleep(delay)
+            await ctx.client.send("tick", {"t": time.monotonic()})
+
+    return runs
+
+
+def make_store(spec: str) -> Any:
+    """``memory`` or ``sqlite:PATH``."""
+    from rpcstream.store.memory import MemoryStore
+    from rpcstream.store.sqlite import SQLiteStore
+
+    if spec == "memory":
+        return MemoryStore()
+    if spec.startswith("sqlite:"):
+        return SQLiteStore(spec.removeprefix("sqlite:"))
+    raise SystemExit(f"unknown store {spec!r}")
+
+
+async def serve_child(store: str) -> None:
+    """Child: serve until stdin closes; print ``{"url", "pid"}`` first."""
+    runs = make_server(make_store(store))
+    profile = os.environ.get("RUNS_BENCH_PROFILE")  # a path: cProfile the server into it
+    profiler = None
+    if profile:
+        import cProfile
+
+        profiler = cProfile.Profile()
+    async with rpcstream.serve(runs, "127.0.0.1", 0) as server:
+        emit({"url": server.url, "pid": os.getpid()})
+        if profiler is not None:
+            profiler.enable()
+        await anyio.to_thread.run_sync(sys.stdin.read, abandon_on_cancel=True)
+        if profiler is not None:
+            profiler.disable()
+            profiler.dump_stats(profile)
+
+
+# -- the client child ----------------------------------------------------------------------
+
+
+class Counted:
+    """WebSocket messages this process received (all connections)."""
+
+    messages = 0
+
+
+def count_messages() -> None:
+    """Count the messages every peer of this process receives (the driver's one entry)."""
+    from rpcstream.peer import driver
+
+    receive: Callable[..., bool] = driver.Driver._receive
+
+    def counting(self: Any, messages: list[bytes]) -> bool:
+        Counted.messages += len(messages)
+        return receive(self, messages)
+
+    driver.Driver._receive = counting  # type: ignore[method-assign]
+
+
+class Subscriber:
+    """One subscription's checks and figures."""
+
+    def __init__(self) -> None:
+        self.last = 0
+        self.deliveries = 0
+        self.ended = False
+        self.wrong: str | None = None
+        self.latencies_us: list[int] = []
+        self.first: float | None = None
+        self.last_at = 0.0
+
+    def take(self, event: dict[str, Any], now: float) -> None:
+        """Check one event in order and note its latency."""
+        if event["id"] != self.last + 1 and self.wrong is None:
+            self.wrong = f"id {event['id']} after {self.last}"
+        self.last = event["id"]
+        self.deliveries += 1
+        data = event["data"]
+        if isinstance(data, dict) and "t" in data:
+            self.latencies_us.append(int((now - data["t"]) * 1e6))
+            if self.first is None:
+                self.first = now
+            self.last_at = now
+        if event["type"] in ("complete", "error", "cancelled"):
+            self.ended = True
+
+
+async def subscribe(
+    peer: rpcstream.RpcPeer, run_id: str, batch: bool, sub: Subscriber, ready: Callable[[], None]
+) -> None:
+    """Read one run to its end; call ``ready`` once its ``started`` event is in."""
+    kwargs = {"batch": True} if batch else {}
+    monotonic = time.monotonic
+    async with peer.stream("runs.subscribe", run_id, after=0, **kwargs) as items:
+        async for item in items:
+            now = monotonic()
+            for event in item if type(item) is list else (item,):
+                sub.take(event, now)
+                if event["id"] == 1:
+                    ready()
+    if not sub.ended and sub.wrong is None:
+        sub.wrong = f"ended after {sub.last} without a terminal event"
+
+
+async def client_child(spec: Figures) -> None:
+    """Child: subscribe to ``spec["runs"]`` (one per connection, or ``per_connection``
+    per connection), print ready, then the figures once every run ended."""
+    count_messages()
+    per = spec.get("per_connection", 1)
+    run_ids: list[str] = spec["runs"]
+    connections = (len(run_ids) + per - 1) // per
+    subs = [Subscriber() for _ in run_ids]
+    waiting = len(run_ids)
+    all_ready = anyio.Event()
+
+    def ready() -> None:
+        nonlocal waiting
+        waiting -= 1
+        if waiting == 0:
+            all_ready.set()
+
+    async with contextlib.AsyncExitStack() as stack:
+        peers = []
+        for _ in range(connections):
+            peers.append(await stack.enter_async_context(rpcstream.connect(spec["url"])))
+        async with anyio.create_task_group() as tg:
+            for i, (run_id, sub) in enumerate(zip(run_ids, subs, strict=True)):
+                tg.start_soon(subscribe, peers[i // per], run_id, spec["batch"], sub, ready)
+            await all_ready.wait()
+            messages = Counted.messages
+            cpu = time.process_time()
+            start = time.monotonic()
+            emit({"ready": True})
+        wall = time.monotonic() - start
+        cpu = time.process_time() - cpu
+        # Printed before the connections close: the parent stops its clock here.
+        wrong = [s.wrong for s in subs if s.wrong is not None]
+        firsts = [s.first for s in subs if s.first is not None]
+        emit(
+            {
+                "deliveries": sum(s.deliveries for s in subs),
+                # Those after ``ready``: every subscription had exactly its ``started`` then.
+                "measured": sum(s.deliveries for s in subs) - len(subs),
+                "ticks": sum(len(s.latencies_us) for s in subs),
+                "messages": Counted.messages - messages,
+                "first_receipt": min(firsts, default=None),
+                "last_receipt": max((s.last_at for s in subs), default=None),
+                "cpu_s": round(cpu, 3),
+                "wall_s": round(wall, 3),
+                "verified": not wrong,
+                "wrong": wrong[:3],
+                "latencies_us": [x for s in subs for x in s.latencies_us],
+            }
+        )
+
+
+async def replay_child(spec: Figures) -> None:
+    """Child: read a finished run from the start; print events/s and its own CPU."""
+    count_messages()
+    sub = Subscriber()
+    async with rpcstream.connect(spec["url"]) as peer:
+        cpu = time.process_time()
+        start = time.perf_counter()
+        await subscribe(peer, spec["runs"][0], spec["batch"], sub, lambda: None)
+        seconds = time.perf_counter() - start
+        cpu = time.process_time() - cpu
+    emit(
+        {
+            "events": sub.deliveries,
+            "seconds": round(seconds, 3),
+            "events_per_s": round(sub.deliveries / seconds),
+            "messages": Counted.messages,
+            "cpu_s": round(cpu, 3),
+            "verified": sub.ended and sub.wrong is None and sub.last == spec["expect"],
+            "wrong": sub.wrong,
+        }
+    )
+
+
+def emit(record: Figures) -> None:
+    """Print one JSON line (the parent reads them)."""
+    print(json.dumps(record), flush=True)
+
+
+def child_main(argv: list[str]) -> int:
+    """``--serve STORE`` or ``--client SPEC`` / ``--replay SPEC``, with ``--loop``."""
+    loop = argv[argv.index("--loop") + 1] if "--loop" in argv else "asyncio"
+    role, value = argv[0], argv[1]
+    work: Callable[[], Awaitable[None]]
+    if role == "--serve":
+        work = lambda: serve_child(value)  # noqa: E731
+    elif role == "--client":
+        work = lambda: client_child(json.loads(value))  # noqa: E731
+    elif role == "--replay":
+        work = lambda: replay_child(json.loads(value))  # noqa: E731
+    else:
+        raise SystemExit(f"unknown role {role!r}")
+    anyio.run(work, backend=loop)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(child_main(sys.argv[1:]))

@@ -1,0 +1,51 @@
+"""runs_deployed runs its children and checks every subscription: no figure is asserted."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _run(*args: str) -> list[dict[str, Any]]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.runs_deployed", "--tiny", *args],
+        capture_output=True, text=True, env=env, cwd=ROOT, timeout=100, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    return [json.loads(line) for line in done.stdout.splitlines()]
+
+
+@pytest.mark.timeout(120)
+def test_every_workload_runs_in_separate_processes_and_is_verified() -> None:
+    lines = _run()
+    assert lines[0]["bench"] == "environment" and lines[0]["cores"] == os.cpu_count()
+    results = lines[1:]
+    assert not [r for r in results if "error" in r]
+    seen = {(r["store"], r["workload"], r.get("batch")) for r in results}
+    for store in ("memory", "sqlite"):
+        for workload in ("fanout", "fanout_shared", "runs"):
+            assert (store, workload, True) in seen
+    assert ("memory", "replay", True) in seen and ("memory", "replay", False) in seen
+    for r in results:
+        assert r["verified"] is True, r
+        assert "server" in r["busy"]
+        if r["workload"] != "replay":
+            assert {"p50_us", "p99_us", "messages_per_delivery"} <= set(r)
+            assert r["deliveries"] == r["subscribers"] * r["events_per_run"]
+
+
+@pytest.mark.timeout(120)
+def test_subscribers_without_batches_are_measured_too() -> None:
+    lines = _run("--no-batch", "--stores", "memory", "--workloads", "runs,replay")
+    results = lines[1:]
+    assert {r["workload"] for r in results} == {"runs", "replay"}
+    assert all(r["verified"] is True and r["batch"] is False for r in results)
