@@ -14,6 +14,8 @@ under these names (``{prefix}`` is ``"rpcstream:"`` unless told otherwise)::
                                       outlives the two keys above by ``tombstone_ttl``
     {prefix}expiring          zset    store-wide: ids of finished runs scored by
                                       ``expires``, for :meth:`RedisStore.sweep`
+    {prefix}leases            zset    store-wide: ids of leased running runs, scored
+                                      by their lease deadline (see Leases below)
     {prefix}events:{run_id}   channel (pub/sub, not a key) every event appended to the run
 
 **Appends** run ONE Lua script, which Redis executes atomically: it checks that
@@ -34,6 +36,19 @@ the results in order and wakes the others; what queued meanwhile forms the
 next pipeline. A sent pipeline runs to its end shielded (bounded by
 ``command_timeout``), so an append cancelled then may still be stored; one
 cancelled while queued is not.
+
+**Leases.** A run created with ``lease=True`` (``RunServer`` does so for the
+runs whose flows it runs) has an entry in the store-wide sorted set
+``{prefix}leases``, scored by its lease deadline in the store's ``clock``. The
+node running its flow renews the leases of all its runs in one script
+(:meth:`RedisStore.renew_leases`), which also tells it which of them another
+node has ended. Any node may call :meth:`RedisStore.end_lapsed_runs`: it reads
+the entries past their deadline and runs, for each, the append script with a
+flag that makes it re-check the deadline inside the script before it appends
+the ``error`` event, so the check and the append are one atomic step and
+exactly one terminal event ends the run however many nodes race. Every
+terminal append removes the run's entry. Deadlines are compared across nodes,
+so their clocks must agree to well within ``lease_ttl``.
 
 **Reads** (``read``, ``info``) are one read-only script each, so the metadata
 and the events they return are one consistent snapshot. Time decisions use the
@@ -98,82 +113,17 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from ..errors import StoreUnavailable
+from ..runs.events import EventType
 from .base import RUNNING, EventStore, RunInfo, StoredEvent
 from .commit import GroupCommit, Request, Take
 from .redis_listener import Listener
+from .redis_scripts import APPEND, CREATE, FETCH, RENEW, SWEEP
 
 __all__ = ["RedisStore", "StoreUnavailable"]
 
 log = logging.getLogger("rpcstream.store.redis")
 
-# KEYS: run, tombstone. ARGV: flow, created, has_owner ("1"/"0"), owner.
-_CREATE = """
-if redis.call('EXISTS', KEYS[1], KEYS[2]) > 0 then return 0 end
-redis.call('HSET', KEYS[1], 'flow', ARGV[1], 'status', 'running', 'created', ARGV[2],
-           'last_id', 0, 'first_id', 1)
-if ARGV[3] == '1' then redis.call('HSET', KEYS[1], 'owner', ARGV[4]) end
-return 1
-"""
-
-# KEYS: run, stream, tombstone, expiring.
-# ARGV: 1 type, 2 data, 3 now (the timestamp), 4 terminal ("1"/"0"), 5 max_events (0: none),
-#       6 expires, 7 run TTL ms, 8 tombstone TTL ms, 9 run id, 10 channel, 11 message header.
-# Returns {0, id}, or {1} not found, {2} expired, {3} finished.
-_APPEND = """
-local state = redis.call('HMGET', KEYS[1], 'status', 'expires')
-if not state[1] then return {1 + redis.call('EXISTS', KEYS[3])} end
-if state[2] and tonumber(state[2]) <= tonumber(ARGV[3]) then return {2} end
-if state[1] ~= 'running' then return {3} end
-local id = redis.call('HINCRBY', KEYS[1], 'last_id', 1)
-local max = tonumber(ARGV[5])
-if max > 0 then
-  redis.call('XADD', KEYS[2], 'MAXLEN', '=', max, id .. '-0',
-             't', ARGV[1], 'd', ARGV[2], 'ts', ARGV[3])
-  if id - max + 1 > 1 then redis.call('HSET', KEYS[1], 'first_id', id - max + 1) end
-else
-  redis.call('XADD', KEYS[2], id .. '-0', 't', ARGV[1], 'd', ARGV[2], 'ts', ARGV[3])
-end
-if ARGV[4] == '1' then
-  redis.call('HSET', KEYS[1], 'status', ARGV[1], 'finished', ARGV[3], 'expires', ARGV[6])
-  redis.call('PEXPIRE', KEYS[1], ARGV[7])
-  redis.call('PEXPIRE', KEYS[2], ARGV[7])
-  redis.call('SET', KEYS[3], '1', 'PX', ARGV[8])
-  redis.call('ZADD', KEYS[4], ARGV[6], ARGV[9])
-end
-redis.call('PUBLISH', ARGV[10], id .. ' ' .. ARGV[11] .. ARGV[1] .. ARGV[2])
-return {0, id}
-"""
-
-# KEYS: run, stream, tombstone. ARGV: first entry id to read, count (0: metadata only).
-# Returns {0, fields, entries}, or {1} not found, {2} expired.
-_FIELDS = ("flow", "owner", "status", "created", "finished", "expires", "last_id", "first_id")
-_FETCH = f"""
-local f = redis.call('HMGET', KEYS[1], {", ".join(repr(name) for name in _FIELDS)})
-if not f[1] then return {{1 + redis.call('EXISTS', KEYS[3])}} end
--- Events stored but the stream gone: retention removed it just before the hash.
-if tonumber(f[7]) >= tonumber(f[8]) and redis.call('EXISTS', KEYS[2]) == 0 then return {{2}} end
-local entries = {{}}
-if ARGV[2] ~= '0' then
-  entries = redis.call('XRANGE', KEYS[2], ARGV[1], '+', 'COUNT', ARGV[2])
-end
-return {{0, f, entries}}
-"""
-
-# KEYS: run, stream, tombstone, expiring. ARGV: now, run id, tombstone TTL ms.
-# Returns 1 when it removed the run, 0 when Redis had expired it already.
-_SWEEP = """
-local expires = redis.call('HGET', KEYS[1], 'expires')
-local removed = 0
-if expires then
-  if tonumber(expires) > tonumber(ARGV[1]) then return 0 end
-  redis.call('DEL', KEYS[1], KEYS[2])
-  redis.call('SET', KEYS[3], '1', 'PX', ARGV[3])
-  removed = 1
-end
-redis.call('ZREM', KEYS[4], ARGV[2])
-return removed
-"""
-
+_ERROR = EventType.ERROR.value
 
 class _Pending(Request):
     """One append waiting for its pipeline."""
@@ -243,8 +193,12 @@ class RedisStore(EventStore):
         connect_timeout: float = 5.0,
         command_timeout: float | None = 10.0,
         max_pending: int = 1024,
+        lease_ttl: float = 30.0,
     ) -> None:
         super().__init__(max_events=max_events, expire_after=expire_after, clock=clock)
+        if not 0 < lease_ttl < math.inf:
+            raise ValueError(f"lease_ttl must be a positive number of seconds, not {lease_ttl}")
+        self.lease_ttl = self._lease_ttl = float(lease_ttl)
         if tombstone_ttl <= 0:
             raise ValueError(f"tombstone_ttl must be positive, not {tombstone_ttl}")
         if max_connections < 1:
@@ -258,6 +212,7 @@ class RedisStore(EventStore):
         self.command_timeout = command_timeout
         self.max_pending = max_pending
         self._expiring = f"{prefix}expiring"
+        self._leases = f"{prefix}leases"
         self._channel_prefix = f"{prefix}events:".encode()
         self._run_ttl_ms = math.ceil(self.expire_after * 1000)
         self._tombstone_ttl_ms = max(1, math.ceil(self.tombstone_ttl * 1000))
@@ -320,10 +275,11 @@ class RedisStore(EventStore):
                 await pool.disconnect()
             raise
         self._scripts = {
-            "create": client.register_script(_CREATE),
-            "append": client.register_script(_APPEND),
-            "fetch": client.register_script(_FETCH),
-            "sweep": client.register_script(_SWEEP),
+            "create": client.register_script(CREATE),
+            "renew": client.register_script(RENEW),
+            "append": client.register_script(APPEND),
+            "fetch": client.register_script(FETCH),
+            "sweep": client.register_script(SWEEP),
         }
         self._append_sha = self._scripts["append"].sha
         self._redis, self._pool = client, pool
@@ -375,16 +331,66 @@ class RedisStore(EventStore):
 
     # -- the primitives -----------------------------------------------------------------
 
-    async def _create_run(self, run_id: str, flow: str, owner: str | None) -> RunInfo:
+    async def _create_or_get_run(
+        self, run_id: str, flow: str, owner: str | None, lease: bool
+    ) -> tuple[RunInfo, bool]:
         client = self._client()
         now = self.clock()
         run, _, tombstone = self.run_keys(run_id)
-        args = [flow, repr(now), "0" if owner is None else "1", owner or ""]
+        deadline = repr(now + self._lease_ttl) if lease else ""
+        args = [flow, repr(now), "0" if owner is None else "1", owner or "", deadline, run_id]
         with self._mapped("create a run in"):
-            created = await self._scripts["create"](keys=[run, tombstone], args=args, client=client)
-        if not created:
-            raise ValueError(f"run {run_id!r} already exists (or existed and expired)")
-        return RunInfo(run_id, flow, owner, RUNNING, now, None, 0, 1, None)
+            created = await self._scripts["create"](
+                keys=[run, tombstone, self._leases], args=args, client=client
+            )
+        if created == 2:
+            raise self._expired(run_id)
+        if created == 0:
+            return await self._info(run_id), False
+        return RunInfo(run_id, flow, owner, RUNNING, now, None, 0, 1, None), True
+
+    # -- leases ---------------------------------------------------------------------------
+
+    async def _renew_leases(self, run_ids: list[str]) -> set[str]:
+        client = self._client()
+        deadline = repr(self.clock() + self._lease_ttl)
+        keys = [self._leases, *(self.run_keys(run_id)[0] for run_id in run_ids)]
+        with self._mapped("renew leases in"):
+            gone = await self._scripts["renew"](keys=keys, args=[deadline, *run_ids], client=client)
+        return {run_id.decode() for run_id in gone}
+
+    async def _end_lapsed_runs(self, data: bytes) -> list[str]:
+        client = self._client()
+        ended: list[str] = []
+        while True:
+            now = self.clock()
+            with self._mapped("look for lapsed leases in"):
+                due: list[bytes] = await client.zrangebyscore(
+                    self._leases, "-inf", repr(now), start=0, num=self.sweep_chunk
+                )  # type: ignore[assignment]
+            if not due:
+                return ended
+            batch = [
+                self._request(client, run_id.decode(), _ERROR, data, True, lapsed_only=True)
+                for run_id in due
+            ]
+            with anyio.CancelScope(shield=True), self._mapped("end lapsed runs in"):
+                replies = await self._run_appends(client, batch)
+            stale = []
+            for request, reply in zip(batch, replies, strict=True):
+                if isinstance(reply, Exception):
+                    raise StoreUnavailable(f"Redis refused an append: {reply}") from reply
+                if reply[0] == 0:
+                    event = StoredEvent(int(reply[1]), _ERROR, data, request.now)
+                    self._publish(request.run_id, (event,), request.expires)
+                    ended.append(request.run_id)
+                elif reply[0] != 4:  # gone or finished: its lease entry is stale
+                    stale.append(request.run_id)
+            if stale:
+                with self._mapped("drop stale leases in"):
+                    await client.zrem(self._leases, *stale)
+            if len(due) < self.sweep_chunk:
+                return ended
 
     async def _append(self, run_id: str, type: str, data: bytes, terminal: bool) -> StoredEvent:
         request = self._request(self._client(), run_id, type, data, terminal)
@@ -393,7 +399,13 @@ class RedisStore(EventStore):
         return request.event
 
     def _request(
-        self, client: Redis, run_id: str, type: str, data: bytes, terminal: bool
+        self,
+        client: Redis,
+        run_id: str,
+        type: str,
+        data: bytes,
+        terminal: bool,
+        lapsed_only: bool = False,
     ) -> _Pending:
         now = self.clock()
         expires = now + self.expire_after if terminal else None
@@ -403,6 +415,7 @@ class RedisStore(EventStore):
         command: list[bytes | str | int] = [
             *self.run_keys(run_id),
             self._expiring,
+            self._leases,
             encoded_type,
             data,
             repr(now),
@@ -414,6 +427,7 @@ class RedisStore(EventStore):
             run_id,
             self.channel(run_id),
             header,
+            "1" if lapsed_only else "0",
         ]
         return _Pending(client, run_id, type, data, now, expires, command)
 
@@ -462,13 +476,13 @@ class RedisStore(EventStore):
             results: list[Any]
             if len(todo) == 1:  # no pipeline needed: skip its overhead
                 try:
-                    results = [await client.evalsha(self._append_sha, 4, *batch[todo[0]].command)]
+                    results = [await client.evalsha(self._append_sha, 5, *batch[todo[0]].command)]
                 except ResponseError as exc:  # the script's error, as a pipeline reports it
                     results = [exc]
             else:
                 async with client.pipeline(transaction=False) as pipe:
                     for index in todo:
-                        pipe.evalsha(self._append_sha, 4, *batch[index].command)
+                        pipe.evalsha(self._append_sha, 5, *batch[index].command)
                     results = await pipe.execute(raise_on_error=False)
             missing = []
             for index, result in zip(todo, results, strict=True):
@@ -478,7 +492,7 @@ class RedisStore(EventStore):
                     replies[index] = result
             if not missing:
                 break
-            self._append_sha = await client.script_load(_APPEND)
+            self._append_sha = await client.script_load(APPEND)
             todo = missing
         return replies
 

@@ -194,20 +194,25 @@ class SQLiteStore(EventStore):
 
     # -- the primitives ---------------------------------------------------------
 
-    async def _create_run(self, run_id: str, flow: str, owner: str | None) -> RunInfo:
+    async def _create_or_get_run(
+        self, run_id: str, flow: str, owner: str | None, lease: bool
+    ) -> tuple[RunInfo, bool]:
+        # No leases: the file belongs to one process, whose runs a restart ends.
         now = self.clock()
 
-        def create(conn: sqlite3.Connection) -> None:
-            row = conn.execute("SELECT status FROM runs WHERE run_id = ?", (run_id,)).fetchone()
-            if row is not None:
-                raise ValueError(f"run {run_id!r} already exists (or existed and expired)")
-            conn.execute(
-                "INSERT INTO runs VALUES (?, ?, ?, ?, ?, NULL, NULL, 0, 1)",
+        def create(conn: sqlite3.Connection) -> bool:
+            # ON CONFLICT makes the check and the insert one statement, so the
+            # answer holds even for another process writing the same file.
+            cursor = conn.execute(
+                "INSERT INTO runs VALUES (?, ?, ?, ?, ?, NULL, NULL, 0, 1)"
+                " ON CONFLICT (run_id) DO NOTHING",
                 (run_id, flow, owner, RUNNING, now),
             )
+            return cursor.rowcount == 1
 
-        await self._run(create)
-        return RunInfo(run_id, flow, owner, RUNNING, now, None, 0, 1, None)
+        if await self._run(create):
+            return RunInfo(run_id, flow, owner, RUNNING, now, None, 0, 1, None), True
+        return await self._info(run_id), False
 
     async def _info(self, run_id: str) -> RunInfo:
         now = self.clock()

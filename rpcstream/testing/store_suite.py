@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
-from typing import Any, Protocol
+from typing import Any
 
 import anyio
 import msgspec
@@ -31,38 +31,9 @@ from anyio.abc import ObjectSendStream, TaskGroup
 from ..errors import EventsTrimmed, RunExpired, RunFinished, RunNotFound
 from ..runs.events import MAX_EVENT_ID
 from ..store.base import RUNNING, TERMINAL_TYPES, EventStore, RunInfo, StoredEvent
+from .store_suite_runs import EXPIRE_AFTER, CreateAndLease, FakeClock, StoreFactory
 
 __all__ = ["EXPIRE_AFTER", "EventStoreConformance", "FakeClock", "StoreFactory"]
-
-EXPIRE_AFTER = 60.0
-"""The ``expire_after`` the suite's default ``store`` fixture uses."""
-
-
-class StoreFactory(Protocol):
-    """Makes a new, empty store with the base class's keyword arguments."""
-
-    def __call__(
-        self,
-        *,
-        max_events: int | None = ...,
-        expire_after: float = ...,
-        clock: Callable[[], float] = ...,
-    ) -> EventStore: ...
-
-
-class FakeClock:
-    """A clock that moves only when told, so expiry is tested without sleeping."""
-
-    def __init__(self, start: float = 1_700_000_000.0) -> None:
-        self.now = start
-
-    def __call__(self) -> float:
-        """Return the current fake time in unix seconds."""
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        """Move the clock forward."""
-        self.now += seconds
 
 
 def _data(value: Any) -> bytes:
@@ -579,11 +550,11 @@ class _FollowAndRetain:
                     await failed.wait()
 
 
-class EventStoreConformance(_AppendAndRead, _FollowAndRetain):
+class EventStoreConformance(_AppendAndRead, _FollowAndRetain, CreateAndLease):
     """The contract every :class:`~rpcstream.store.base.EventStore` backend must meet.
 
     Subclasses provide the ``store_factory`` fixture (see the module docstring).
-    The tests live in two mixins, by subject; the fixtures they use are here.
+    The tests live in three mixins, by subject; the fixtures they use are here.
     """
 
     pytestmark = pytest.mark.anyio
