@@ -26,3 +26,18 @@ router = rpcstream.Router()
 async def echo(value: object) -> object:
     """Return what it was given."""
     return value
+
+
+def serve_leased(store_url: str, port: int, lease_ttl: float) -> None:
+    """Serve ``runs`` on a RedisStore whose leases last ``lease_ttl`` s (``test_multinode``).
+
+    Prints the line ``rpcstream serve`` prints, once it accepts connections.
+    """
+
+    async def main() -> None:
+        runs.store = rpcstream.RedisStore(store_url, lease_ttl=lease_ttl)
+        async with rpcstream.serve(runs, port=port) as server:
+            print(f"rpcstream: serving tests.apps:runs on {server.url}", flush=True)
+            await anyio.sleep_forever()
+
+    anyio.run(main, backend="asyncio")

@@ -125,6 +125,7 @@ log = logging.getLogger("rpcstream.store.redis")
 
 _ERROR = EventType.ERROR.value
 
+
 class _Pending(Request):
     """One append waiting for its pipeline."""
 
