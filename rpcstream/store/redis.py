@@ -18,7 +18,7 @@ under these names (``{prefix}`` is ``"rpcstream:"`` unless told otherwise)::
                                       by their lease deadline (see Leases below)
     {prefix}events:{run_id}   channel (pub/sub, not a key) every event appended to the run
 
-**Appends** run ONE Lua script, which Redis executes atomically: it checks that
+**Appends** run a Lua script, which Redis executes atomically: for each append it checks that
 the run exists (else ``RunNotFound``, or ``RunExpired`` when its tombstone is
 there), is not past ``expires`` and is still running (else ``RunFinished``),
 takes the next id with ``HINCRBY last_id``, ``XADD``\\s the event under the
@@ -29,13 +29,16 @@ and stream (``PEXPIRE expire_after``) and on its tombstone (``expire_after +
 tombstone_ttl``), and adds the run to ``{prefix}expiring``. Last it
 ``PUBLISH``\\es the event on the run's channel. However many nodes append to a
 run at once, its ids stay contiguous: Redis runs one script at a time.
-Concurrent appends on one node share round trips, with the SQLite store's
-group commit (:mod:`rpcstream.store.commit`): whoever finds no pipeline in
-flight sends every queued append as one pipeline of ``EVALSHA``\\s, publishes
-the results in order and wakes the others; what queued meanwhile forms the
-next pipeline. A sent pipeline runs to its end shielded (bounded by
-``command_timeout``), so an append cancelled then may still be stored; one
-cancelled while queued is not.
+Concurrent appends on one node, to any runs, share ONE call of that script,
+with the SQLite store's group commit (:mod:`rpcstream.store.commit`): whoever
+finds no call in flight sends every queued append (up to ``max_batch``) as one
+``EVALSHA`` whose keys and arguments hold them all, publishes the results in
+order and wakes the others; what queued meanwhile forms the next call. One
+call, not a pipeline of one call per append, is what makes a group cheap: the
+client encodes and parses one command, and Redis runs one script. Each append
+runs under ``pcall``, so one that Redis refuses fails alone. A sent call runs to
+its end shielded (bounded by ``command_timeout``), so an append cancelled then
+may still be stored; one cancelled while queued is not.
 
 **Leases.** A run created with ``lease=True`` (``RunServer`` does so for the
 runs whose flows it runs) has an entry in the store-wide sorted set
@@ -105,6 +108,7 @@ from typing import Any
 
 import anyio
 import anyio.abc
+import msgspec
 import sniffio
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
@@ -124,10 +128,33 @@ __all__ = ["RedisStore", "StoreUnavailable"]
 log = logging.getLogger("rpcstream.store.redis")
 
 _ERROR = EventType.ERROR.value
+_DECODE = msgspec.msgpack.Decoder(list[int | str]).decode
+
+
+# The appends travel as msgpack that Redis's Lua cmsgpack reads: it knows no bin
+# type, so bytes go as msgpack str (cmsgpack does not check UTF-8; stores never
+# decode event data).
+def _str(value: bytes) -> bytes:
+    size = len(value)
+    if size < 32:
+        return bytes((0xA0 | size,)) + value
+    if size < 0x100:
+        return b"\xd9" + bytes((size,)) + value
+    if size < 0x10000:
+        return b"\xda" + size.to_bytes(2, "big") + value
+    return b"\xdb" + size.to_bytes(4, "big") + value
+
+
+def _array(size: int) -> bytes:
+    if size < 16:
+        return bytes((0x90 | size,))
+    if size < 0x10000:
+        return b"\xdc" + size.to_bytes(2, "big")
+    return b"\xdd" + size.to_bytes(4, "big")
 
 
 class _Pending(Request):
-    """One append waiting for its pipeline."""
+    """One append waiting for its group's script call."""
 
     __slots__ = ("client", "command", "data", "event", "expires", "now", "run_id", "type")
 
@@ -139,7 +166,7 @@ class _Pending(Request):
         data: bytes,
         now: float,
         expires: float | None,
-        command: list[bytes | str | int],
+        command: bytes,
     ) -> None:
         super().__init__()
         self.client = client  # the connection pool it was queued for
@@ -148,7 +175,7 @@ class _Pending(Request):
         self.data = data
         self.now = now
         self.expires = expires
-        self.command = command  # the script's keys and arguments
+        self.command = command  # the append, as the script takes it
         self.event: StoredEvent | None = None
 
 
@@ -177,8 +204,8 @@ class RedisStore(EventStore):
     """The listener pings Redis this often; silence for three intervals means a dead link."""
     sweep_chunk: int = 500
     """Runs expired per round trip by :meth:`sweep`."""
-    max_batch: int = 256
-    """Appends sent in one pipeline at most (read when the store is created)."""
+    max_batch: int = 1024
+    """Appends sent in one script call at most (read when the store is created)."""
 
     def __init__(
         self,
@@ -221,7 +248,7 @@ class RedisStore(EventStore):
         self._pool: BlockingConnectionPool | None = None
         self._scripts: dict[str, AsyncScript] = {}
         self._append_sha = ""
-        # Appends waiting for the next pipeline; one pipeline is in flight at a time.
+        # Appends waiting for the next script call; one call is in flight at a time.
         self._appends = GroupCommit(
             self._send_appends, max_pending=max_pending, max_group=self.max_batch
         )
@@ -410,30 +437,24 @@ class RedisStore(EventStore):
     ) -> _Pending:
         now = self.clock()
         expires = now + self.expire_after if terminal else None
-        encoded_type = type.encode()
-        # The message is "<id> <timestamp> <expires or -> <len(type)> <type><data>".
-        header = f"{now!r} {'-' if expires is None else repr(expires)} {len(encoded_type)} "
-        command: list[bytes | str | int] = [
-            *self.run_keys(run_id),
-            self._expiring,
-            self._leases,
-            encoded_type,
-            data,
-            repr(now),
-            "1" if terminal else "0",
-            self.max_events or 0,
-            repr(expires) if expires is not None else "",
-            self._run_ttl_ms,
-            self._run_ttl_ms + self._tombstone_ttl_ms,
-            run_id,
-            self.channel(run_id),
-            header,
-            "1" if lapsed_only else "0",
-        ]
+        flag = b"2" if lapsed_only else b"1" if terminal else b"0"
+        # Timestamps travel as repr() strings: Redis stores and publishes them as
+        # written, so every reader parses back the very float appended.
+        command = b"".join(
+            [
+                b"\x96",  # a msgpack array of 6
+                _str(run_id.encode()),
+                _str(type.encode()),
+                _str(data),
+                _str(repr(now).encode()),
+                _str(flag),
+                _str(b"" if expires is None else repr(expires).encode()),
+            ]
+        )
         return _Pending(client, run_id, type, data, now, expires, command)
 
     async def _send_appends(self, take: Take[_Pending]) -> None:
-        """Send the queued appends as ONE pipeline, then publish them in order.
+        """Send the queued appends as ONE script call, then publish them in order.
 
         The GroupCommit's ``write``; it never raises: each append gets its outcome.
         """
@@ -470,32 +491,29 @@ class RedisStore(EventStore):
                 self._publish(request.run_id, (event,), request.expires)
 
     async def _run_appends(self, client: Redis, batch: list[_Pending]) -> list[Any]:
-        """EVALSHA the append script for each request, in one round trip."""
-        replies: list[Any] = [None] * len(batch)
-        todo = list(range(len(batch)))
-        for attempt in range(2):
-            results: list[Any]
-            if len(todo) == 1:  # no pipeline needed: skip its overhead
-                try:
-                    results = [await client.evalsha(self._append_sha, 5, *batch[todo[0]].command)]
-                except ResponseError as exc:  # the script's error, as a pipeline reports it
-                    results = [exc]
-            else:
-                async with client.pipeline(transaction=False) as pipe:
-                    for index in todo:
-                        pipe.evalsha(self._append_sha, 5, *batch[index].command)
-                    results = await pipe.execute(raise_on_error=False)
-            missing = []
-            for index, result in zip(todo, results, strict=True):
-                if isinstance(result, NoScriptError) and attempt == 0:
-                    missing.append(index)  # not run: Redis restarted and lost its scripts
-                else:
-                    replies[index] = result
-            if not missing:
-                break
+        """Run the append script ONCE for the whole batch: one round trip, one script run.
+
+        Returns one reply per request: ``[0, id]``, ``[code]`` (1 not found, 2 expired,
+        3 finished, 4 lease held), or the :class:`ResponseError` Redis answered for it.
+        """
+        args = (
+            self.prefix,
+            self.max_events or 0,
+            self._run_ttl_ms,
+            self._run_ttl_ms + self._tombstone_ttl_ms,
+            b"".join([_array(len(batch)), *(request.command for request in batch)]),
+        )
+        try:
+            packed = await client.evalsha(self._append_sha, 0, *args)
+        except NoScriptError:  # Redis restarted and lost its scripts: nothing ran
             self._append_sha = await client.script_load(APPEND)
-            todo = missing
-        return replies
+            packed = await client.evalsha(self._append_sha, 0, *args)
+        return [
+            [0, reply] if isinstance(reply, int) and reply > 0
+            else [-reply] if isinstance(reply, int)
+            else ResponseError(reply)
+            for reply in _DECODE(packed)
+        ]  # fmt: skip
 
     async def _fetch(
         self, run_id: str, after: int, limit: int

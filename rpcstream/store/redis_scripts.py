@@ -37,39 +37,63 @@ end
 return gone
 """
 
-# KEYS: run, stream, tombstone, expiring, leases.
-# ARGV: 1 type, 2 data, 3 now (the timestamp), 4 terminal ("1"/"0"), 5 max_events (0: none),
-#       6 expires, 7 run TTL ms, 8 tombstone TTL ms, 9 run id, 10 channel, 11 message header,
-#       12 "1": append only if the run's lease lapsed (checked and appended in one step).
-# Returns {0, id}, or {1} not found, {2} expired, {3} finished, {4} lease held.
+# Appends, any number of them, to any runs, in ONE script: a group commit is one
+# round trip and one script run, whatever its size. The appends travel as ONE
+# msgpack argument and the replies come back as one msgpack string: the client
+# encodes and parses one command, however many appends it holds. Key names are
+# built here from the prefix (as for every script of this store: not for Cluster).
+# ARGV: 1 prefix, 2 max_events (0: none), 3 run TTL ms, 4 tombstone TTL ms,
+#       5 msgpack array of appends, each [run id, type, data, now, flag, expires]:
+#         now and expires as the client's repr() of the float (expires "" if none);
+#         flag "0" an event, "1" a terminal event, "2" a terminal event appended
+#         only if the run's lease lapsed (checked and appended in one step).
+# Returns a msgpack array, one reply per append: its id (> 0), or -1 not found,
+# -2 expired, -3 finished, -4 lease held, or Redis's error message (a string: that
+# append failed alone, under pcall).
 APPEND = """
-local state = redis.call('HMGET', KEYS[1], 'status', 'expires')
-if not state[1] then return {1 + redis.call('EXISTS', KEYS[3])} end
-if state[2] and tonumber(state[2]) <= tonumber(ARGV[3]) then return {2} end
-if state[1] ~= 'running' then return {3} end
-if ARGV[12] == '1' then
-  local deadline = redis.call('ZSCORE', KEYS[5], ARGV[9])
-  if not deadline or tonumber(deadline) > tonumber(ARGV[3]) then return {4} end
+local prefix, max = ARGV[1], tonumber(ARGV[2])
+local run_ttl, tombstone_ttl = ARGV[3], ARGV[4]
+local expiring, leases = prefix .. 'expiring', prefix .. 'leases'
+local function append(e)
+  local run_id, type, data, now, flag, expires = e[1], e[2], e[3], e[4], e[5], e[6]
+  local run = prefix .. 'run:' .. run_id
+  local stream = prefix .. 'client:' .. run_id
+  local tombstone = prefix .. 'expired:' .. run_id
+  local state = redis.call('HMGET', run, 'status', 'expires')
+  if not state[1] then return -1 - redis.call('EXISTS', tombstone) end
+  if state[2] and tonumber(state[2]) <= tonumber(now) then return -2 end
+  if state[1] ~= 'running' then return -3 end
+  if flag == '2' then
+    local deadline = redis.call('ZSCORE', leases, run_id)
+    if not deadline or tonumber(deadline) > tonumber(now) then return -4 end
+  end
+  local id = redis.call('HINCRBY', run, 'last_id', 1)
+  if max > 0 then
+    redis.call('XADD', stream, 'MAXLEN', '=', max, id .. '-0', 't', type, 'd', data, 'ts', now)
+    if id - max + 1 > 1 then redis.call('HSET', run, 'first_id', id - max + 1) end
+  else
+    redis.call('XADD', stream, id .. '-0', 't', type, 'd', data, 'ts', now)
+  end
+  if flag ~= '0' then
+    redis.call('HSET', run, 'status', type, 'finished', now, 'expires', expires)
+    redis.call('PEXPIRE', run, run_ttl)
+    redis.call('PEXPIRE', stream, run_ttl)
+    redis.call('SET', tombstone, '1', 'PX', tombstone_ttl)
+    redis.call('ZADD', expiring, expires, run_id)
+    redis.call('ZREM', leases, run_id)
+  end
+  -- The message: "<id> <timestamp> <expires or -> <len(type)> <type><data>".
+  local header = id .. ' ' .. now .. ' ' .. (flag == '0' and '-' or expires) .. ' ' .. #type
+  redis.call('PUBLISH', prefix .. 'events:' .. run_id, header .. ' ' .. type .. data)
+  return id
 end
-local id = redis.call('HINCRBY', KEYS[1], 'last_id', 1)
-local max = tonumber(ARGV[5])
-if max > 0 then
-  redis.call('XADD', KEYS[2], 'MAXLEN', '=', max, id .. '-0',
-             't', ARGV[1], 'd', ARGV[2], 'ts', ARGV[3])
-  if id - max + 1 > 1 then redis.call('HSET', KEYS[1], 'first_id', id - max + 1) end
-else
-  redis.call('XADD', KEYS[2], id .. '-0', 't', ARGV[1], 'd', ARGV[2], 'ts', ARGV[3])
+local replies = {}
+for i, e in ipairs(cmsgpack.unpack(ARGV[5])) do
+  local ok, reply = pcall(append, e)
+  if not ok then reply = type(reply) == 'table' and reply.err or tostring(reply) end
+  replies[i] = reply
 end
-if ARGV[4] == '1' then
-  redis.call('HSET', KEYS[1], 'status', ARGV[1], 'finished', ARGV[3], 'expires', ARGV[6])
-  redis.call('PEXPIRE', KEYS[1], ARGV[7])
-  redis.call('PEXPIRE', KEYS[2], ARGV[7])
-  redis.call('SET', KEYS[3], '1', 'PX', ARGV[8])
-  redis.call('ZADD', KEYS[4], ARGV[6], ARGV[9])
-  redis.call('ZREM', KEYS[5], ARGV[9])
-end
-redis.call('PUBLISH', ARGV[10], id .. ' ' .. ARGV[11] .. ARGV[1] .. ARGV[2])
-return {0, id}
+return cmsgpack.pack(replies)
 """
 
 # KEYS: run, stream, tombstone. ARGV: first entry id to read, count (0: metadata only).
