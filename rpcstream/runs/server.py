@@ -19,6 +19,11 @@ its own ``follow`` loop, never the flow's appends nor other subscribers.
 Exactly one terminal event ends a run: ``complete`` (the flow returned, its
 return value as data, or the flow sent ``complete`` itself), ``error`` (the
 flow raised) or ``cancelled`` (``runs.cancel``, or the server shutting down).
+
+Starting runs (with caller-chosen ids), executing flows, recording their end
+through store outages and keeping leases on shared stores live in
+:mod:`rpcstream.runs.flows` (:class:`~rpcstream.runs.flows.FlowHost`, which
+``RunServer`` extends); this module serves the ``runs.*`` methods.
 """
 
 from __future__ import annotations
@@ -91,6 +96,11 @@ class RunServer(FlowHost):
             beyond it is answered ``overloaded``.
         send_rate: ``(per_second, burst)`` token bucket per run on
             ``ctx.client.send`` (:class:`RateLimited` beyond it).
+
+    How long an end the store refused is retried (``end_retry_for``,
+    ``end_retry_delay``, ``end_retry_delay_max``) are attributes, documented on
+    :class:`~rpcstream.runs.flows.FlowHost`; leases are the store's
+    (``RedisStore(lease_ttl=...)``).
     """
 
     def __init__(
