@@ -121,7 +121,16 @@ from ..runs.events import EventType
 from .base import RUNNING, EventStore, RunInfo, StoredEvent
 from .commit import GroupCommit, Request, Take
 from .redis_listener import Listener
-from .redis_scripts import APPEND, CREATE, FETCH, RENEW, SWEEP
+from .redis_scripts import (
+    APPEND,
+    CREATE,
+    FETCH,
+    RENEW,
+    SWEEP,
+    pack_array,
+    pack_str,
+    parse_fetch,
+)
 
 __all__ = ["RedisStore", "StoreUnavailable"]
 
@@ -129,28 +138,6 @@ log = logging.getLogger("rpcstream.store.redis")
 
 _ERROR = EventType.ERROR.value
 _DECODE = msgspec.msgpack.Decoder(list[int | str]).decode
-
-
-# The appends travel as msgpack that Redis's Lua cmsgpack reads: it knows no bin
-# type, so bytes go as msgpack str (cmsgpack does not check UTF-8; stores never
-# decode event data).
-def _str(value: bytes) -> bytes:
-    size = len(value)
-    if size < 32:
-        return bytes((0xA0 | size,)) + value
-    if size < 0x100:
-        return b"\xd9" + bytes((size,)) + value
-    if size < 0x10000:
-        return b"\xda" + size.to_bytes(2, "big") + value
-    return b"\xdb" + size.to_bytes(4, "big") + value
-
-
-def _array(size: int) -> bytes:
-    if size < 16:
-        return bytes((0x90 | size,))
-    if size < 0x10000:
-        return b"\xdc" + size.to_bytes(2, "big")
-    return b"\xdd" + size.to_bytes(4, "big")
 
 
 class _Pending(Request):
@@ -296,7 +283,7 @@ class RedisStore(EventStore):
         )
         client = Redis(connection_pool=pool)
         try:
-            with self._mapped("connect to"):
+            with _mapped(self, "connect to"):
                 await client.ping()
         except BaseException:
             with anyio.CancelScope(shield=True):
@@ -333,23 +320,6 @@ class RedisStore(EventStore):
             )
         return client
 
-    @contextlib.contextmanager
-    def _mapped(self, what: str) -> Iterator[None]:
-        """Turn redis-py failures into :class:`StoreUnavailable` (or closed-store errors)."""
-        try:
-            # Our own deadline: redis-py's socket_timeout costs a task per command.
-            with anyio.fail_after(self.command_timeout):
-                yield
-        except TimeoutError as exc:
-            raise StoreUnavailable(
-                f"could not {what} Redis at {self._where()}: "
-                f"no answer within {self.command_timeout} s"
-            ) from exc
-        except (RedisError, OSError) as exc:
-            if self._closed:
-                raise anyio.ClosedResourceError from exc
-            raise StoreUnavailable(f"could not {what} Redis at {self._where()}: {exc}") from exc
-
     def _where(self) -> str:
         """Where Redis is, for messages: host and port (or socket path), never a password."""
         parts = urllib.parse.urlsplit(self.url)
@@ -367,7 +337,7 @@ class RedisStore(EventStore):
         run, _, tombstone = self.run_keys(run_id)
         deadline = repr(now + self._lease_ttl) if lease else ""
         args = [flow, repr(now), "0" if owner is None else "1", owner or "", deadline, run_id]
-        with self._mapped("create a run in"):
+        with _mapped(self, "create a run in"):
             created = await self._scripts["create"](
                 keys=[run, tombstone, self._leases], args=args, client=client
             )
@@ -383,7 +353,7 @@ class RedisStore(EventStore):
         client = self._client()
         deadline = repr(self.clock() + self._lease_ttl)
         keys = [self._leases, *(self.run_keys(run_id)[0] for run_id in run_ids)]
-        with self._mapped("renew leases in"):
+        with _mapped(self, "renew leases in"):
             gone = await self._scripts["renew"](keys=keys, args=[deadline, *run_ids], client=client)
         return {run_id.decode() for run_id in gone}
 
@@ -392,7 +362,7 @@ class RedisStore(EventStore):
         ended: list[str] = []
         while True:
             now = self.clock()
-            with self._mapped("look for lapsed leases in"):
+            with _mapped(self, "look for lapsed leases in"):
                 due: list[bytes] = await client.zrangebyscore(
                     self._leases, "-inf", repr(now), start=0, num=self.sweep_chunk
                 )  # type: ignore[assignment]
@@ -402,7 +372,7 @@ class RedisStore(EventStore):
                 self._request(client, run_id.decode(), _ERROR, data, True, lapsed_only=True)
                 for run_id in due
             ]
-            with anyio.CancelScope(shield=True), self._mapped("end lapsed runs in"):
+            with anyio.CancelScope(shield=True), _mapped(self, "end lapsed runs in"):
                 replies = await self._run_appends(client, batch)
             stale = []
             for request, reply in zip(batch, replies, strict=True):
@@ -415,7 +385,7 @@ class RedisStore(EventStore):
                 elif reply[0] != 4:  # gone or finished: its lease entry is stale
                     stale.append(request.run_id)
             if stale:
-                with self._mapped("drop stale leases in"):
+                with _mapped(self, "drop stale leases in"):
                     await client.zrem(self._leases, *stale)
             if len(due) < self.sweep_chunk:
                 return ended
@@ -443,12 +413,12 @@ class RedisStore(EventStore):
         command = b"".join(
             [
                 b"\x96",  # a msgpack array of 6
-                _str(run_id.encode()),
-                _str(type.encode()),
-                _str(data),
-                _str(repr(now).encode()),
-                _str(flag),
-                _str(b"" if expires is None else repr(expires).encode()),
+                pack_str(run_id.encode()),
+                pack_str(type.encode()),
+                pack_str(data),
+                pack_str(repr(now).encode()),
+                pack_str(flag),
+                pack_str(b"" if expires is None else repr(expires).encode()),
             ]
         )
         return _Pending(client, run_id, type, data, now, expires, command)
@@ -470,7 +440,7 @@ class RedisStore(EventStore):
         try:
             # Once sent, see it through (for at most command_timeout), even if the
             # caller that flushes is cancelled: the batch holds other callers' appends.
-            with anyio.CancelScope(shield=True), self._mapped("append to"):
+            with anyio.CancelScope(shield=True), _mapped(self, "append to"):
                 replies = await self._run_appends(client, batch)
         except Exception as exc:  # StoreUnavailable, ClosedResourceError
             for request in batch:
@@ -501,7 +471,7 @@ class RedisStore(EventStore):
             self.max_events or 0,
             self._run_ttl_ms,
             self._run_ttl_ms + self._tombstone_ttl_ms,
-            b"".join([_array(len(batch)), *(request.command for request in batch)]),
+            b"".join([pack_array(len(batch)), *(request.command for request in batch)]),
         )
         try:
             packed = await client.evalsha(self._append_sha, 0, *args)
@@ -521,7 +491,7 @@ class RedisStore(EventStore):
         """The run's metadata and up to ``limit`` events after ``after``, in one snapshot."""
         client = self._client()
         now = self.clock()
-        with self._mapped("read from"):
+        with _mapped(self, "read from"):
             reply = await self._scripts["fetch"](
                 keys=self.run_keys(run_id), args=[after + 1, limit], client=client
             )
@@ -530,25 +500,9 @@ class RedisStore(EventStore):
             raise self._not_found(run_id)
         if status == 2:
             raise self._expired(run_id)
-        flow, owner, state, created, finished, expires, last_id, first_id = reply[1]
-        info = RunInfo(
-            run_id=run_id,
-            flow=flow.decode(),
-            owner=None if owner is None else owner.decode(),
-            status=state.decode(),
-            created=float(created),
-            finished=None if finished is None else float(finished),
-            last_id=int(last_id),
-            first_id=int(first_id),
-            expires=None if expires is None else float(expires),
-        )
+        info, events = parse_fetch(run_id, reply)
         if info.expires is not None and now >= info.expires:
             raise self._expired(run_id)
-        # Entries are [b"<id>-0", [b"t", type, b"d", data, b"ts", timestamp]].
-        events = [
-            StoredEvent(int(entry_id[:-2]), fields[1].decode(), fields[3], float(fields[5]))
-            for entry_id, fields in reply[2]
-        ]
         return info, events
 
     async def _read(self, run_id: str, after: int, limit: int) -> list[StoredEvent]:
@@ -564,7 +518,7 @@ class RedisStore(EventStore):
         client = self._client()
         now = repr(self.clock())
         removed = 0
-        with self._mapped("sweep"):
+        with _mapped(self, "sweep"):
             while True:
                 due: list[bytes] = await client.zrangebyscore(
                     self._expiring, "-inf", now, start=0, num=self.sweep_chunk
@@ -609,3 +563,21 @@ class RedisStore(EventStore):
                     delay = min(delay * 2, self.reconnect_delay_max)
         finally:
             self._listener.unwatch(run_id)
+
+
+@contextlib.contextmanager
+def _mapped(store: RedisStore, what: str) -> Iterator[None]:
+    """Turn redis-py failures into :class:`StoreUnavailable` (or closed-store errors)."""
+    try:
+        # Our own deadline: redis-py's socket_timeout costs a task per command.
+        with anyio.fail_after(store.command_timeout):
+            yield
+    except TimeoutError as exc:
+        raise StoreUnavailable(
+            f"could not {what} Redis at {store._where()}: "
+            f"no answer within {store.command_timeout} s"
+        ) from exc
+    except (RedisError, OSError) as exc:
+        if store._closed:
+            raise anyio.ClosedResourceError from exc
+        raise StoreUnavailable(f"could not {what} Redis at {store._where()}: {exc}") from exc

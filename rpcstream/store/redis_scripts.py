@@ -1,4 +1,4 @@
-"""The Lua scripts of :class:`~rpcstream.store.redis.RedisStore`.
+"""The Lua scripts of :class:`~rpcstream.store.redis.RedisStore`, and their wire formats.
 
 Redis runs one script at a time, so each is one atomic step: what it checks
 still holds when it writes. Their keys and arguments are listed above each;
@@ -7,7 +7,21 @@ the module docstring of :mod:`rpcstream.store.redis` says what the keys hold.
 
 from __future__ import annotations
 
-__all__ = ["APPEND", "CREATE", "FETCH", "FIELDS", "RENEW", "SWEEP"]
+from typing import Any
+
+from .base import RunInfo, StoredEvent
+
+__all__ = [
+    "APPEND",
+    "pack_array",
+    "pack_str",
+    "parse_fetch",
+    "CREATE",
+    "FETCH",
+    "FIELDS",
+    "RENEW",
+    "SWEEP",
+]
 
 # KEYS: run, tombstone, leases. ARGV: flow, created, has_owner ("1"/"0"), owner,
 # lease deadline ("": no lease), run id.
@@ -125,3 +139,47 @@ end
 redis.call('ZREM', KEYS[4], ARGV[2])
 return removed
 """
+
+
+# The appends travel as msgpack that Redis's Lua cmsgpack reads: it knows no bin
+# type, so bytes go as msgpack str (cmsgpack does not check UTF-8; stores never
+# decode event data).
+def pack_str(value: bytes) -> bytes:
+    size = len(value)
+    if size < 32:
+        return bytes((0xA0 | size,)) + value
+    if size < 0x100:
+        return b"\xd9" + bytes((size,)) + value
+    if size < 0x10000:
+        return b"\xda" + size.to_bytes(2, "big") + value
+    return b"\xdb" + size.to_bytes(4, "big") + value
+
+
+def pack_array(size: int) -> bytes:
+    if size < 16:
+        return bytes((0x90 | size,))
+    if size < 0x10000:
+        return b"\xdc" + size.to_bytes(2, "big")
+    return b"\xdd" + size.to_bytes(4, "big")
+
+
+def parse_fetch(run_id: str, reply: Any) -> tuple[RunInfo, list[StoredEvent]]:
+    """The run's info and events from the fetch script's (successful) reply."""
+    flow, owner, state, created, finished, expires, last_id, first_id = reply[1]
+    info = RunInfo(
+        run_id=run_id,
+        flow=flow.decode(),
+        owner=None if owner is None else owner.decode(),
+        status=state.decode(),
+        created=float(created),
+        finished=None if finished is None else float(finished),
+        last_id=int(last_id),
+        first_id=int(first_id),
+        expires=None if expires is None else float(expires),
+    )
+    # Entries are [b"<id>-0", [b"t", type, b"d", data, b"ts", timestamp]].
+    events = [
+        StoredEvent(int(entry_id[:-2]), fields[1].decode(), fields[3], float(fields[5]))
+        for entry_id, fields in reply[2]
+    ]
+    return info, events
