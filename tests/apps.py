@@ -32,3 +32,18 @@ async def echo(value: object) -> object:
 async def divide(a: float, b: float) -> float:
     """Fails with ZeroDivisionError for ``b == 0``: an unexpected handler exception."""
     return a / b
+
+
+def serve_leased(store_url: str, port: int, lease_ttl: float) -> None:
+    """Serve ``runs`` on a RedisStore whose leases last ``lease_ttl`` s (``test_multinode``).
+
+    Prints the line ``rpcstream serve`` prints, once it accepts connections.
+    """
+
+    async def main() -> None:
+        runs.store = rpcstream.RedisStore(store_url, lease_ttl=lease_ttl)
+        async with rpcstream.serve(runs, port=port) as server:
+            print(f"rpcstream: serving tests.apps:runs on {server.url}", flush=True)
+            await anyio.sleep_forever()
+
+    anyio.run(main, backend="asyncio")

@@ -156,7 +156,9 @@ async def test_a_run_resumes_exactly_through_network_cuts(site: int) -> None:
     async with tcp_proxy(site) as proxy:
         url = f"ws://127.0.0.1:{proxy.port}/rpc/"
         async with rpcstream.RunClient(url, token="alice", backoff_base=0.01) as client:
-            run_id = await client.start("ticks", {"n": n})
+            # Paced, so the run is still going at each cut: batched delivery would
+            # otherwise hand the whole run over before the first one.
+            run_id = await client.start("ticks", {"n": n, "delay": 0.001})
             ids = []
             async for event in client.subscribe(run_id):
                 ids.append(event["id"])

@@ -419,6 +419,30 @@ async def test_run_subscription_resumes_exactly_through_server_side_cuts(
     assert info["states"].count("reconnecting") == 2 and info["states"][-1] == "open"
 
 
+async def test_start_with_a_run_id_starts_once_then_resumes_the_same_run(
+    page: Page, server: rpcstream.Server
+) -> None:
+    result = await js(
+        page,
+        """
+        const client = new rs.RunClient(location.origin.replace(/^http/, "ws") + "/");
+        try {
+          const first = await client.start("ticks", { n: 3 }, { runId: "chat-7" });
+          const again = await client.start("ticks", { n: 99 }, { runId: "chat-7" });
+          const types = [];
+          for await (const event of client.subscribe(again)) types.push(event.type);
+          let bad = null;
+          try { await client.start("ticks", { n: 1 }, { runId: "no spaces" }); }
+          catch (e) { bad = e.name; }
+          return { first, again, types, bad };
+        } finally { client.close(); }
+        """,
+    )
+    assert result["first"] == result["again"] == "chat-7"
+    assert result["types"] == ["started", "tick", "tick", "tick", "complete"]  # one run of n=3
+    assert result["bad"] == "InvalidParams"
+
+
 async def test_token_travels_as_access_token_and_reconnects_give_up(chromium: Chromium) -> None:
     def authenticate(request: rpcstream.HandshakeRequest) -> str | None:
         return "alice" if request.bearer_token == "s3cret" else None

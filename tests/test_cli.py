@@ -92,7 +92,7 @@ def test_call_prints_the_json_result_reading_each_argument_as_json_or_string(
     assert (result.returncode, result.stdout.strip()) == (0, "3"), result.stderr
     run = rpcstream("call", server, "runs.start", "ml-inference", '{"prompt": "hi", "tokens": 3}')
     assert run.returncode == 0, run.stderr
-    assert set(json.loads(run.stdout)) == {"run_id", "stream_id"}
+    assert set(json.loads(run.stdout)) == {"run_id", "stream_id", "created"}
 
 
 def test_tail_prints_a_runs_events_as_json_lines_after_an_id(server: str, loop: str) -> None:

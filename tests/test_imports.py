@@ -67,6 +67,7 @@ LAYERS: list[set[str]] = [
     {"observe.outcomes", "observe.__init__", "observe.otel"},
     {"protocol", "router", "transport", "store"},
     {"handshake", "peer", "runs.writer", "runs.fanout"},
+    {"runs.flows"},
     {"client", "server", "runs.server", "observe.prometheus"},
     {"runs.client", "testing", "asgi"},
     {"demo"},

@@ -1,13 +1,16 @@
-"""Several server nodes on one Redis: a client survives losing the node it watched through.
+"""Several server nodes on one Redis: losing a node loses no event and hangs no run.
 
 Two ``rpcstream serve`` subprocesses on different ports share one private
 redis-server. A flow runs on node A; a client subscribes through node B; node B
 is killed mid-run; the client's RunClient, given both URLs, reconnects to A and
-resumes: the events it receives are exactly 1..N.
+resumes: the events it receives are exactly 1..N. And when node A, the one
+running the flow, is killed, node B ends the run as ``Interrupted`` once A's
+lease lapses, and the client following through B sees that end.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -31,12 +34,22 @@ def anyio_backend() -> str:
     return "asyncio"  # RedisStore needs asyncio (the nodes are subprocesses anyway)
 
 
-async def start_node(store_url: str, port: int) -> anyio.abc.Process:
-    process = await anyio.open_process(
-        [
+async def start_node(
+    store_url: str, port: int, lease_ttl: float | None = None
+) -> anyio.abc.Process:
+    if lease_ttl is None:
+        command = [
             sys.executable, "-m", "rpcstream", "serve", "tests.apps:runs",
             "--store", store_url, "--port", str(port),
-        ],
+        ]  # fmt: skip
+    else:  # the same app, with short leases
+        command = [
+            sys.executable, "-c", "import sys, tests.apps as a; "
+            "a.serve_leased(sys.argv[1], int(sys.argv[2]), float(sys.argv[3]))",
+            store_url, str(port), str(lease_ttl),
+        ]  # fmt: skip
+    process = await anyio.open_process(
+        command,
         cwd=ROOT,
         env=dict(os.environ, PYTHONPATH=str(ROOT)),
     )  # fmt: skip
@@ -51,13 +64,17 @@ async def start_node(store_url: str, port: int) -> anyio.abc.Process:
     return process
 
 
-@pytest.fixture
-async def nodes(redis_server: RedisServer) -> AsyncIterator[list[tuple[str, anyio.abc.Process]]]:
+LEASE_TTL = 0.5
+Nodes = list[tuple[str, anyio.abc.Process]]
+
+
+@contextlib.asynccontextmanager
+async def start_nodes(store_url: str, lease_ttl: float | None) -> AsyncIterator[Nodes]:
     started = []
     try:
         for _ in range(2):
             port = free_port()
-            node = await start_node(redis_server.url, port)
+            node = await start_node(store_url, port, lease_ttl)
             started.append((f"ws://127.0.0.1:{port}", node))
         yield started
     finally:
@@ -72,10 +89,21 @@ async def nodes(redis_server: RedisServer) -> AsyncIterator[list[tuple[str, anyi
             await process.aclose()
 
 
+@pytest.fixture
+async def nodes(redis_server: RedisServer) -> AsyncIterator[Nodes]:
+    async with start_nodes(redis_server.url, None) as started:
+        yield started
+
+
+@pytest.fixture
+async def leased_nodes(redis_server: RedisServer) -> AsyncIterator[Nodes]:
+    """Two nodes whose leases last LEASE_TTL seconds (the default is 30)."""
+    async with start_nodes(redis_server.url, LEASE_TTL) as started:
+        yield started
+
+
 @pytest.mark.anyio
-async def test_a_client_resumes_on_another_node_when_its_node_dies(
-    nodes: list[tuple[str, anyio.abc.Process]],
-) -> None:
+async def test_a_client_resumes_on_another_node_when_its_node_dies(nodes: Nodes) -> None:
     (url_a, _), (url_b, process_b) = nodes
     n = 300
     async with rpcstream.connect(url_a) as peer:  # the flow runs on node A
@@ -93,3 +121,23 @@ async def test_a_client_resumes_on_another_node_when_its_node_dies(
         last = event
     assert ids == list(range(1, n + 3))  # started, n ticks, complete: no gap, no duplicate
     assert last["type"] == "complete"
+
+
+@pytest.mark.anyio
+async def test_a_run_whose_node_dies_ends_interrupted_instead_of_hanging(
+    leased_nodes: Nodes,
+) -> None:
+    (url_a, process_a), (url_b, _) = leased_nodes
+    async with rpcstream.connect(url_a) as peer:  # the flow runs on node A
+        run = await peer.call("runs.start", "ticks", {"n": 100_000, "delay": 0.005})
+    events = []
+    with anyio.fail_after(30):
+        async with rpcstream.connect(url_b) as peer:  # followed through node B
+            async for event in peer.stream("runs.subscribe", run["run_id"]):
+                events.append(event)
+                if event["id"] == 20:
+                    process_a.send_signal(signal.SIGKILL)  # node A dies mid-run
+    ids = [event["id"] for event in events]
+    assert ids == list(range(1, len(ids) + 1))  # no gap, no duplicate
+    assert events[-1]["type"] == "error"
+    assert events[-1]["data"]["type"] == "Interrupted"

@@ -171,6 +171,46 @@ async def test_the_pending_list_is_bounded_and_groups_by_max_group() -> None:
     assert sorted(v for group in log.groups for v in group) == list(range(40))
 
 
+async def test_put_nowait_returns_at_once_and_a_drainer_writes_the_queue() -> None:
+    log = Log()
+    commit = GroupCommit(log.write, max_pending=8)
+    items = [Item(value) for value in range(5)]
+    async with log.gate:  # hold the writes: every put returns anyway
+        for item in items:
+            await commit.wait_for_room()
+            commit.put_nowait(item)
+        assert commit.pending + sum(len(g) for g in log.groups) == 5
+        assert not any(item.done for item in items)
+        await log.waiting.wait()  # the drainer is at work, with no caller waiting
+    await commit.flush()
+    assert [item.result for item in items] == [0, 10, 20, 30, 40]
+    assert sorted(v for group in log.groups for v in group) == list(range(5))
+    # A waiting submit after the drainer finished works as before.
+    waited = Item(7)
+    await commit.submit(waited)
+    assert waited.result == 70
+
+
+async def test_put_nowait_without_room_is_refused_and_waiters_share_the_drainer() -> None:
+    log = Log()
+    commit = GroupCommit(log.write, max_pending=2)
+    async with log.gate:
+        commit.put_nowait(Item(1))
+        await log.waiting.wait()  # the drainer waits at the gate, before it takes
+        commit.put_nowait(Item(2))
+        with pytest.raises(anyio.WouldBlock):
+            commit.put_nowait(Item(3))
+        waiter = Item(5)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(commit.submit, waiter)  # waits for room, then for the drainer
+            await anyio.wait_all_tasks_blocked()
+            log.gate.release()
+        await commit.flush()
+        await log.gate.acquire()  # for the async with's release
+    assert waiter.result == 50
+    assert sorted(v for group in log.groups for v in group) == [1, 2, 5]
+
+
 def test_bad_bounds_are_refused() -> None:
     with pytest.raises(ValueError, match="max_pending"):
         GroupCommit(Log().write, max_pending=0)
@@ -183,6 +223,7 @@ async def test_sqlite_appends_go_through_the_shared_group_commit(tmp_path: Path)
         assert isinstance(store._appends, GroupCommit)
         await store.create_run("r", "flow")
         await store.append("r", "progress", b"1")
+        await store._appends.flush()  # a pipelined append may return before its commit
         assert (store._appends.groups, store._appends.requests) == (1, 1)
 
 

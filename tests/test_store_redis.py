@@ -31,7 +31,7 @@ from rpcstream.errors import RunExpired, RunFinished, RunNotFound
 from rpcstream.runs.writer import RunWriter
 from rpcstream.store.base import StoredEvent
 from rpcstream.store.redis import RedisStore, StoreUnavailable
-from rpcstream.testing.store_suite import EventStoreConformance, FakeClock, StoreFactory
+from rpcstream.testing.store_suite import FakeClock, LeasedStoreConformance, StoreFactory
 
 __all__ = ["redis_server"]  # the fixture, re-exported for pytest
 
@@ -68,7 +68,7 @@ async def raw(url: str) -> AsyncIterator[Redis]:
         await client.aclose()
 
 
-class TestRedisStore(EventStoreConformance):
+class TestRedisStore(LeasedStoreConformance):
     @pytest.fixture
     def store_factory(self, url: str) -> StoreFactory:
         def make(
@@ -419,7 +419,7 @@ async def test_a_listener_that_lost_its_connection_catches_up_on_what_it_missed(
             assert [event.id async for event in receive] == [6]
 
 
-async def test_concurrent_appends_share_pipelines(url: str, prefix: str) -> None:
+async def test_concurrent_appends_share_script_calls(url: str, prefix: str) -> None:
     async with RedisStore(url, prefix=prefix) as store:
         for index in range(50):
             await store.create_run(f"run-{index}", "flow")
@@ -436,6 +436,47 @@ async def test_concurrent_appends_share_pipelines(url: str, prefix: str) -> None
         assert batches <= 50, batches  # 200 appends from 50 tasks: far fewer round trips
         for index in range(50):
             assert [e.id for e in await store.read(f"run-{index}", 0)] == [1, 2, 3, 4]
+
+
+async def test_event_data_of_every_size_and_any_bytes_travels_intact(url: str, prefix: str) -> None:
+    # One script call carries a group's appends as msgpack strings: every length
+    # header, and bytes that are not UTF-8, must come back as they went.
+    sizes = [0, 1, 31, 32, 255, 256, 65_535, 65_536, 70_000]
+    datas = [bytes((i * 7 + size) % 256 for i in range(size)) for size in sizes]
+    async with RedisStore(url, prefix=prefix) as a, RedisStore(url, prefix=prefix) as b:
+        for index in range(len(sizes)):
+            await a.create_run(f"r{index}", "flow")
+        async with aclosing(b.follow("r0")) as followed:
+            async with anyio.create_task_group() as tg:  # queued together: one group
+                for index, data in enumerate(datas):
+                    tg.start_soon(a.append, f"r{index}", "tÿpe", data)
+            assert (await anext(followed)).data == datas[0]  # via pub/sub, on node b
+        for index, data in enumerate(datas):
+            [event] = await b.read(f"r{index}", 0)
+            assert (event.type, event.data) == ("tÿpe", data)
+
+
+async def test_an_append_redis_refuses_fails_alone_in_its_group(
+    url: str, prefix: str, raw: Redis
+) -> None:
+    async with RedisStore(url, prefix=prefix) as store:
+        await store.create_run("good", "flow")
+        await store.create_run("bad", "flow")
+        await raw.set(f"{prefix}client:bad", "not a stream")  # XADD answers WRONGTYPE
+        outcomes: dict[str, Any] = {}
+
+        async def append(run_id: str) -> None:
+            try:
+                outcomes[run_id] = (await store.append(run_id, "progress", b"1")).id
+            except StoreUnavailable as exc:
+                outcomes[run_id] = exc
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(append, "bad")
+            tg.start_soon(append, "good")
+        assert outcomes["good"] == 1
+        assert isinstance(outcomes["bad"], StoreUnavailable)
+        assert "WRONGTYPE" in str(outcomes["bad"])
 
 
 # -- Redis going away --------------------------------------------------------------------------

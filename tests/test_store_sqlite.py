@@ -148,6 +148,7 @@ async def test_concurrent_appends_share_commits(db: Path) -> None:
         async with anyio.create_task_group() as tg:
             for index in range(100):
                 tg.start_soon(append, index)
+        await store._appends.flush()  # pipelined: some may still be queued
         commits = store._appends.groups - commits_before
         assert store._appends.requests == 500
         # 500 appends from 100 tasks: a handful of groups, far from one commit each.
@@ -199,7 +200,8 @@ async def test_the_pending_list_is_bounded(db: Path) -> None:
 async def test_an_append_cancelled_while_its_group_waits_for_the_lock_is_not_stored(
     db: Path,
 ) -> None:
-    async with SQLiteStore(db) as store:
+    # Appends that wait for their commit: pipelined=False, or a terminal one (below).
+    async with SQLiteStore(db, pipelined=False) as store:
         await store.create_run("r", "flow")
         first_scope = anyio.CancelScope()
 
@@ -274,3 +276,90 @@ def _count(db: Path, table: str) -> int:
         return int(count)
     finally:
         conn.close()
+
+
+# -- pipelined appends ------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_pipelined_appends_return_ids_before_the_commit_and_show_after_it(db: Path) -> None:
+    async with SQLiteStore(db) as store:
+        await store.create_run("r", "flow")
+        assert (await store.append("r", "token", b"1")).id == 1
+        await store._appends.flush()
+        seen: list[int] = []
+        got_four = anyio.Event()
+
+        async def follow() -> None:
+            async with aclosing(store.follow("r", 1)) as events:
+                async for event in events:
+                    seen.append(event.id)
+                    if event.id == 4:
+                        got_four.set()
+
+        async with anyio.create_task_group() as tg:
+            async with store._lock:  # no commit (and no read) can happen while we hold it
+                tg.start_soon(follow)
+                ids = [(await store.append("r", "token", b"1")).id for _ in range(3)]
+                assert ids == [2, 3, 4]  # given out at once, in order
+                await anyio.wait_all_tasks_blocked()
+                assert seen == []  # nothing is visible before its commit
+                assert _count(db, "events") == 1
+            await got_four.wait()
+            await store.append("r", "complete", b"null", terminal=True)  # waits: committed
+            assert _count(db, "events") == 5
+        assert seen == [2, 3, 4, 5]
+
+
+@pytest.mark.anyio
+async def test_read_and_info_see_the_callers_own_pipelined_appends(db: Path) -> None:
+    async with SQLiteStore(db) as store:
+        await store.create_run("r", "flow")
+        for _ in range(50):
+            await store.append("r", "token", b"1")
+        assert (await store.info("r")).last_id == 50  # waited for the queue, not stale
+        assert [e.id for e in await store.read("r", 45)] == [46, 47, 48, 49, 50]
+
+
+@pytest.mark.anyio
+async def test_a_failed_commit_loses_the_queued_appends_and_the_next_append_says_so(
+    db: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with SQLiteStore(db) as store:
+        await store.create_run("r", "flow")
+        assert (await store.append("r", "token", b"ok")).id == 1
+        await store._appends.flush()
+        write_group = SQLiteStore._write_group
+
+        def broken(self: SQLiteStore, *args: object) -> None:
+            raise sqlite3.OperationalError("disk I/O error")
+
+        monkeypatch.setattr(SQLiteStore, "_write_group", broken)
+        assert (await store.append("r", "token", b"lost")).id == 2  # queued, then lost
+        await store._appends.flush()
+        monkeypatch.setattr(SQLiteStore, "_write_group", write_group)
+        with pytest.raises(sqlite3.OperationalError, match="disk I/O error"):
+            await store.append("r", "token", b"refused")  # told once...
+        assert (await store.append("r", "token", b"again")).id == 2  # ...then on again
+        assert [e.data for e in await store.read("r", 0)] == [b"ok", b"again"]
+
+
+@pytest.mark.anyio
+async def test_a_terminal_append_cancelled_while_queued_leaves_the_run_running(db: Path) -> None:
+    async with SQLiteStore(db) as store:
+        await store.create_run("r", "flow")
+        await store.append("r", "token", b"1")
+        await store._appends.flush()
+
+        async def finish() -> None:
+            await store.append("r", "complete", b"null", terminal=True)
+
+        async with anyio.create_task_group() as tg, store._lock:
+            tg.start_soon(finish)
+            with anyio.fail_after(10):
+                while store._appends.pending != 1:  # queued; its committer waits for the lock
+                    await anyio.lowlevel.checkpoint()
+            tg.cancel_scope.cancel()
+        assert (await store.append("r", "token", b"2")).id == 2
+        await store.append("r", "complete", b"null", terminal=True)
+        assert [e.type for e in await store.read("r", 0)] == ["token", "token", "complete"]

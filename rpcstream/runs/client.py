@@ -14,8 +14,9 @@ user. When the connection drops it waits for the keeper's next connection and
 subscribes again with ``after=<that id>``: the server replays from the store,
 so the user sees every event exactly once, in order.
 
-Calls are not retried (``runs.start`` is not idempotent): a call in flight when
-the connection drops raises :class:`ConnectionClosed`. A call made while
+Calls are not retried (``runs.start`` is not idempotent, unless given a
+``run_id``): a call in flight when the connection drops raises
+:class:`ConnectionClosed`. A call made while
 disconnected waits for the next connection (bounded by its ``timeout``) or,
 with ``wait=False``, fails at once.
 """
@@ -250,8 +251,24 @@ class RunClient:
         remaining = max(0.0, deadline - anyio.current_time())
         return await found.call(method, *args, timeout=remaining, **kwargs)
 
-    async def start(self, flow: str, params: dict[str, Any] | None = None, **kw: Any) -> str:
-        """Start a run of ``flow``; returns its id."""
+    async def start(
+        self,
+        flow: str,
+        params: dict[str, Any] | None = None,
+        *,
+        run_id: str | None = None,
+        **kw: Any,
+    ) -> str:
+        """Start a run of ``flow``; returns its id.
+
+        With ``run_id`` (1 to 128 of ``A-Z a-z 0-9 _ . : -``), the run gets that
+        id, or, if a run of ``flow`` you may see holds it already, that run is
+        returned and nothing starts: "resume or start the stream for chat X",
+        safe to retry after a dropped connection and under races between
+        clients and server nodes. Follow it with :meth:`subscribe` either way.
+        """
+        if run_id is not None:
+            kw["run_id"] = run_id
         run = await self.call("runs.start", flow, params or {}, **kw)
         return str(run["run_id"])
 

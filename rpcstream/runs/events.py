@@ -19,12 +19,15 @@ library, so the stores (which must never import the server) can use it too.
 from __future__ import annotations
 
 import enum
+import re
 from typing import Any, Final, Protocol
 
 import msgspec
 
 __all__ = [
+    "INTERRUPTED",
     "MAX_EVENT_ID",
+    "RUN_ID_MAX_LENGTH",
     "TERMINAL_TYPES",
     "ErrorData",
     "EventType",
@@ -34,6 +37,8 @@ __all__ = [
     "begin_run",
     "decode_data",
     "encode_data",
+    "run_id_problem",
+    "started_data",
 ]
 
 
@@ -61,6 +66,32 @@ TERMINAL_TYPES: Final[frozenset[str]] = frozenset(
     {EventType.COMPLETE.value, EventType.ERROR.value, EventType.CANCELLED.value}
 )
 """Event types that end a run; a run's status becomes its terminal event's type."""
+
+
+INTERRUPTED: Final = "Interrupted"
+"""The :attr:`ErrorData.type` of a run whose flow died with its process: the server
+restarted under it (embedded stores), or the node running it stopped renewing its
+lease (shared stores). No flow code raised it: nobody is left to end the run."""
+
+RUN_ID_MAX_LENGTH: Final = 128
+"""The longest run id a caller may choose (``runs.start(..., run_id=...)``)."""
+
+_RUN_ID = re.compile(r"[A-Za-z0-9_.:-]+")
+
+
+def run_id_problem(run_id: object) -> str | None:
+    """Why ``run_id`` may not be a caller-chosen run id, or ``None`` when it may.
+
+    A run id is 1 to :data:`RUN_ID_MAX_LENGTH` characters among ASCII letters,
+    digits and ``_ . : -``: safe in URLs, file names, Redis keys and logs.
+    """
+    if not isinstance(run_id, str):
+        return f"a run id is a string, not {type(run_id).__name__}"
+    if not 1 <= len(run_id) <= RUN_ID_MAX_LENGTH:
+        return f"a run id has 1 to {RUN_ID_MAX_LENGTH} characters, not {len(run_id)}"
+    if _RUN_ID.fullmatch(run_id) is None:
+        return "a run id has only ASCII letters, digits and the characters _ . : -"
+    return None
 
 
 class RunStatus(enum.StrEnum):
@@ -92,7 +123,7 @@ class ErrorData(msgspec.Struct, frozen=True):
     """For people: ``str()`` of the exception, or the worker's words."""
     type: str
     """For programs: the exception's class name (``"RuntimeError"``), or a word the
-    framework chose: ``"Interrupted"`` for a run its server died under."""
+    framework chose: :data:`INTERRUPTED` for a run its server died under."""
 
     @classmethod
     def from_exception(cls, exc: BaseException) -> ErrorData:
@@ -138,4 +169,9 @@ async def begin_run(store: _RunLog, run_id: str, flow: str, owner: str | None = 
     :class:`ValueError` for a run id taken already).
     """
     await store.create_run(run_id, flow, owner)
-    await store.append(run_id, EventType.STARTED.value, encode_data(StartedData(flow)))
+    await store.append(run_id, EventType.STARTED.value, started_data(flow))
+
+
+def started_data(flow: str) -> bytes:
+    """The encoded data of a run's ``started`` event."""
+    return encode_data(StartedData(flow))

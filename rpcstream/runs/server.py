@@ -19,54 +19,44 @@ its own ``follow`` loop, never the flow's appends nor other subscribers.
 Exactly one terminal event ends a run: ``complete`` (the flow returned, its
 return value as data, or the flow sent ``complete`` itself), ``error`` (the
 flow raised) or ``cancelled`` (``runs.cancel``, or the server shutting down).
+
+Starting runs (with caller-chosen ids), executing flows, recording their end
+through store outages and keeping leases on shared stores live in
+:mod:`rpcstream.runs.flows` (:class:`~rpcstream.runs.flows.FlowHost`, which
+``RunServer`` extends); this module serves the ``runs.*`` methods.
 """
 
 from __future__ import annotations
 
 import contextlib
-import inspect
 import logging
 import math
-import typing
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
 import anyio
-import msgspec
 from anyio.abc import TaskGroup
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from .. import models
 from .._tasks import task_group
-from ..errors import (
-    EventValidationError,
-    InvalidParams,
-    MethodNotFound,
-    Overloaded,
-    RateLimited,
-    RunExpired,
-    RunFinished,
-    RunNotFound,
-)
+from ..errors import InvalidParams, Overloaded, RunFinished, RunNotFound
 from ..handshake import StaticFile, current_principal, principal_id
-from ..limits import TokenBucket
 from ..observe import hooks
 from ..peer import current_peer
 from ..router import Router
 from ..store.base import EventStore, RunInfo
 from ..store.memory import MemoryStore
-from .events import (
-    MAX_EVENT_ID,
-    TERMINAL_TYPES,
-    ErrorData,
-    EventType,
-    RunStatus,
-    begin_run,
-    encode_data,
-)
+from .events import MAX_EVENT_ID, RunStatus
 from .fanout import Fanout, iso_time
+from .flows import (
+    ClientEvent,
+    EventValidationError,
+    Flow,
+    FlowHost,
+    RunChannel,
+    RunContext,
+)
 
 __all__ = [
     "ClientEvent",
@@ -81,137 +71,8 @@ log = logging.getLogger("rpcstream.runs")
 
 F = TypeVar("F", bound=Callable[..., Awaitable[None]])
 
-# Types only the framework writes: a flow ends itself only by returning (or sending
-# ``complete``), so ``error`` and ``cancelled`` always mean what they say.
-_RESERVED = frozenset({EventType.STARTED.value} | TERMINAL_TYPES - {EventType.COMPLETE.value})
 
-
-class ClientEvent(msgspec.Struct, frozen=True):
-    """An event a client sent to a running flow with ``runs.send``."""
-
-    type: str
-    data: Any
-
-
-class RunChannel:
-    """``ctx.client``: the flow's side of the conversation with its clients."""
-
-    def __init__(self, server: RunServer, run: _Run) -> None:
-        self._server = server
-        self._run = run
-
-    async def send(self, type: str, data: Any = None) -> int:
-        """Append an event for every subscriber; returns its id.
-
-        ``data`` is checked against the type declared for ``type`` in the flow's
-        ``events`` (a dict is converted, a Struct instance checked); undeclared
-        types take any data msgspec can encode. Raises
-        :class:`EventValidationError` on bad data.
-        """
-        run = self._run
-        if run.send_bucket is not None and not run.send_bucket.take():
-            raise RateLimited(f"run {run.run_id}: events sent faster than the run's send_rate")
-        if type in _RESERVED:
-            raise ValueError(f"event type {type!r} is reserved for the framework")
-        declared = run.flow.events.get(type)
-        try:
-            if declared is not None:
-                data = models.convert(data, declared)  # Structs and pydantic models
-            encoded = models.encode_json(data)  # encode_data, and pydantic models
-        except (msgspec.ValidationError, TypeError) as exc:
-            raise EventValidationError(f"event {type!r} of flow {run.flow.name!r}: {exc}") from exc
-        terminal = type == EventType.COMPLETE
-        if run.finished:
-            raise RunFinished(f"run {run.run_id} already ended")
-        event = await self._server.store.append(run.run_id, type, encoded, terminal=terminal)
-        if terminal:
-            run.finished = True
-        return event.id
-
-    def has_subscribers(self) -> bool:
-        """Whether any client (on this server) watches the run now."""
-        return self._server._fanout.subscribers(self._run.run_id) > 0
-
-    async def receive(self) -> ClientEvent:
-        """The next event a client sent with ``runs.send`` (waits for one)."""
-        return await self._run.inbox_receive.receive()
-
-    def on(
-        self, type: str
-    ) -> Callable[[Callable[[Any], Awaitable[None]]], Callable[[Any], Awaitable[None]]]:
-        """Register ``async def handler(data)`` for client events of ``type``.
-
-        It runs when the event arrives (in the ``runs.send`` call, which waits
-        for it); events with a handler do not reach :meth:`receive`.
-        """
-
-        def decorator(func: Callable[[Any], Awaitable[None]]) -> Callable[[Any], Awaitable[None]]:
-            self._run.handlers[type] = func
-            return func
-
-        return decorator
-
-
-class RunContext:
-    """What a flow receives first: its run's id and ``client`` channel."""
-
-    def __init__(self, server: RunServer, run: _Run) -> None:
-        self.run_id = run.run_id
-        self.flow = run.flow.name
-        self.client = RunChannel(server, run)
-
-
-class _Flow:
-    def __init__(self, name: str, func: Callable[..., Awaitable[Any]], events: dict[str, Any]):
-        self.name = name
-        self.func = func
-        self.events = events
-        params = list(inspect.signature(func).parameters.values())[1:]  # skip ctx
-        try:
-            hints = typing.get_type_hints(func)
-        except Exception:
-            hints = {}
-        fields: list[Any] = []
-        for p in params:
-            if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
-                raise TypeError(f"flow {name!r}: *args and **kwargs are not supported")
-            hint = hints.get(p.name, Any)
-            if p.default is p.empty:
-                fields.append((p.name, hint))
-            else:
-                fields.append((p.name, hint, p.default))
-        # One Struct per flow validates all parameters in one pass, with msgspec's
-        # messages naming the field.
-        self.params = msgspec.defstruct(
-            f"{name}.params", fields, forbid_unknown_fields=True, kw_only=True
-        )
-        self.param_names = [p.name for p in params]
-
-
-class _Run:
-    def __init__(
-        self,
-        run_id: str,
-        flow: _Flow,
-        inbox_size: int,
-        owner: str | None,
-        send_rate: tuple[float, int] | None,
-    ) -> None:
-        self.run_id = run_id
-        self.flow = flow
-        self.owner = owner
-        self.send_bucket = TokenBucket(*send_rate) if send_rate is not None else None
-        self.scope = anyio.CancelScope()
-        self.finished = False
-        self.handlers: dict[str, Callable[[Any], Awaitable[None]]] = {}
-        send: MemoryObjectSendStream[ClientEvent]
-        receive: MemoryObjectReceiveStream[ClientEvent]
-        send, receive = anyio.create_memory_object_stream[ClientEvent](inbox_size)
-        self.inbox_send = send
-        self.inbox_receive = receive
-
-
-class RunServer:
+class RunServer(FlowHost):
     """Flows by name, their runs in an event store, and the ``runs.*`` methods.
 
     Serve it like a router: ``async with rpcstream.serve(runs, host, port)``.
@@ -235,6 +96,11 @@ class RunServer:
             beyond it is answered ``overloaded``.
         send_rate: ``(per_second, burst)`` token bucket per run on
             ``ctx.client.send`` (:class:`RateLimited` beyond it).
+
+    How long an end the store refused is retried (``end_retry_for``,
+    ``end_retry_delay``, ``end_retry_delay_max``) are attributes, documented on
+    :class:`~rpcstream.runs.flows.FlowHost`; leases are the store's
+    (``RedisStore(lease_ttl=...)``).
     """
 
     def __init__(
@@ -260,8 +126,7 @@ class RunServer:
         self.sweep_interval = sweep_interval
         self.inbox_size = inbox_size
         self.cancel_timeout = cancel_timeout
-        self._flows: dict[str, _Flow] = {}
-        self._runs: dict[str, _Run] = {}
+        self._init_flows()
         self._fanout = Fanout(self.store)
         self._tg: TaskGroup | None = None
         self._exit: contextlib.AsyncExitStack | None = None
@@ -299,7 +164,7 @@ class RunServer:
         def decorator(func: F) -> F:
             if name in self._flows:
                 raise ValueError(f"flow {name!r} is already registered")
-            self._flows[name] = _Flow(name, func, dict(events or {}))
+            self._flows[name] = Flow(name, func, dict(events or {}))
             return func
 
         return decorator
@@ -320,6 +185,8 @@ class RunServer:
             stack.callback(self._cancel_all)
             if self.sweep_interval and math.isfinite(self.sweep_interval):
                 self._tg.start_soon(self._sweep_loop)
+            if self.store.lease_ttl is not None:
+                self._tg.start_soon(self._lease_loop, self.store.lease_ttl)
         except BaseException:
             await stack.__aexit__(None, None, None)
             raise
@@ -336,31 +203,6 @@ class RunServer:
         stack, self._exit = self._exit, None
         return await stack.__aexit__(exc_type, exc, tb)
 
-    async def _end_orphans(self) -> None:
-        # A run still "running" in an embedded store when we start was left by a
-        # process that died: no flow will ever end it, so its subscribers would
-        # wait forever. End it with an error they can see.
-        if not self.end_orphaned_runs:
-            return
-        try:
-            orphans = await self.store.running_runs()
-        except NotImplementedError:  # a shared store: another node may own them
-            return
-        data = encode_data(
-            ErrorData("the server stopped while the run was in flight", "Interrupted")
-        )
-        for run_id in orphans:
-            with contextlib.suppress(RunFinished, RunNotFound, RunExpired):
-                await self.store.append(run_id, EventType.ERROR.value, data, terminal=True)
-                log.warning("run %s was interrupted by a restart: ended with an error", run_id)
-
-    def _cancel_all(self) -> None:
-        # Flows still running when the server stops end with ``cancelled``: each
-        # writes it under a shielded, time-bounded scope, and the task group's
-        # exit (right after this) waits for them.
-        for run in list(self._runs.values()):
-            run.scope.cancel()
-
     async def _sweep_loop(self) -> None:
         while True:
             await anyio.sleep(self.sweep_interval)
@@ -373,65 +215,6 @@ class RunServer:
                 if removed:
                     log.debug("removed %d expired runs", removed)
 
-    # -- starting and running flows -----------------------------------------------------
-
-    async def start(
-        self, flow: str, params: dict[str, Any] | None = None, *, owner: str | None = None
-    ) -> str:
-        """Start a run of ``flow`` (as ``runs.start`` does) and return its id at once."""
-        if self._tg is None:
-            raise RuntimeError("the RunServer is not running: use it with serve() or async with")
-        name = flow
-        found = self._flows.get(name)
-        if found is None:
-            raise MethodNotFound(f"no flow {name!r}")
-        limit = self.max_runs_per_principal
-        if limit is not None and sum(r.owner == owner for r in self._runs.values()) >= limit:
-            raise Overloaded(f"too many runs in flight for this principal (max {limit})")
-        try:
-            values = models.convert(params or {}, found.params)
-        except msgspec.ValidationError as exc:
-            raise InvalidParams(f"flow {name!r}: {exc}") from None
-        kwargs = {n: getattr(values, n) for n in found.param_names}
-        run_id = uuid.uuid4().hex
-        await begin_run(self.store, run_id, name, owner)
-        run = self._runs[run_id] = _Run(run_id, found, self.inbox_size, owner, self.send_rate)
-        self._tg.start_soon(self._execute, run, kwargs)
-        hooks.run_status(name, RunStatus.RUNNING.value)  # observe
-        return run_id
-
-    async def _execute(self, run: _Run, kwargs: dict[str, Any]) -> None:
-        ctx = RunContext(self, run)
-        terminal: str = EventType.COMPLETE.value
-        data: Any = None
-        try:
-            with run.scope:
-                try:
-                    data = await run.flow.func(ctx, **kwargs)
-                except Exception as exc:
-                    log.info("flow %s run %s failed", run.flow.name, run.run_id, exc_info=True)
-                    terminal, data = EventType.ERROR.value, ErrorData.from_exception(exc)
-            if run.scope.cancelled_caught:
-                terminal, data = EventType.CANCELLED.value, None
-            if not run.finished:
-                try:
-                    encoded = models.encode_json(data)  # the flow may return a model
-                except TypeError:
-                    terminal = EventType.ERROR.value
-                    encoded = encode_data(
-                        ErrorData(f"result cannot be encoded: {data!r}", "TypeError")
-                    )
-                with anyio.CancelScope(shield=True), anyio.move_on_after(self.cancel_timeout):
-                    await self.store.append(run.run_id, terminal, encoded, terminal=True)
-                    run.finished = True
-        except Exception:
-            log.exception("could not record the end of run %s", run.run_id)
-        finally:
-            hooks.run_status(run.flow.name, terminal)  # observe
-            run.inbox_send.close()
-            run.inbox_receive.close()
-            del self._runs[run.run_id]
-
     # -- the runs.* methods --------------------------------------------------------------
 
     async def _check_access(self, run_id: str, action: str) -> RunInfo:
@@ -440,9 +223,18 @@ class RunServer:
             raise RunNotFound(f"unknown run {run_id!r}")  # the store's words, exactly
         return info
 
-    async def _start(self, flow: str, params: dict[str, Any] | None = None) -> dict[str, str]:
-        run_id = await self.start(flow, params, owner=principal_id(current_principal()))
-        return {"run_id": run_id, "stream_id": run_id}
+    async def _start(
+        self, flow: str, params: dict[str, Any] | None = None, *, run_id: str | None = None
+    ) -> dict[str, Any]:
+        principal = current_principal()
+        run_id, created = await self.start_run(
+            flow,
+            params,
+            owner=principal_id(principal),
+            run_id=run_id,
+            may_see=lambda info: self.can_access(principal, info, "start"),
+        )
+        return {"run_id": run_id, "stream_id": run_id, "created": created}
 
     async def _subscribe(
         self, run_id: str, after: int = 0, batch: bool = False
@@ -466,11 +258,11 @@ class RunServer:
 
     async def _cancel(self, run_id: str) -> dict[str, Any]:
         info = await self._check_access(run_id, "cancel")
-        run = self._runs.get(run_id)
-        if run is None:  # finished, or running on another node
-            return _status(info, self._fanout.subscribers(run_id))
-        run.scope.cancel()
-        return {"run_id": run_id, "status": RunStatus.CANCELLING.value}
+        if await self._cancel_flow(run_id):
+            return {"run_id": run_id, "status": RunStatus.CANCELLING.value}
+        # Finished, running on another node, or just ended by us: as the store says.
+        info = await self.store.info(run_id)
+        return _status(info, self._fanout.subscribers(run_id))
 
     async def _send(self, run_id: str, type: str, data: Any = None) -> None:
         info = await self._check_access(run_id, "send")

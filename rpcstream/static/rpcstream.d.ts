@@ -345,6 +345,14 @@ export interface RunCallOptions extends CallOptions {
   wait?: boolean;
 }
 
+export interface StartOptions extends RunCallOptions {
+  /**
+   * The run's id, chosen by the caller: 1 to 128 of `A-Z a-z 0-9 _ . : -`.
+   * When a run of the same flow holds it, that run is returned ("resume or start").
+   */
+  runId?: string;
+}
+
 export interface SubscribeOptions {
   /** Start after this event id (0: from the start). */
   after?: number;
@@ -408,8 +416,11 @@ export declare class RunClient extends EventTarget {
     kwargs?: Record<string, Argument>,
     options?: RunCallOptions,
   ): Promise<R>;
-  /** Start a run of `flow`; resolves with its id. */
-  start(flow: string, params?: Record<string, unknown>, options?: RunCallOptions): Promise<string>;
+  /**
+   * Start a run of `flow`; resolves with its id. With `options.runId`: start
+   * the run under that id, or resolve with the run of `flow` that holds it.
+   */
+  start(flow: string, params?: Record<string, unknown>, options?: StartOptions): Promise<string>;
   status(runId: string, options?: RunCallOptions): Promise<RunStatus>;
   cancel(runId: string, options?: RunCallOptions): Promise<RunStatus | { run_id: string; status: "cancelling" }>;
   send(runId: string, type: string, data?: unknown, options?: RunCallOptions): Promise<void>;

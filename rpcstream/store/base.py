@@ -13,8 +13,9 @@ the run's events, leaving a small *tombstone* so that late readers learn
 
 :class:`EventStore` splits the work in two:
 
-* Backends implement five storage primitives (``_create_run``, ``_append``,
-  ``_read``, ``_info``, ``_sweep``) and call :meth:`EventStore._publish` with
+* Backends implement five storage primitives (``_create_or_get_run``, ``_append``,
+  ``_read``, ``_info``, ``_sweep``), and shared ones the lease primitives
+  (``_renew_leases``, ``_end_lapsed_runs``), and call :meth:`EventStore._publish` with
   every event once it is stored, in id order per run.
 * This module owns argument checking, open/close state, and :meth:`EventStore.follow`.
 
@@ -51,7 +52,7 @@ from __future__ import annotations
 import abc
 import time
 from collections import deque
-from collections.abc import AsyncGenerator, Callable, Iterable
+from collections.abc import AsyncGenerator, Callable, Collection, Iterable
 from itertools import islice
 from types import TracebackType
 from typing import Final, NewType, Self
@@ -192,6 +193,13 @@ class EventStore(abc.ABC):
     """How many recent events of a followed run are kept in memory for live followers."""
     follow_batch: int = 1000
     """How many events ``follow`` reads from storage at a time when catching up."""
+    lease_ttl: float | None = None
+    """Seconds a run's lease lasts unless renewed; ``None``: this store has no leases.
+
+    Only stores shared by several processes need leases (see :meth:`renew_leases`):
+    an embedded store belongs to one process, whose runs end with it, and a new
+    server on it ends them at start-up (:meth:`running_runs`).
+    """
 
     def __init__(
         self,
@@ -263,7 +271,31 @@ class EventStore(abc.ABC):
         sees a new run's events under the same ids.
         """
         self._check_open()
-        return await self._create_run(run_id, flow, owner)
+        try:
+            info, created = await self._create_or_get_run(run_id, flow, owner, False)
+        except RunExpired:
+            created = False
+        if not created:
+            raise ValueError(f"run {run_id!r} already exists (or existed and expired)")
+        return info
+
+    async def create_or_get_run(
+        self, run_id: str, flow: str, owner: str | None = None, *, lease: bool = False
+    ) -> tuple[RunInfo, bool]:
+        """Create the run, or get the one that holds ``run_id`` already: ``(info, created)``.
+
+        Atomic in every backend: however many tasks (or nodes, on a shared store)
+        ask for the same id at once, exactly one gets ``created=True``; the others
+        get that run's info (whatever its flow and owner: the caller decides what
+        a mismatch means). Raises :class:`~rpcstream.errors.RunExpired` for an id
+        whose run expired (while its tombstone is kept).
+
+        ``lease=True`` gives a new run a lease of :attr:`lease_ttl` seconds, which
+        the process running its flow must keep renewing (:meth:`renew_leases`);
+        stores that need no leases (:attr:`lease_ttl` is ``None``) ignore it.
+        """
+        self._check_open()
+        return await self._create_or_get_run(run_id, flow, owner, lease)
 
     async def append(
         self, run_id: str, type: str, data: bytes, *, terminal: bool = False
@@ -336,6 +368,35 @@ class EventStore(abc.ABC):
         self._check_open()
         return await self._sweep()
 
+    async def renew_leases(self, run_ids: Collection[str]) -> set[str]:
+        """Extend the leases of these runs by :attr:`lease_ttl` from now.
+
+        The process running a run's flow calls it (well) within every
+        :attr:`lease_ttl`. Returns the ids among ``run_ids`` that are no longer
+        running (another node ended them after their lease lapsed): their flows
+        should stop, as nothing they append will be stored. A run given without
+        a lease gets one. Does nothing, and returns an empty set, on stores
+        without leases.
+        """
+        self._check_open()
+        if self.lease_ttl is None or not run_ids:
+            return set()
+        return await self._renew_leases(list(run_ids))
+
+    async def end_lapsed_runs(self, data: bytes) -> list[str]:
+        """End every running run whose lease lapsed with an ``error`` event of ``data``.
+
+        Any process may call it, as often as it likes, racing others: each run
+        gets exactly one terminal event, because checking the lease and
+        appending the event are one atomic step. Returns the ids of the runs this
+        call ended (so, with several callers, each lapsed run is in exactly one
+        answer). An empty list on stores without leases.
+        """
+        self._check_open()
+        if self.lease_ttl is None:
+            return []
+        return await self._end_lapsed_runs(data)
+
     async def running_runs(self) -> list[str]:
         """The ids of runs that have no terminal event yet.
 
@@ -361,9 +422,17 @@ class EventStore(abc.ABC):
     async def _check(self) -> None:  # noqa: B027 - optional hook, empty on purpose
         """Backend hook for :meth:`check`: one cheap round trip to the backend."""
 
+    async def _renew_leases(self, run_ids: list[str]) -> set[str]:
+        raise NotImplementedError(f"{type(self).__name__} sets lease_ttl without leases")
+
+    async def _end_lapsed_runs(self, data: bytes) -> list[str]:
+        raise NotImplementedError(f"{type(self).__name__} sets lease_ttl without leases")
+
     @abc.abstractmethod
-    async def _create_run(self, run_id: str, flow: str, owner: str | None) -> RunInfo:
-        """Create the run; arguments as in :meth:`create_run`."""
+    async def _create_or_get_run(
+        self, run_id: str, flow: str, owner: str | None, lease: bool
+    ) -> tuple[RunInfo, bool]:
+        """Create the run or get the existing one, atomically; as :meth:`create_or_get_run`."""
 
     @abc.abstractmethod
     async def _append(self, run_id: str, type: str, data: bytes, terminal: bool) -> StoredEvent:

@@ -11,6 +11,14 @@ next group, whose first waiter to wake commits it. One committer per group
 means no background task: the store works without being entered, and nothing
 outlives the callers.
 
+Pipelining. ``put_nowait`` queues a request and returns at once, for a caller
+that does not wait for its outcome (SQLite's pipelined appends: their ids are
+known before the write). Someone must still commit it: when no committer is at
+work, ``put_nowait`` starts a *drainer*, a task of its own (an asyncio task, or
+a trio system task: no task group to enter) that commits groups until the
+pending list is empty, then ends. Waiting callers treat the drainer as any
+other committer. ``flush`` waits until everything queued so far is written.
+
 Cancellation. A request still on the pending list is withdrawn when its
 caller is cancelled: it was never written. A taken request is never put back
 (no *requeue*): ``write`` must see a taken group through to an outcome,
@@ -26,13 +34,17 @@ before the shielded write, makes that window nothing worth saving.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-from typing import Generic, TypeVar
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, Generic, TypeVar
 
 import anyio
 import anyio.lowlevel
 
 __all__ = ["GroupCommit", "Request"]
+
+log = logging.getLogger("rpcstream.store")
 
 
 class Request:
@@ -127,6 +139,45 @@ class GroupCommit(Generic[R]):
         if request.error is not None:
             raise request.error
 
+    async def wait_for_room(self) -> None:
+        """Return once the pending list has room for one more request."""
+        while len(self._pending) >= self.max_pending:
+            await self._group_done.wait()
+
+    def put_nowait(self, request: R) -> None:
+        """Queue ``request`` and return at once; a drainer task will write it.
+
+        Call it right after :meth:`wait_for_room` (with no await in between): the
+        pending list stays bounded. The request cannot be withdrawn; its outcome
+        is set on it for whoever looks (nobody is told).
+        """
+        if len(self._pending) >= self.max_pending:
+            raise anyio.WouldBlock("no room: await wait_for_room() first")
+        self._pending.append(request)
+        if not self._committing:
+            self._committing = True
+            _spawn(self._drain)
+
+    async def flush(self) -> None:
+        """Wait until every request queued so far has its outcome."""
+        while self._pending or self._committing:
+            await self._group_done.wait()
+
+    async def _drain(self) -> None:
+        try:
+            while self._pending:
+                try:
+                    await self._commit()
+                finally:
+                    self._group_done.set()
+                    self._group_done = anyio.Event()
+        except Exception:  # a write that broke its promise to never raise: say so
+            log.exception("a group commit failed")
+        finally:
+            self._committing = False
+            self._group_done.set()
+            self._group_done = anyio.Event()
+
     async def _commit(self) -> None:
         # One more turn of the event loop lets the tasks just woken by the previous
         # group queue their next request (trio runs them in random order, so some
@@ -153,3 +204,21 @@ class GroupCommit(Generic[R]):
             for request in group:
                 if not request.done:
                     request.fail(RuntimeError("the group write ended without an outcome"))
+
+
+# The drainers running now: asyncio keeps only weak references to its tasks.
+_drainers: set[Any] = set()
+
+
+def _spawn(func: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    """Start ``func()`` as a task that belongs to no task group (anyio has no such call)."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:  # no asyncio loop: anyio runs on trio
+        import trio
+
+        trio.lowlevel.spawn_system_task(func)
+        return
+    task = loop.create_task(func())
+    _drainers.add(task)
+    task.add_done_callback(_drainers.discard)

@@ -87,13 +87,16 @@ class MemoryStore(EventStore):
         # (expires, run_id) of finished runs; entries for runs already gone are skipped.
         self._expiry: list[tuple[float, str]] = []
 
-    async def _create_run(self, run_id: str, flow: str, owner: str | None) -> RunInfo:
+    async def _create_or_get_run(
+        self, run_id: str, flow: str, owner: str | None, lease: bool
+    ) -> tuple[RunInfo, bool]:
+        # One process, no leases: a flow dies with the process, and the store with it.
         await anyio.lowlevel.checkpoint()
         now = self.clock()
         if run_id in self._runs or run_id in self._tombstones:
-            raise ValueError(f"run {run_id!r} already exists (or existed and expired)")
+            return self._run_info(run_id, self._get(run_id, now)), False
         run = self._runs[run_id] = _Run(flow, owner, now)
-        return self._run_info(run_id, run)
+        return self._run_info(run_id, run), True
 
     async def _append(self, run_id: str, type: str, data: bytes, terminal: bool) -> StoredEvent:
         await anyio.lowlevel.checkpoint()

@@ -14,9 +14,11 @@ under these names (``{prefix}`` is ``"rpcstream:"`` unless told otherwise)::
                                       outlives the two keys above by ``tombstone_ttl``
     {prefix}expiring          zset    store-wide: ids of finished runs scored by
                                       ``expires``, for :meth:`RedisStore.sweep`
+    {prefix}leases            zset    store-wide: ids of leased running runs, scored
+                                      by their lease deadline (see Leases below)
     {prefix}events:{run_id}   channel (pub/sub, not a key) every event appended to the run
 
-**Appends** run ONE Lua script, which Redis executes atomically: it checks that
+**Appends** run a Lua script, which Redis executes atomically: for each append it checks that
 the run exists (else ``RunNotFound``, or ``RunExpired`` when its tombstone is
 there), is not past ``expires`` and is still running (else ``RunFinished``),
 takes the next id with ``HINCRBY last_id``, ``XADD``\\s the event under the
@@ -27,13 +29,29 @@ and stream (``PEXPIRE expire_after``) and on its tombstone (``expire_after +
 tombstone_ttl``), and adds the run to ``{prefix}expiring``. Last it
 ``PUBLISH``\\es the event on the run's channel. However many nodes append to a
 run at once, its ids stay contiguous: Redis runs one script at a time.
-Concurrent appends on one node share round trips, with the SQLite store's
-group commit (:mod:`rpcstream.store.commit`): whoever finds no pipeline in
-flight sends every queued append as one pipeline of ``EVALSHA``\\s, publishes
-the results in order and wakes the others; what queued meanwhile forms the
-next pipeline. A sent pipeline runs to its end shielded (bounded by
-``command_timeout``), so an append cancelled then may still be stored; one
-cancelled while queued is not.
+Concurrent appends on one node, to any runs, share ONE call of that script,
+with the SQLite store's group commit (:mod:`rpcstream.store.commit`): whoever
+finds no call in flight sends every queued append (up to ``max_batch``) as one
+``EVALSHA`` whose keys and arguments hold them all, publishes the results in
+order and wakes the others; what queued meanwhile forms the next call. One
+call, not a pipeline of one call per append, is what makes a group cheap: the
+client encodes and parses one command, and Redis runs one script. Each append
+runs under ``pcall``, so one that Redis refuses fails alone. A sent call runs to
+its end shielded (bounded by ``command_timeout``), so an append cancelled then
+may still be stored; one cancelled while queued is not.
+
+**Leases.** A run created with ``lease=True`` (``RunServer`` does so for the
+runs whose flows it runs) has an entry in the store-wide sorted set
+``{prefix}leases``, scored by its lease deadline in the store's ``clock``. The
+node running its flow renews the leases of all its runs in one script
+(:meth:`RedisStore.renew_leases`), which also tells it which of them another
+node has ended. Any node may call :meth:`RedisStore.end_lapsed_runs`: it reads
+the entries past their deadline and runs, for each, the append script with a
+flag that makes it re-check the deadline inside the script before it appends
+the ``error`` event, so the check and the append are one atomic step and
+exactly one terminal event ends the run however many nodes race. Every
+terminal append removes the run's entry. Deadlines are compared across nodes,
+so their clocks must agree to well within ``lease_ttl``.
 
 **Reads** (``read``, ``info``) are one read-only script each, so the metadata
 and the events they return are one consistent snapshot. Time decisions use the
@@ -84,12 +102,12 @@ import contextlib
 import logging
 import math
 import time
-import urllib.parse
 from collections.abc import AsyncGenerator, Callable, Iterator
 from typing import Any
 
 import anyio
 import anyio.abc
+import msgspec
 import sniffio
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
@@ -98,85 +116,31 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from ..errors import StoreUnavailable
+from ..runs.events import EventType
 from .base import RUNNING, EventStore, RunInfo, StoredEvent
 from .commit import GroupCommit, Request, Take
-from .redis_listener import Listener
+from .redis_listener import Listener, where
+from .redis_scripts import (
+    APPEND,
+    CREATE,
+    FETCH,
+    RENEW,
+    SWEEP,
+    pack_array,
+    pack_str,
+    parse_fetch,
+)
 
 __all__ = ["RedisStore", "StoreUnavailable"]
 
 log = logging.getLogger("rpcstream.store.redis")
 
-# KEYS: run, tombstone. ARGV: flow, created, has_owner ("1"/"0"), owner.
-_CREATE = """
-if redis.call('EXISTS', KEYS[1], KEYS[2]) > 0 then return 0 end
-redis.call('HSET', KEYS[1], 'flow', ARGV[1], 'status', 'running', 'created', ARGV[2],
-           'last_id', 0, 'first_id', 1)
-if ARGV[3] == '1' then redis.call('HSET', KEYS[1], 'owner', ARGV[4]) end
-return 1
-"""
-
-# KEYS: run, stream, tombstone, expiring.
-# ARGV: 1 type, 2 data, 3 now (the timestamp), 4 terminal ("1"/"0"), 5 max_events (0: none),
-#       6 expires, 7 run TTL ms, 8 tombstone TTL ms, 9 run id, 10 channel, 11 message header.
-# Returns {0, id}, or {1} not found, {2} expired, {3} finished.
-_APPEND = """
-local state = redis.call('HMGET', KEYS[1], 'status', 'expires')
-if not state[1] then return {1 + redis.call('EXISTS', KEYS[3])} end
-if state[2] and tonumber(state[2]) <= tonumber(ARGV[3]) then return {2} end
-if state[1] ~= 'running' then return {3} end
-local id = redis.call('HINCRBY', KEYS[1], 'last_id', 1)
-local max = tonumber(ARGV[5])
-if max > 0 then
-  redis.call('XADD', KEYS[2], 'MAXLEN', '=', max, id .. '-0',
-             't', ARGV[1], 'd', ARGV[2], 'ts', ARGV[3])
-  if id - max + 1 > 1 then redis.call('HSET', KEYS[1], 'first_id', id - max + 1) end
-else
-  redis.call('XADD', KEYS[2], id .. '-0', 't', ARGV[1], 'd', ARGV[2], 'ts', ARGV[3])
-end
-if ARGV[4] == '1' then
-  redis.call('HSET', KEYS[1], 'status', ARGV[1], 'finished', ARGV[3], 'expires', ARGV[6])
-  redis.call('PEXPIRE', KEYS[1], ARGV[7])
-  redis.call('PEXPIRE', KEYS[2], ARGV[7])
-  redis.call('SET', KEYS[3], '1', 'PX', ARGV[8])
-  redis.call('ZADD', KEYS[4], ARGV[6], ARGV[9])
-end
-redis.call('PUBLISH', ARGV[10], id .. ' ' .. ARGV[11] .. ARGV[1] .. ARGV[2])
-return {0, id}
-"""
-
-# KEYS: run, stream, tombstone. ARGV: first entry id to read, count (0: metadata only).
-# Returns {0, fields, entries}, or {1} not found, {2} expired.
-_FIELDS = ("flow", "owner", "status", "created", "finished", "expires", "last_id", "first_id")
-_FETCH = f"""
-local f = redis.call('HMGET', KEYS[1], {", ".join(repr(name) for name in _FIELDS)})
-if not f[1] then return {{1 + redis.call('EXISTS', KEYS[3])}} end
--- Events stored but the stream gone: retention removed it just before the hash.
-if tonumber(f[7]) >= tonumber(f[8]) and redis.call('EXISTS', KEYS[2]) == 0 then return {{2}} end
-local entries = {{}}
-if ARGV[2] ~= '0' then
-  entries = redis.call('XRANGE', KEYS[2], ARGV[1], '+', 'COUNT', ARGV[2])
-end
-return {{0, f, entries}}
-"""
-
-# KEYS: run, stream, tombstone, expiring. ARGV: now, run id, tombstone TTL ms.
-# Returns 1 when it removed the run, 0 when Redis had expired it already.
-_SWEEP = """
-local expires = redis.call('HGET', KEYS[1], 'expires')
-local removed = 0
-if expires then
-  if tonumber(expires) > tonumber(ARGV[1]) then return 0 end
-  redis.call('DEL', KEYS[1], KEYS[2])
-  redis.call('SET', KEYS[3], '1', 'PX', ARGV[3])
-  removed = 1
-end
-redis.call('ZREM', KEYS[4], ARGV[2])
-return removed
-"""
+_ERROR = EventType.ERROR.value
+_DECODE = msgspec.msgpack.Decoder(list[int | str]).decode
 
 
 class _Pending(Request):
-    """One append waiting for its pipeline."""
+    """One append waiting for its group's script call."""
 
     __slots__ = ("client", "command", "data", "event", "expires", "now", "run_id", "type")
 
@@ -188,7 +152,7 @@ class _Pending(Request):
         data: bytes,
         now: float,
         expires: float | None,
-        command: list[bytes | str | int],
+        command: bytes,
     ) -> None:
         super().__init__()
         self.client = client  # the connection pool it was queued for
@@ -197,7 +161,7 @@ class _Pending(Request):
         self.data = data
         self.now = now
         self.expires = expires
-        self.command = command  # the script's keys and arguments
+        self.command = command  # the append, as the script takes it
         self.event: StoredEvent | None = None
 
 
@@ -226,8 +190,8 @@ class RedisStore(EventStore):
     """The listener pings Redis this often; silence for three intervals means a dead link."""
     sweep_chunk: int = 500
     """Runs expired per round trip by :meth:`sweep`."""
-    max_batch: int = 256
-    """Appends sent in one pipeline at most (read when the store is created)."""
+    max_batch: int = 1024
+    """Appends sent in one script call at most (read when the store is created)."""
 
     def __init__(
         self,
@@ -243,8 +207,12 @@ class RedisStore(EventStore):
         connect_timeout: float = 5.0,
         command_timeout: float | None = 10.0,
         max_pending: int = 1024,
+        lease_ttl: float = 30.0,
     ) -> None:
         super().__init__(max_events=max_events, expire_after=expire_after, clock=clock)
+        if not 0 < lease_ttl < math.inf:
+            raise ValueError(f"lease_ttl must be a positive number of seconds, not {lease_ttl}")
+        self.lease_ttl = self._lease_ttl = float(lease_ttl)
         if tombstone_ttl <= 0:
             raise ValueError(f"tombstone_ttl must be positive, not {tombstone_ttl}")
         if max_connections < 1:
@@ -258,6 +226,7 @@ class RedisStore(EventStore):
         self.command_timeout = command_timeout
         self.max_pending = max_pending
         self._expiring = f"{prefix}expiring"
+        self._leases = f"{prefix}leases"
         self._channel_prefix = f"{prefix}events:".encode()
         self._run_ttl_ms = math.ceil(self.expire_after * 1000)
         self._tombstone_ttl_ms = max(1, math.ceil(self.tombstone_ttl * 1000))
@@ -265,7 +234,7 @@ class RedisStore(EventStore):
         self._pool: BlockingConnectionPool | None = None
         self._scripts: dict[str, AsyncScript] = {}
         self._append_sha = ""
-        # Appends waiting for the next pipeline; one pipeline is in flight at a time.
+        # Appends waiting for the next script call; one call is in flight at a time.
         self._appends = GroupCommit(
             self._send_appends, max_pending=max_pending, max_group=self.max_batch
         )
@@ -313,17 +282,18 @@ class RedisStore(EventStore):
         )
         client = Redis(connection_pool=pool)
         try:
-            with self._mapped("connect to"):
+            with _mapped(self, "connect to"):
                 await client.ping()
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await pool.disconnect()
             raise
         self._scripts = {
-            "create": client.register_script(_CREATE),
-            "append": client.register_script(_APPEND),
-            "fetch": client.register_script(_FETCH),
-            "sweep": client.register_script(_SWEEP),
+            "create": client.register_script(CREATE),
+            "renew": client.register_script(RENEW),
+            "append": client.register_script(APPEND),
+            "fetch": client.register_script(FETCH),
+            "sweep": client.register_script(SWEEP),
         }
         self._append_sha = self._scripts["append"].sha
         self._redis, self._pool = client, pool
@@ -342,7 +312,7 @@ class RedisStore(EventStore):
 
     async def _check(self) -> None:
         client = self._client()
-        with self._mapped("ping"):
+        with _mapped(self, "ping"):
             await client.ping()
 
     def _client(self) -> Redis:
@@ -354,42 +324,68 @@ class RedisStore(EventStore):
             )
         return client
 
-    @contextlib.contextmanager
-    def _mapped(self, what: str) -> Iterator[None]:
-        """Turn redis-py failures into :class:`StoreUnavailable` (or closed-store errors)."""
-        try:
-            # Our own deadline: redis-py's socket_timeout costs a task per command.
-            with anyio.fail_after(self.command_timeout):
-                yield
-        except TimeoutError as exc:
-            raise StoreUnavailable(
-                f"could not {what} Redis at {self._where()}: "
-                f"no answer within {self.command_timeout} s"
-            ) from exc
-        except (RedisError, OSError) as exc:
-            if self._closed:
-                raise anyio.ClosedResourceError from exc
-            raise StoreUnavailable(f"could not {what} Redis at {self._where()}: {exc}") from exc
-
-    def _where(self) -> str:
-        """Where Redis is, for messages: host and port (or socket path), never a password."""
-        parts = urllib.parse.urlsplit(self.url)
-        if parts.scheme == "unix":
-            return parts.path
-        return f"{parts.hostname}:{parts.port or 6379}"
-
     # -- the primitives -----------------------------------------------------------------
 
-    async def _create_run(self, run_id: str, flow: str, owner: str | None) -> RunInfo:
+    async def _create_or_get_run(
+        self, run_id: str, flow: str, owner: str | None, lease: bool
+    ) -> tuple[RunInfo, bool]:
         client = self._client()
         now = self.clock()
         run, _, tombstone = self.run_keys(run_id)
-        args = [flow, repr(now), "0" if owner is None else "1", owner or ""]
-        with self._mapped("create a run in"):
-            created = await self._scripts["create"](keys=[run, tombstone], args=args, client=client)
-        if not created:
-            raise ValueError(f"run {run_id!r} already exists (or existed and expired)")
-        return RunInfo(run_id, flow, owner, RUNNING, now, None, 0, 1, None)
+        deadline = repr(now + self._lease_ttl) if lease else ""
+        args = [flow, repr(now), "0" if owner is None else "1", owner or "", deadline, run_id]
+        with _mapped(self, "create a run in"):
+            created = await self._scripts["create"](
+                keys=[run, tombstone, self._leases], args=args, client=client
+            )
+        if created == 2:
+            raise self._expired(run_id)
+        if created == 0:
+            return await self._info(run_id), False
+        return RunInfo(run_id, flow, owner, RUNNING, now, None, 0, 1, None), True
+
+    # -- leases ---------------------------------------------------------------------------
+
+    async def _renew_leases(self, run_ids: list[str]) -> set[str]:
+        client = self._client()
+        deadline = repr(self.clock() + self._lease_ttl)
+        keys = [self._leases, *(self.run_keys(run_id)[0] for run_id in run_ids)]
+        with _mapped(self, "renew leases in"):
+            gone = await self._scripts["renew"](keys=keys, args=[deadline, *run_ids], client=client)
+        return {run_id.decode() for run_id in gone}
+
+    async def _end_lapsed_runs(self, data: bytes) -> list[str]:
+        client = self._client()
+        ended: list[str] = []
+        while True:
+            now = self.clock()
+            with _mapped(self, "look for lapsed leases in"):
+                due: list[bytes] = await client.zrangebyscore(
+                    self._leases, "-inf", repr(now), start=0, num=self.sweep_chunk
+                )  # type: ignore[assignment]
+            if not due:
+                return ended
+            batch = [
+                self._request(client, run_id.decode(), _ERROR, data, True, lapsed_only=True)
+                for run_id in due
+            ]
+            with anyio.CancelScope(shield=True), _mapped(self, "end lapsed runs in"):
+                replies = await self._run_appends(client, batch)
+            stale = []
+            for request, reply in zip(batch, replies, strict=True):
+                if isinstance(reply, Exception):
+                    raise StoreUnavailable(f"Redis refused an append: {reply}") from reply
+                if reply[0] == 0:
+                    event = StoredEvent(int(reply[1]), _ERROR, data, request.now)
+                    self._publish(request.run_id, (event,), request.expires)
+                    ended.append(request.run_id)
+                elif reply[0] != 4:  # gone or finished: its lease entry is stale
+                    stale.append(request.run_id)
+            if stale:
+                with _mapped(self, "drop stale leases in"):
+                    await client.zrem(self._leases, *stale)
+            if len(due) < self.sweep_chunk:
+                return ended
 
     async def _append(self, run_id: str, type: str, data: bytes, terminal: bool) -> StoredEvent:
         request = self._request(self._client(), run_id, type, data, terminal)
@@ -398,32 +394,34 @@ class RedisStore(EventStore):
         return request.event
 
     def _request(
-        self, client: Redis, run_id: str, type: str, data: bytes, terminal: bool
+        self,
+        client: Redis,
+        run_id: str,
+        type: str,
+        data: bytes,
+        terminal: bool,
+        lapsed_only: bool = False,
     ) -> _Pending:
         now = self.clock()
         expires = now + self.expire_after if terminal else None
-        encoded_type = type.encode()
-        # The message is "<id> <timestamp> <expires or -> <len(type)> <type><data>".
-        header = f"{now!r} {'-' if expires is None else repr(expires)} {len(encoded_type)} "
-        command: list[bytes | str | int] = [
-            *self.run_keys(run_id),
-            self._expiring,
-            encoded_type,
-            data,
-            repr(now),
-            "1" if terminal else "0",
-            self.max_events or 0,
-            repr(expires) if expires is not None else "",
-            self._run_ttl_ms,
-            self._run_ttl_ms + self._tombstone_ttl_ms,
-            run_id,
-            self.channel(run_id),
-            header,
-        ]
+        flag = b"2" if lapsed_only else b"1" if terminal else b"0"
+        # Timestamps travel as repr() strings: Redis stores and publishes them as
+        # written, so every reader parses back the very float appended.
+        command = b"".join(
+            [
+                b"\x96",  # a msgpack array of 6
+                pack_str(run_id.encode()),
+                pack_str(type.encode()),
+                pack_str(data),
+                pack_str(repr(now).encode()),
+                pack_str(flag),
+                pack_str(b"" if expires is None else repr(expires).encode()),
+            ]
+        )
         return _Pending(client, run_id, type, data, now, expires, command)
 
     async def _send_appends(self, take: Take[_Pending]) -> None:
-        """Send the queued appends as ONE pipeline, then publish them in order.
+        """Send the queued appends as ONE script call, then publish them in order.
 
         The GroupCommit's ``write``; it never raises: each append gets its outcome.
         """
@@ -439,7 +437,7 @@ class RedisStore(EventStore):
         try:
             # Once sent, see it through (for at most command_timeout), even if the
             # caller that flushes is cancelled: the batch holds other callers' appends.
-            with anyio.CancelScope(shield=True), self._mapped("append to"):
+            with anyio.CancelScope(shield=True), _mapped(self, "append to"):
                 replies = await self._run_appends(client, batch)
         except Exception as exc:  # StoreUnavailable, ClosedResourceError
             for request in batch:
@@ -460,32 +458,29 @@ class RedisStore(EventStore):
                 self._publish(request.run_id, (event,), request.expires)
 
     async def _run_appends(self, client: Redis, batch: list[_Pending]) -> list[Any]:
-        """EVALSHA the append script for each request, in one round trip."""
-        replies: list[Any] = [None] * len(batch)
-        todo = list(range(len(batch)))
-        for attempt in range(2):
-            results: list[Any]
-            if len(todo) == 1:  # no pipeline needed: skip its overhead
-                try:
-                    results = [await client.evalsha(self._append_sha, 4, *batch[todo[0]].command)]
-                except ResponseError as exc:  # the script's error, as a pipeline reports it
-                    results = [exc]
-            else:
-                async with client.pipeline(transaction=False) as pipe:
-                    for index in todo:
-                        pipe.evalsha(self._append_sha, 4, *batch[index].command)
-                    results = await pipe.execute(raise_on_error=False)
-            missing = []
-            for index, result in zip(todo, results, strict=True):
-                if isinstance(result, NoScriptError) and attempt == 0:
-                    missing.append(index)  # not run: Redis restarted and lost its scripts
-                else:
-                    replies[index] = result
-            if not missing:
-                break
-            self._append_sha = await client.script_load(_APPEND)
-            todo = missing
-        return replies
+        """Run the append script ONCE for the whole batch: one round trip, one script run.
+
+        Returns one reply per request: ``[0, id]``, ``[code]`` (1 not found, 2 expired,
+        3 finished, 4 lease held), or the :class:`ResponseError` Redis answered for it.
+        """
+        args = (
+            self.prefix,
+            self.max_events or 0,
+            self._run_ttl_ms,
+            self._run_ttl_ms + self._tombstone_ttl_ms,
+            b"".join([pack_array(len(batch)), *(request.command for request in batch)]),
+        )
+        try:
+            packed = await client.evalsha(self._append_sha, 0, *args)
+        except NoScriptError:  # Redis restarted and lost its scripts: nothing ran
+            self._append_sha = await client.script_load(APPEND)
+            packed = await client.evalsha(self._append_sha, 0, *args)
+        return [
+            [0, reply] if isinstance(reply, int) and reply > 0
+            else [-reply] if isinstance(reply, int)
+            else ResponseError(reply)
+            for reply in _DECODE(packed)
+        ]  # fmt: skip
 
     async def _fetch(
         self, run_id: str, after: int, limit: int
@@ -493,7 +488,7 @@ class RedisStore(EventStore):
         """The run's metadata and up to ``limit`` events after ``after``, in one snapshot."""
         client = self._client()
         now = self.clock()
-        with self._mapped("read from"):
+        with _mapped(self, "read from"):
             reply = await self._scripts["fetch"](
                 keys=self.run_keys(run_id), args=[after + 1, limit], client=client
             )
@@ -502,25 +497,9 @@ class RedisStore(EventStore):
             raise self._not_found(run_id)
         if status == 2:
             raise self._expired(run_id)
-        flow, owner, state, created, finished, expires, last_id, first_id = reply[1]
-        info = RunInfo(
-            run_id=run_id,
-            flow=flow.decode(),
-            owner=None if owner is None else owner.decode(),
-            status=state.decode(),
-            created=float(created),
-            finished=None if finished is None else float(finished),
-            last_id=int(last_id),
-            first_id=int(first_id),
-            expires=None if expires is None else float(expires),
-        )
+        info, events = parse_fetch(run_id, reply)
         if info.expires is not None and now >= info.expires:
             raise self._expired(run_id)
-        # Entries are [b"<id>-0", [b"t", type, b"d", data, b"ts", timestamp]].
-        events = [
-            StoredEvent(int(entry_id[:-2]), fields[1].decode(), fields[3], float(fields[5]))
-            for entry_id, fields in reply[2]
-        ]
         return info, events
 
     async def _read(self, run_id: str, after: int, limit: int) -> list[StoredEvent]:
@@ -536,7 +515,7 @@ class RedisStore(EventStore):
         client = self._client()
         now = repr(self.clock())
         removed = 0
-        with self._mapped("sweep"):
+        with _mapped(self, "sweep"):
             while True:
                 due: list[bytes] = await client.zrangebyscore(
                     self._expiring, "-inf", now, start=0, num=self.sweep_chunk
@@ -581,3 +560,21 @@ class RedisStore(EventStore):
                     delay = min(delay * 2, self.reconnect_delay_max)
         finally:
             self._listener.unwatch(run_id)
+
+
+@contextlib.contextmanager
+def _mapped(store: RedisStore, what: str) -> Iterator[None]:
+    """Turn redis-py failures into :class:`StoreUnavailable` (or closed-store errors)."""
+    try:
+        # Our own deadline: redis-py's socket_timeout costs a task per command.
+        with anyio.fail_after(store.command_timeout):
+            yield
+    except TimeoutError as exc:
+        raise StoreUnavailable(
+            f"could not {what} Redis at {where(store.url)}: "
+            f"no answer within {store.command_timeout} s"
+        ) from exc
+    except (RedisError, OSError) as exc:
+        if store._closed:
+            raise anyio.ClosedResourceError from exc
+        raise StoreUnavailable(f"could not {what} Redis at {where(store.url)}: {exc}") from exc

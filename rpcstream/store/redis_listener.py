@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import urllib.parse
 import uuid
 from typing import TYPE_CHECKING
 
@@ -117,14 +118,14 @@ class Listener:
                 await conn.connect()  # type: ignore[no-untyped-call]
                 delay = self._store.reconnect_delay
                 if warned:
-                    log.info("the Redis listener is back at %s", self._store._where())
+                    log.info("the Redis listener is back at %s", where(self._store.url))
                     warned = False
                 await self._listen_on(conn)
             except Exception as exc:
                 if not warned:
                     log.warning(
                         "the Redis listener lost %s (%s: %s); reconnecting in the background",
-                        self._store._where(),
+                        where(self._store.url),
                         type(exc).__name__,
                         exc,
                     )
@@ -250,3 +251,11 @@ async def _drop(conn: AbstractConnection) -> None:
     """Close a listener connection; its reader then fails and the listener reconnects."""
     with contextlib.suppress(Exception):
         await conn.disconnect(nowait=True)
+
+
+def where(url: str) -> str:
+    """Where Redis is, for messages: host and port (or socket path), never a password."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme == "unix":
+        return parts.path
+    return f"{parts.hostname}:{parts.port or 6379}"

@@ -38,6 +38,7 @@ from itertools import starmap
 from typing import Any, TypeVar
 
 import anyio
+import anyio.lowlevel
 
 from ..errors import StoreUnavailable
 from .base import RUNNING, EventStore, RunInfo, StoredEvent
@@ -86,14 +87,24 @@ _UPDATE_RUN = (
 )
 # Runs expired per sweep transaction, so appends can get in between.
 _SWEEP_CHUNK = 500
+# Run heads kept for pipelined appends (those with appends in flight always stay).
+_MAX_HEADS = 4096
 
 
 class _Pending(Request):
     """One append waiting for its group's commit."""
 
-    __slots__ = ("data", "event", "expires", "run_id", "terminal", "type")
+    __slots__ = ("data", "event", "expected", "expires", "head", "run_id", "terminal", "type")
 
-    def __init__(self, run_id: str, type: str, data: bytes, terminal: bool) -> None:
+    def __init__(
+        self,
+        run_id: str,
+        type: str,
+        data: bytes,
+        terminal: bool,
+        head: _Head | None = None,
+        expected: StoredEvent | None = None,
+    ) -> None:
         super().__init__()
         self.run_id = run_id
         self.type = type
@@ -101,6 +112,29 @@ class _Pending(Request):
         self.terminal = terminal
         self.event: StoredEvent | None = None
         self.expires: float | None = None
+        self.head = head
+        """The run's head when the append was pipelined (its id assigned at once)."""
+        self.expected = expected
+        """The event as its caller was given it: the commit must store exactly that."""
+
+
+class _Head:
+    """What the store knows of a run it appends to: enough to assign ids at once.
+
+    Only this store object appends to its file, so the head stays true; the
+    commit still allocates ids from the file and checks they are the ones given.
+    """
+
+    __slots__ = ("drained", "expires", "inflight", "last_id", "status")
+
+    def __init__(self, status: str, expires: float | None, last_id: int) -> None:
+        self.status = status
+        self.expires = expires
+        self.last_id = last_id
+        self.inflight = 0
+        """Pipelined appends not committed yet."""
+        self.drained = anyio.Event()
+        """Set whenever ``inflight`` falls back to 0."""
 
 
 class _RunState:
@@ -123,6 +157,15 @@ class SQLiteStore(EventStore):
     ``max_tombstones`` caps the rows kept for expired runs (oldest dropped by
     :meth:`sweep`); ``max_pending`` bounds the appends queued for one group
     commit (more wait for room). Opens the file on first use if not entered.
+
+    ``pipelined`` (the default): an append that does not end its run returns as
+    soon as its id is assigned and it is queued, before its commit; a drainer
+    task commits the queue in groups, and followers see the events once they
+    are committed. ``read`` and ``info`` of a run wait for its queued appends
+    first, and a terminal append waits for its commit (and so for every append
+    before it). If a commit fails, those appends are lost, and the next append
+    to the run raises the error once. ``pipelined=False``: every append returns
+    only once committed.
     """
 
     def __init__(
@@ -134,6 +177,7 @@ class SQLiteStore(EventStore):
         clock: Callable[[], float] = time.time,
         max_tombstones: int = 100_000,
         max_pending: int = 1024,
+        pipelined: bool = True,
     ) -> None:
         super().__init__(max_events=max_events, expire_after=expire_after, clock=clock)
         if max_tombstones < 0:
@@ -141,6 +185,10 @@ class SQLiteStore(EventStore):
         self.path = os.fspath(path)
         self.max_tombstones = max_tombstones
         self.max_pending = max_pending
+        self.pipelined = pipelined
+        self._heads: dict[str, _Head] = {}
+        # Why pipelined appends of a run were lost, raised by its next append (once).
+        self._lost: dict[str, BaseException] = {}
         self._conn: sqlite3.Connection | None = None
         self._lock = anyio.Lock()
         # Its ``groups`` and ``requests`` count append transactions and the appends
@@ -173,6 +221,7 @@ class SQLiteStore(EventStore):
         return conn
 
     async def _aclose(self) -> None:
+        await self._appends.flush()  # pipelined appends already given out are written
         async with self._lock:
             conn, self._conn = self._conn, None
             if conn is not None:
@@ -204,22 +253,28 @@ class SQLiteStore(EventStore):
 
     # -- the primitives ---------------------------------------------------------
 
-    async def _create_run(self, run_id: str, flow: str, owner: str | None) -> RunInfo:
+    async def _create_or_get_run(
+        self, run_id: str, flow: str, owner: str | None, lease: bool
+    ) -> tuple[RunInfo, bool]:
+        # No leases: the file belongs to one process, whose runs a restart ends.
         now = self.clock()
 
-        def create(conn: sqlite3.Connection) -> None:
-            row = conn.execute("SELECT status FROM runs WHERE run_id = ?", (run_id,)).fetchone()
-            if row is not None:
-                raise ValueError(f"run {run_id!r} already exists (or existed and expired)")
-            conn.execute(
-                "INSERT INTO runs VALUES (?, ?, ?, ?, ?, NULL, NULL, 0, 1)",
+        def create(conn: sqlite3.Connection) -> bool:
+            # ON CONFLICT makes the check and the insert one statement, so the
+            # answer holds even for another process writing the same file.
+            cursor = conn.execute(
+                "INSERT INTO runs VALUES (?, ?, ?, ?, ?, NULL, NULL, 0, 1)"
+                " ON CONFLICT (run_id) DO NOTHING",
                 (run_id, flow, owner, RUNNING, now),
             )
+            return cursor.rowcount == 1
 
-        await self._run(create)
-        return RunInfo(run_id, flow, owner, RUNNING, now, None, 0, 1, None)
+        if await self._run(create):
+            return RunInfo(run_id, flow, owner, RUNNING, now, None, 0, 1, None), True
+        return await self._info(run_id), False
 
     async def _info(self, run_id: str) -> RunInfo:
+        await self._settled(run_id)
         now = self.clock()
 
         def info(conn: sqlite3.Connection) -> RunInfo:
@@ -237,6 +292,7 @@ class SQLiteStore(EventStore):
         return await self._run(info)
 
     async def _read(self, run_id: str, after: int, limit: int) -> list[StoredEvent]:
+        await self._settled(run_id)
         now = self.clock()
 
         def read(conn: sqlite3.Connection) -> list[StoredEvent]:
@@ -306,10 +362,86 @@ class SQLiteStore(EventStore):
 
     async def _append(self, run_id: str, type: str, data: bytes, terminal: bool) -> StoredEvent:
         await self._ensure_open()
-        request = _Pending(run_id, type, data, terminal)
-        await self._appends.submit(request)
-        assert request.event is not None
-        return request.event
+        if not self.pipelined:
+            request = _Pending(run_id, type, data, terminal)
+            await self._appends.submit(request)
+            assert request.event is not None
+            return request.event
+        lost = self._lost.pop(run_id, None)
+        if lost is not None:
+            raise lost
+        head = self._heads.get(run_id)
+        if head is None:
+            head = await self._load_head(run_id)
+        else:
+            # Every append lets the event loop turn (followers, the drainer, and
+            # cancellation get in), even when it need not wait for anything.
+            await anyio.lowlevel.checkpoint()
+        await self._appends.wait_for_room()
+        # From here to the queueing, no await: ids are assigned in call order.
+        now = self.clock()
+        if head.expires is not None and now >= head.expires:
+            raise self._expired(run_id)
+        if head.status != RUNNING:
+            raise self._finished(run_id)
+        head.last_id += 1
+        event = StoredEvent(head.last_id, type, data, now)
+        request = _Pending(run_id, type, data, terminal, head, event)
+        if head.inflight == 0:
+            head.drained = anyio.Event()
+        head.inflight += 1
+        if not terminal:
+            self._appends.put_nowait(request)
+            return event
+        head.status, head.expires = type, now + self.expire_after
+        try:
+            await self._appends.submit(request)
+        except BaseException:
+            if not request.taken:  # withdrawn: the run goes on, as if never asked
+                head.status, head.expires = RUNNING, None
+                head.last_id -= 1
+                self._settle(request)
+            raise
+        return event
+
+    async def _load_head(self, run_id: str) -> _Head:
+        now = self.clock()
+
+        def load(conn: sqlite3.Connection) -> _Head:
+            state = self._state(conn, run_id, now)
+            return _Head(state.status, state.expires, state.last_id)
+
+        loaded = await self._run(load)
+        # Another append may have loaded it meanwhile (and assigned ids): keep that one.
+        head = self._heads.setdefault(run_id, loaded)
+        if len(self._heads) > _MAX_HEADS:
+            for key in [k for k, h in self._heads.items() if h.inflight == 0][: _MAX_HEADS // 4]:
+                if key != run_id:
+                    del self._heads[key]
+        return head
+
+    def _settle(self, request: _Pending) -> None:
+        """A pipelined append has its outcome: count it off, and on failure forget the head."""
+        head = request.head
+        if head is None:
+            return
+        head.inflight -= 1
+        if head.inflight == 0:
+            head.drained.set()
+        if request.error is not None and self._heads.get(request.run_id) is head:
+            # The file no longer matches the head: reload it; the run's next append
+            # learns that what it queued was lost (unless the caller is told now).
+            del self._heads[request.run_id]
+            if not request.terminal:
+                self._lost[request.run_id] = request.error
+                while len(self._lost) > _MAX_HEADS:
+                    del self._lost[next(iter(self._lost))]
+
+    async def _settled(self, run_id: str) -> None:
+        """Wait until the run's pipelined appends are committed (read your writes)."""
+        head = self._heads.get(run_id)
+        if head is not None and head.inflight:
+            await head.drained.wait()
 
     async def _write_appends(self, take: Take[_Pending]) -> None:
         """Write a group of appends in one transaction (the GroupCommit's ``write``)."""
@@ -324,6 +456,7 @@ class SQLiteStore(EventStore):
                 if conn is None:
                     for request in group:
                         request.fail(anyio.ClosedResourceError())
+                        self._settle(request)
                     return
                 await anyio.to_thread.run_sync(self._commit_group, conn, group, now)
             self._finish_group(group)
@@ -363,15 +496,24 @@ class SQLiteStore(EventStore):
             if state.status != RUNNING:
                 request.error = self._finished(run_id)
                 continue
+            expected = request.expected
+            if expected is not None and expected.id != state.last_id + 1:
+                # Appends queued before it were lost: it cannot keep the id it was given.
+                request.error = RuntimeError(
+                    f"run {run_id!r}: event {expected.id} was lost with earlier appends"
+                )
+                continue
             state.last_id += 1
             state.changed = True
-            event = StoredEvent(state.last_id, request.type, request.data, now)
-            rows.append((run_id, event.id, event.type, event.data, now))
+            # A pipelined append keeps the time its caller was given.
+            at = now if expected is None else expected.timestamp
+            event = StoredEvent(state.last_id, request.type, request.data, at)
+            rows.append((run_id, event.id, event.type, event.data, at))
             request.event = event
             if request.terminal:
                 state.status = request.type
-                state.finished = now
-                state.expires = request.expires = now + self.expire_after
+                state.finished = at
+                state.expires = request.expires = at + self.expire_after
         conn.executemany(_INSERT_EVENT, rows)
         updates: list[tuple[Any, ...]] = []
         max_events = self.max_events
@@ -394,6 +536,7 @@ class SQLiteStore(EventStore):
         expires: dict[str, float] = {}
         for request in group:
             request.done = True
+            self._settle(request)
             if request.event is not None:
                 by_run.setdefault(request.run_id, []).append(request.event)
                 if request.expires is not None:

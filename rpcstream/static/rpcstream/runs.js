@@ -40,7 +40,7 @@ export const TERMINAL_TYPES = Object.freeze(
  * next attempt), "failed" and "closed". A subscription that resumes after a
  * drop dispatches "resume" with detail {runId, after}.
  *
- * Calls are not retried (runs.start is not idempotent): a call in flight when
+ * Calls are not retried (runs.start is not idempotent, unless given a runId): a call in flight when
  * the connection drops rejects with ConnectionClosed. A call made while
  * disconnected waits for the next connection (bounded by its timeout) unless
  * `wait: false`.
@@ -199,9 +199,19 @@ export class RunClient extends EventTarget {
     return peer.call(method, args, kwargs, { timeout: remaining, signal });
   }
 
-  /** Start a run of `flow`; resolves with its id. */
+  /**
+   * Start a run of `flow`; resolves with its id.
+   *
+   * `options.runId` (1 to 128 of A-Z a-z 0-9 _ . : -) chooses the id: the run
+   * starts, or, when a run of `flow` the caller may see holds it already, that
+   * run's id is returned and nothing starts ("resume or start the stream for
+   * chat X"). Safe to call again after a dropped connection. A bad id rejects
+   * with InvalidParams; another principal's run, with RunNotFound.
+   */
   async start(flow, params = {}, options = {}) {
-    const run = await this.call("runs.start", [flow, params ?? {}], {}, options);
+    const { runId, ...callOptions } = options;
+    const kwargs = runId === undefined || runId === null ? {} : { run_id: runId };
+    const run = await this.call("runs.start", [flow, params ?? {}], kwargs, callOptions);
     return String(run.run_id);
   }
 
