@@ -15,6 +15,7 @@ from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 from typing import Any, Self
 
 import anyio
+from msgspec import Raw
 
 from ..errors import Cancelled, DeadlineExceeded, RemoteError
 from ..messages import StreamId
@@ -279,7 +280,9 @@ class Senders:
         iterator = aiter(items)
         try:
             async for item in iterator:
-                payload = encode(item)
+                # Already encoded (a run's events, shared by every subscriber):
+                # as it is, not copied by the encoder.
+                payload = item if type(item) is Raw else encode(item)
                 while not streams.can_send(sid):
                     if streams.is_cancelled(sid) or proto.state is State.CLOSED:
                         return
