@@ -74,9 +74,14 @@ def make_runs(store: rpcstream.EventStore | None = None) -> rpcstream.RunServer:
     runs = rpcstream.RunServer(store, router=router)
 
     @runs.flow("ticks")
-    async def ticks(ctx: rpcstream.RunContext, n: int, delay: float = 0.0) -> dict[str, int]:
+    async def ticks(
+        ctx: rpcstream.RunContext, n: int, delay: float = 0.0, hold_at: tuple[int, ...] = ()
+    ) -> dict[str, int]:
         for i in range(n):
-            await ctx.client.send("tick", i)
+            event_id = await ctx.client.send("tick", i)
+            if event_id in hold_at:  # held where a test cuts, until it says go for it
+                while (await ctx.client.receive()).data != event_id:
+                    pass  # a go for an earlier hold, sent twice
             if delay:
                 await anyio.sleep(delay)
         return {"ticks": n}

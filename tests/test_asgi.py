@@ -156,16 +156,18 @@ async def test_a_run_resumes_exactly_through_network_cuts(site: int) -> None:
     async with tcp_proxy(site) as proxy:
         url = f"ws://127.0.0.1:{proxy.port}/rpc/"
         async with rpcstream.RunClient(url, token="alice", backoff_base=0.01) as client:
-            # Paced, so the run is still going at each cut: batched delivery would
-            # otherwise hand the whole run over before the first one.
-            run_id = await client.start("ticks", {"n": n, "delay": 0.001})
+            # Held at each cut until told to go on, so the run is still going when
+            # it is cut: batched delivery could otherwise hand all of it over first.
+            cuts = [250, 500, 750, 1000]
+            run_id = await client.start("ticks", {"n": n, "hold_at": cuts})
             ids = []
             async for event in client.subscribe(run_id):
                 ids.append(event["id"])
-                if event["id"] % 250 == 0:
+                if event["id"] in cuts:
                     proxy.cut()  # both TCP connections close under the peers' feet
+                    await go(client, run_id, event["id"])
     assert ids == list(range(1, n + 3))  # started, n ticks, complete: no gap, no duplicate
-    assert proxy.connections >= 3
+    assert proxy.connections >= len(cuts) + 1
 
 
 async def test_http_routes_health_and_the_browser_module_below_the_mount(site: int) -> None:
@@ -305,3 +307,15 @@ async def test_an_app_cannot_be_started_twice_at_once() -> None:
         with pytest.raises(RuntimeError, match="started already"):
             async with app.lifespan():
                 pass
+
+
+async def go(client: rpcstream.RunClient, run_id: str, event_id: int) -> None:
+    """Let a run held at ``event_id`` go on, over whichever connection is up: a
+    call on the connection just cut fails, and is sent again (the run ignores a
+    second go for the same hold)."""
+    while True:
+        try:
+            await client.send(run_id, "go", event_id)
+            return
+        except rpcstream.ConnectionClosed:
+            await anyio.lowlevel.checkpoint()
