@@ -1,4 +1,5 @@
-"""A TCP proxy on 127.0.0.1 that can cut or freeze its connections, for fault tests."""
+"""A TCP proxy on 127.0.0.1 that can cut or freeze its connections, for fault tests,
+and `go`, which lets a run held at a cut go on."""
 
 from __future__ import annotations
 
@@ -7,6 +8,9 @@ from collections.abc import AsyncIterator
 
 import anyio
 import anyio.abc
+import anyio.lowlevel
+
+import rpcstream
 
 
 class Proxy:
@@ -56,3 +60,15 @@ async def tcp_proxy(target_port: int) -> AsyncIterator[Proxy]:
             yield proxy
         finally:
             tg.cancel_scope.cancel()
+
+
+async def go(client: rpcstream.RunClient, run_id: str, event_id: int) -> None:
+    """Let a run held at ``event_id`` go on, over whichever connection is up: a
+    call on the connection just cut fails, and is sent again (the run ignores a
+    second go for the same hold)."""
+    while True:
+        try:
+            await client.send(run_id, "go", event_id)
+            return
+        except rpcstream.ConnectionClosed:
+            await anyio.lowlevel.checkpoint()

@@ -29,7 +29,7 @@ from redis_server import RedisServer, free_port, require_redis_server
 import rpcstream
 import rpcstream.asgi
 from tests.browser import CHROMIUM, cdp_session, launch
-from tests.tcp_proxy import tcp_proxy
+from tests.tcp_proxy import go, tcp_proxy
 
 pytestmark = pytest.mark.anyio
 
@@ -307,15 +307,3 @@ async def test_an_app_cannot_be_started_twice_at_once() -> None:
         with pytest.raises(RuntimeError, match="started already"):
             async with app.lifespan():
                 pass
-
-
-async def go(client: rpcstream.RunClient, run_id: str, event_id: int) -> None:
-    """Let a run held at ``event_id`` go on, over whichever connection is up: a
-    call on the connection just cut fails, and is sent again (the run ignores a
-    second go for the same hold)."""
-    while True:
-        try:
-            await client.send(run_id, "go", event_id)
-            return
-        except rpcstream.ConnectionClosed:
-            await anyio.lowlevel.checkpoint()

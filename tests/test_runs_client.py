@@ -15,7 +15,7 @@ import anyio
 import pytest
 
 import rpcstream
-from tests.tcp_proxy import tcp_proxy
+from tests.tcp_proxy import go, tcp_proxy
 
 pytestmark = pytest.mark.anyio
 
@@ -201,15 +201,3 @@ async def test_a_killed_and_restarted_server_process_loses_no_event(tmp_path: Pa
     assert ids == list(range(1, len(ids) + 1))
     assert len(ids) > 100
     assert last["type"] == "error" and last["data"]["type"] == "Interrupted"
-
-
-async def go(client: rpcstream.RunClient, run_id: str, event_id: int) -> None:
-    """Let a run held at ``event_id`` go on, over whichever connection is up: a
-    call on the connection just cut fails, and is sent again (the run ignores a
-    second go for the same hold)."""
-    while True:
-        try:
-            await client.send(run_id, "go", event_id)
-            return
-        except rpcstream.ConnectionClosed:
-            await anyio.lowlevel.checkpoint()
