@@ -10,9 +10,10 @@ import logging
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import anyio
+import msgspec
 import pytest
 from redis_server import RedisServer, redis_server
 
@@ -356,3 +357,18 @@ async def test_a_node_that_lost_its_lease_stops_the_flow(redis_server: RedisServ
         assert (await peer.call("runs.status", run_id))["status"] == "error"
     assert [e["type"] for e in events] == ["started", "error"]
     assert events[-1]["data"]["type"] == INTERRUPTED
+
+
+async def test_a_flow_parameters_constraints_are_enforced_at_start() -> None:
+
+    runs = rpcstream.RunServer()
+
+    @runs.flow("count")
+    async def count(ctx: rpcstream.RunContext, n: Annotated[int, msgspec.Meta(gt=0)]) -> int:
+        return n
+
+    async with rpcstream.serve(runs) as server, rpcstream.connect(server.url) as peer:
+        with pytest.raises(rpcstream.InvalidParams, match="Expected `int` >= 1"):
+            await peer.call("runs.start", "count", {"n": 0})
+        started = await peer.call("runs.start", "count", {"n": 3})
+        assert started["created"] is True

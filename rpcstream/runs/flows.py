@@ -177,7 +177,7 @@ class Flow:
         self.events = events
         params = list(inspect.signature(func).parameters.values())[1:]  # skip ctx
         try:
-            hints = typing.get_type_hints(func)
+            hints = typing.get_type_hints(func, include_extras=True)  # keep Meta constraints
         except Exception:
             hints = {}
         fields: list[Any] = []
