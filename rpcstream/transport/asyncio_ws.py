@@ -23,7 +23,6 @@ decodes, which this path skips): invalid ones fail the connection with 1007.
 from __future__ import annotations
 
 import contextlib
-import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -35,7 +34,7 @@ from websockets.asyncio.server import ServerConnection
 from websockets.asyncio.server import serve as ws_serve
 from websockets.frames import CloseCode, Frame, Opcode
 
-from .connection import TextCheck, never_requested
+from .connection import TextCheck, never_requested, tracked
 
 __all__ = [
     "UNREACHABLE",
@@ -174,14 +173,7 @@ async def serve(
 ) -> AsyncIterator[int]:
     """websockets' ``serve`` with delivering connections; yields the bound port.
     On the way out, sockets that never sent their request are dropped at once."""
-    opening: weakref.WeakSet[DeliveringServerConnection] = weakref.WeakSet()
-
-    def track(*args: Any, **kw: Any) -> DeliveringServerConnection:
-        connection = DeliveringServerConnection(*args, **kw)
-        opening.add(connection)
-        return connection
-
-    create_connection: Any = track  # websockets only calls it, as it would the class
+    opening, create_connection = tracked(DeliveringServerConnection)
 
     async with ws_serve(
         handler,

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import codecs
+import weakref
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, TypeVar
 
 from websockets.frames import Frame, Opcode
 from websockets.protocol import State
@@ -46,6 +47,9 @@ class TextCheck:
         decoder.decode(data, final=frame.fin)
 
 
+_C = TypeVar("_C")
+
+
 def never_requested(connections: Iterable[Any]) -> list[Any]:
     """Connections that never sent their opening request: browsers open such
     sockets ahead of need. Closing the server would otherwise wait for each
@@ -55,3 +59,16 @@ def never_requested(connections: Iterable[Any]) -> list[Any]:
         for c in list(connections)
         if c.protocol.state is State.CONNECTING and getattr(c, "request", None) is None
     ]
+
+
+def tracked(cls: type[_C]) -> tuple[weakref.WeakSet[_C], Any]:
+    """A connection factory for websockets' ``serve`` (``create_connection``) that
+    remembers what it made, for :func:`never_requested` when the server closes."""
+    made: weakref.WeakSet[_C] = weakref.WeakSet()
+
+    def create(*args: Any, **kwargs: Any) -> _C:
+        connection = cls(*args, **kwargs)
+        made.add(connection)
+        return connection
+
+    return made, create  # websockets only calls it, as it would the class

@@ -30,7 +30,6 @@ import contextlib
 import contextvars
 import functools
 import logging
-import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -42,7 +41,7 @@ from websockets.trio.client import connect as ws_connect
 from websockets.trio.server import ServerConnection
 from websockets.trio.server import serve as ws_serve
 
-from .connection import TextCheck, never_requested
+from .connection import TextCheck, never_requested, tracked
 
 __all__ = [
     "UNREACHABLE",
@@ -169,14 +168,7 @@ async def serve(
 ) -> AsyncIterator[int]:
     """websockets' ``serve`` with these connections; yields the bound port.
     On the way out, sockets that never sent their request are dropped at once."""
-    opening: weakref.WeakSet[ReadNeverWaitsServerConnection] = weakref.WeakSet()
-
-    def track(*args: Any, **kw: Any) -> ReadNeverWaitsServerConnection:
-        connection = ReadNeverWaitsServerConnection(*args, **kw)
-        opening.add(connection)
-        return connection
-
-    create_connection: Any = track  # websockets only calls it, as it would the class
+    opening, create_connection = tracked(ReadNeverWaitsServerConnection)
 
     async with trio.open_nursery() as nursery:
         ws_server = await nursery.start(
