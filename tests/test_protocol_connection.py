@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import msgspec
 import pytest
 
 from rpcstream.errors import ConnectionClosed, ProtocolViolation
@@ -21,25 +20,8 @@ from rpcstream.messages import (
     StreamEnd,
     StreamError,
 )
-from rpcstream.protocol import Empty, Finished, Protocol, Side, State
-
-
-def pair(**kw: Any) -> tuple[Protocol, Protocol]:
-    return Protocol(MSGPACK, Side.CONNECTING, **kw), Protocol(MSGPACK, Side.ACCEPTING, **kw)
-
-
-def deliver(src: Protocol, dst: Protocol) -> list[Any]:
-    events: list[Any] = []
-    while (message := src.data_to_send()) is not None:
-        events.extend(dst.receive_message(message))
-    return events
-
-
-def frames(proto: Protocol) -> list[Any]:
-    out: list[Any] = []
-    while (message := proto.data_to_send()) is not None:
-        out.extend(proto.codec.decode_batch(message))
-    return out
+from rpcstream.protocol import Empty, Finished, Protocol, State
+from tests.sansio import deliver, frames, identity, pair
 
 
 def receive(proto: Protocol, *batch: Any) -> list[Any]:
@@ -48,10 +30,6 @@ def receive(proto: Protocol, *batch: Any) -> list[Any]:
 
 def call(cid: int, method: str = "m", stream_args: list[int | str] | None = None) -> Call:
     return Call(cid, method, MSGPACK.empty_array, MSGPACK.empty_map, None, stream_args or [])
-
-
-def identity(payload: msgspec.Raw) -> Any:
-    return MSGPACK.decode(payload)
 
 
 def test_a_call_is_answered_once_and_a_late_answer_after_giving_up_is_ignored() -> None:

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-import msgspec
 import pytest
 
 from rpcstream.errors import ErrorCode, Overloaded, ProtocolViolation, RemoteError
@@ -30,29 +27,7 @@ from rpcstream.protocol import (
     StreamReadable,
     StreamWritable,
 )
-
-
-def pair(codec: Codec = MSGPACK, **kw: Any) -> tuple[Protocol, Protocol]:
-    return Protocol(codec, Side.CONNECTING, **kw), Protocol(codec, Side.ACCEPTING, **kw)
-
-
-def deliver(src: Protocol, dst: Protocol) -> list[Any]:
-    """Move every queued message from src to dst; return dst's events."""
-    events: list[Any] = []
-    while (message := src.data_to_send()) is not None:
-        events.extend(dst.receive_message(message))
-    return events
-
-
-def frames(proto: Protocol) -> list[Any]:
-    out: list[Any] = []
-    while (message := proto.data_to_send()) is not None:
-        out.extend(proto.codec.decode_batch(message))
-    return out
-
-
-def identity(raw: msgspec.Raw) -> Any:
-    return MSGPACK.decode(raw)
+from tests.sansio import deliver, frames, identity, pair
 
 
 @pytest.mark.parametrize("codec", [MSGPACK, JSON], ids=["msgpack", "json"])
