@@ -7,7 +7,9 @@ import pytest
 # The store conformance suite lives in the package; rewrite its asserts so a
 # failing check shows the values it compared. (Must run before it is imported.)
 pytest.register_assert_rewrite(
-    "rpcstream.testing.store_suite", "rpcstream.testing.store_suite_runs"
+    "rpcstream.testing.store_suite",
+    "rpcstream.testing.store_suite_follow",
+    "rpcstream.testing.store_suite_runs",
 )
 
 
