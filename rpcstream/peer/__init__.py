@@ -2,8 +2,9 @@
 
 The package is split by job: :mod:`.driver` (the connection: reader, writer,
 waiters, lifecycle), :mod:`.caller`, :mod:`.callee` (one handler runner),
-:mod:`.streams` (both directions) and :mod:`.rpcpeer`, the facade users hold.
-Imports go one way: ``rpcpeer -> caller, callee -> streams -> driver``.
+:mod:`.admission` (slots on the other side), :mod:`.streams` (both directions)
+and :mod:`.rpcpeer`, the facade users hold. Imports go one way:
+``rpcpeer -> caller, callee -> streams, admission -> driver``.
 """
 
 from .callee import PING, current_peer

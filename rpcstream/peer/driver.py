@@ -226,12 +226,6 @@ class Driver:
         if self.state is Lifecycle.NEW:
             raise LocalProtocolError("use the peer as an async context manager first")
 
-    def closed_error(self) -> ConnectionClosed:
-        """A fresh copy of the error the connection closed with."""
-        error = self.proto.close_error
-        assert isinstance(error, ConnectionClosed)
-        return ConnectionClosed(error.code, error.reason)
-
     async def wait_closed(self) -> None:
         """Wait until the connection closes, by either side, or breaks."""
         await self._closed.wait()
