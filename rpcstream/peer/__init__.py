@@ -4,7 +4,7 @@ The package is split by job: :mod:`.driver` (the connection: reader, writer,
 waiters, lifecycle), :mod:`.caller`, :mod:`.callee` (one handler runner),
 :mod:`.admission` (slots on the other side), :mod:`.streams` (both directions)
 and :mod:`.rpcpeer`, the facade users hold. Imports go one way:
-``rpcpeer -> caller, callee -> streams, admission -> driver``.
+``rpcpeer -> caller, callee -> streams -> driver``; admission imports none of them.
 """
 
 from .callee import PING, current_peer
