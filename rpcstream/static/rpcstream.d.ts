@@ -173,6 +173,12 @@ export interface ConnectOptions {
   windowBytes?: number;
   /** Calls from the server running at once beyond which more are refused (256). */
   maxConcurrentHandlers?: number;
+  /**
+   * Calls and streams waiting for a handler slot on the server (beyond its
+   * advertised max_concurrent_handlers) beyond which a call fails Overloaded at
+   * once (100000).
+   */
+  maxWaitingCalls?: number;
   /** Open streams, both directions (4096). */
   maxStreams?: number;
   /** Stream senders wait while more than this many bytes are queued (1 MiB). */
@@ -232,6 +238,8 @@ export declare class IncomingStream<T = any> implements AsyncIterableIterator<T>
 
 export interface PeerStats {
   pendingCalls: number;
+  /** Calls and streams waiting for a handler slot on the server. */
+  waitingCalls: number;
   runningHandlers: number;
   streams: number;
   faultsReceived: number;
@@ -251,7 +259,10 @@ export declare class Peer extends EventTarget {
   /** Bytes queued for the socket and not yet sent. */
   readonly bufferedAmount: number;
   readonly stats: PeerStats;
-  /** The server's max_concurrent_handlers as it advertised it (256 until it does). */
+  /**
+   * The server's max_concurrent_handlers as it advertised it (256 until it does):
+   * calls and streams beyond it wait for a slot.
+   */
   readonly remoteMaxConcurrentHandlers: number;
 
   /** Call `method` with positional `args` and keyword `kwargs`; resolve with the result. */
