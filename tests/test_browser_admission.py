@@ -30,7 +30,11 @@ chromium = test_browser.chromium  # one headless Chromium for the module, as the
 HELPERS = """
 const outcome = (p) => p.then((ok) => ({ ok }),
   (e) => ({ error: e.name, code: e.code ?? null, message: e.message }));
-const drain = async (stream) => { const xs = []; for await (const x of stream) xs.push(x); return xs; };
+const drain = async (stream) => {
+  const xs = [];
+  for await (const x of stream) xs.push(x);
+  return xs;
+};
 """
 
 
@@ -80,25 +84,24 @@ class Handlers:
 
 
 @contextlib.asynccontextmanager
-async def open_page(
-    chromium: Chromium, server: rpcstream.Server, connect: str
-) -> AsyncIterator[Page]:
-    """A tab on ``server`` whose ``window.peer`` is ``rs.connect("/", <connect>)``,
-    after a ping: the server's settings (its first frame) arrived before it."""
-    async with cdp_session(chromium.ws_url) as cdp:
+async def page_on(
+    chromium: Chromium, handlers: Handlers, connect: str = "{}", **options: Any
+) -> AsyncIterator[tuple[rpcstream.Server, Page]]:
+    """A server of ``handlers`` (with ``options``) and a tab on it whose
+    ``window.peer`` is ``rs.connect("/", <connect>)``, after a ping: the server's
+    settings (its first frame) arrived before the ping's answer."""
+    async with (
+        rpcstream.serve(handlers.router(), routes={"/": BLANK}, **SERVE, **options) as server,
+        cdp_session(chromium.ws_url) as cdp,
+    ):
         tab = await cdp.new_page()
         await tab.goto(http_url(server) + "/")
         await js(
             tab,
-            f"window.peer = await rs.connect('/', {connect}); "
-            'await peer.call("rpcstream.ping");',
+            f"window.peer = await rs.connect('/', {connect}); await peer.call(\"rpcstream.ping\");",
         )
-        yield tab
+        yield server, tab
         await tab.close()
-
-
-def serving(handlers: Handlers, **options: Any) -> Any:
-    return rpcstream.serve(handlers.router(), routes={"/": BLANK}, **SERVE, **options)
 
 
 async def test_calls_and_streams_beyond_the_servers_limit_wait_and_all_complete(
@@ -106,32 +109,31 @@ async def test_calls_and_streams_beyond_the_servers_limit_wait_and_all_complete(
 ) -> None:
     limit, calls, streams = 4, 20, 10
     handlers = Handlers(expect=limit)
-    async with serving(handlers, max_concurrent_handlers=limit) as server:
-        async with open_page(chromium, server, "{}") as page:
-            first = await js(
-                page,
-                HELPERS
-                + """
-                const limit = peer.remoteMaxConcurrentHandlers;
-                window.results = [];
-                for (let i = 0; i < args.calls; i++) results.push(outcome(peer.call("hold", [i])));
-                for (let i = 0; i < args.streams; i++) {
-                  results.push(outcome(drain(peer.stream("ticks", [100 + i, 3]))));
-                }
-                return { limit, waiting: peer.stats.waitingCalls };
-                """,
-                calls=calls,
-                streams=streams,
-            )
-            assert first == {"limit": limit, "waiting": calls + streams - limit}
-            await handlers.wait_full()  # the first four run; the others wait in the page
-            [served] = server.peers
-            assert served.stats["running_handlers"] == limit
-            assert (await js(page, "return peer.stats;"))["waitingCalls"] == calls + streams - limit
-            handlers.gate.set()
-            out = await js(
-                page, "const r = await Promise.all(results); return [r, peer.stats.waitingCalls];"
-            )
+    async with page_on(chromium, handlers, "{}", max_concurrent_handlers=limit) as (server, page):
+        first = await js(
+            page,
+            HELPERS
+            + """
+            const limit = peer.remoteMaxConcurrentHandlers;
+            window.results = [];
+            for (let i = 0; i < args.calls; i++) results.push(outcome(peer.call("hold", [i])));
+            for (let i = 0; i < args.streams; i++) {
+              results.push(outcome(drain(peer.stream("ticks", [100 + i, 3]))));
+            }
+            return { limit, waiting: peer.stats.waitingCalls };
+            """,
+            calls=calls,
+            streams=streams,
+        )
+        assert first == {"limit": limit, "waiting": calls + streams - limit}
+        await handlers.wait_full()  # the first four run; the others wait in the page
+        [served] = server.peers
+        assert served.stats["running_handlers"] == limit
+        assert (await js(page, "return peer.stats;"))["waitingCalls"] == calls + streams - limit
+        handlers.gate.set()
+        out = await js(
+            page, "const r = await Promise.all(results); return [r, peer.stats.waitingCalls];"
+        )
     results, waiting = out
     # None was refused OVERLOADED: every call answered, every stream whole.
     assert results[:calls] == [{"ok": i} for i in range(calls)]
@@ -144,57 +146,57 @@ async def test_a_wait_gives_up_at_its_deadline_or_signal_and_is_bounded(
     chromium: Chromium,
 ) -> None:
     handlers = Handlers(expect=1)
-    async with serving(handlers, max_concurrent_handlers=1) as server:
-        async with open_page(chromium, server, "{ maxWaitingCalls: 3 }") as page:
-            await js(page, HELPERS + 'window.held = outcome(peer.call("hold", [0]));')
-            await handlers.wait_full()
-            [served] = server.peers
-            received = served.calls_received
-            out = await js(
-                page,
-                HELPERS
-                + """
-                const out = { limit: peer.remoteMaxConcurrentHandlers };
-                out.deadline = await outcome(peer.call("hold", [1], {}, { timeout: 0.05 }));
-                const abort = new AbortController();
-                const aborted = outcome(peer.call("hold", [2], {}, { signal: abort.signal }));
-                out.waitingBeforeAbort = peer.stats.waitingCalls;
-                abort.abort();
-                out.abort = await aborted;
-                out.streamDeadline = await outcome(
-                  drain(peer.stream("ticks", [3, 2], {}, { timeout: 0.05 })));
-                const streamAbort = new AbortController();
-                const stream = peer.stream("ticks", [4, 2], {}, { signal: streamAbort.signal });
-                const streamAborted = outcome(drain(stream));
-                streamAbort.abort();
-                out.streamAbort = await streamAborted;
-                const left = peer.stream("ticks", [5, 2]);
-                out.waitingBeforeReturn = peer.stats.waitingCalls;
-                await left.return();  // the consumer leaves before the stream started
-                out.waitingAfter = peer.stats.waitingCalls;
-                // The heartbeat takes no slot: the server answers it without a handler.
-                out.ping = await outcome(peer.call("rpcstream.ping"));
-                // The bound: three wait, the fourth call fails at once, as does a stream.
-                window.queued = [
-                  outcome(peer.call("hold", [6])),
-                  outcome(drain(peer.stream("ticks", [7, 2]))),
-                  outcome(peer.call("hold", [8])),
-                ];
-                out.waiting = peer.stats.waitingCalls;
-                out.bound = await outcome(peer.call("hold", [9]));
-                try {
-                  peer.stream("ticks", [10, 2]);
-                  out.streamBound = "started";
-                } catch (e) {
-                  out.streamBound = { error: e.name, code: e.code, overloaded: e instanceof rs.Overloaded };
-                }
-                return out;
-                """,
-            )
-            # Nothing was sent for the calls that gave up or were refused: only the ping.
-            assert served.calls_received == received + 1
-            handlers.gate.set()
-            rest = await js(page, "return [await held, ...(await Promise.all(queued))];")
+    connect = "{ maxWaitingCalls: 3 }"
+    async with page_on(chromium, handlers, connect, max_concurrent_handlers=1) as (server, page):
+        await js(page, HELPERS + 'window.held = outcome(peer.call("hold", [0]));')
+        await handlers.wait_full()
+        [served] = server.peers
+        received = served.calls_received
+        out = await js(
+            page,
+            HELPERS
+            + """
+            const out = { limit: peer.remoteMaxConcurrentHandlers };
+            out.deadline = await outcome(peer.call("hold", [1], {}, { timeout: 0.05 }));
+            const abort = new AbortController();
+            const aborted = outcome(peer.call("hold", [2], {}, { signal: abort.signal }));
+            out.waitingBeforeAbort = peer.stats.waitingCalls;
+            abort.abort();
+            out.abort = await aborted;
+            out.streamDeadline = await outcome(
+              drain(peer.stream("ticks", [3, 2], {}, { timeout: 0.05 })));
+            const streamAbort = new AbortController();
+            const stream = peer.stream("ticks", [4, 2], {}, { signal: streamAbort.signal });
+            const streamAborted = outcome(drain(stream));
+            streamAbort.abort();
+            out.streamAbort = await streamAborted;
+            const left = peer.stream("ticks", [5, 2]);
+            out.waitingBeforeReturn = peer.stats.waitingCalls;
+            await left.return();  // the consumer leaves before the stream started
+            out.waitingAfter = peer.stats.waitingCalls;
+            // The heartbeat takes no slot: the server answers it without a handler.
+            out.ping = await outcome(peer.call("rpcstream.ping"));
+            // The bound: three wait, the fourth call fails at once, as does a stream.
+            window.queued = [
+              outcome(peer.call("hold", [6])),
+              outcome(drain(peer.stream("ticks", [7, 2]))),
+              outcome(peer.call("hold", [8])),
+            ];
+            out.waiting = peer.stats.waitingCalls;
+            out.bound = await outcome(peer.call("hold", [9]));
+            try {
+              peer.stream("ticks", [10, 2]);
+              out.streamBound = "started";
+            } catch (e) {
+              out.streamBound = { error: e.name, code: e.code, typed: e instanceof rs.Overloaded };
+            }
+            return out;
+            """,
+        )
+        # Nothing was sent for the calls that gave up or were refused: only the ping.
+        assert served.calls_received == received + 1
+        handlers.gate.set()
+        rest = await js(page, "return [await held, ...(await Promise.all(queued))];")
     assert out["limit"] == 1
     assert out["deadline"] == {
         "error": "DeadlineExceeded",
@@ -213,33 +215,32 @@ async def test_a_wait_gives_up_at_its_deadline_or_signal_and_is_bounded(
         "code": 7,
         "message": "3 calls wait for the server's 1 handler slots (maxWaitingCalls)",
     }
-    assert out["streamBound"] == {"error": "Overloaded", "code": 7, "overloaded": True}
+    assert out["streamBound"] == {"error": "Overloaded", "code": 7, "typed": True}
     assert rest == [{"ok": 0}, {"ok": 6}, {"ok": [70, 71]}, {"ok": 8}]
     assert handlers.most == 1
 
 
 async def test_a_dropped_connection_fails_the_waiting_calls_at_once(chromium: Chromium) -> None:
     handlers = Handlers(expect=1)
-    async with serving(handlers, max_concurrent_handlers=1) as server:
-        async with open_page(chromium, server, "{}") as page:
-            await js(
-                page,
-                HELPERS
-                + """
-                window.pending = [
-                  outcome(peer.call("hold", [0])),
-                  outcome(peer.call("hold", [1])),
-                  outcome(drain(peer.stream("ticks", [2, 2]))),
-                ];
-                """,
-            )
-            await handlers.wait_full()
-            [served] = server.peers
-            await served.aclose(1012, "test cut")  # as a restart would
-            out = await js(
-                page, "const r = await Promise.all(pending); return [r, peer.stats.waitingCalls];"
-            )
-            handlers.gate.set()
+    async with page_on(chromium, handlers, "{}", max_concurrent_handlers=1) as (server, page):
+        await js(
+            page,
+            HELPERS
+            + """
+            window.pending = [
+              outcome(peer.call("hold", [0])),
+              outcome(peer.call("hold", [1])),
+              outcome(drain(peer.stream("ticks", [2, 2]))),
+            ];
+            """,
+        )
+        await handlers.wait_full()
+        [served] = server.peers
+        await served.aclose(1012, "test cut")  # as a restart would
+        out = await js(
+            page, "const r = await Promise.all(pending); return [r, peer.stats.waitingCalls];"
+        )
+        handlers.gate.set()
     results, waiting = out
     assert [r["error"] for r in results] == ["ConnectionClosed"] * 3
     assert all("code 1012" in r["message"] for r in results)
@@ -252,36 +253,34 @@ async def test_many_calls_or_streams_at_once_work_at_the_servers_defaults(
 ) -> None:
     limit = 256  # the server's default max_concurrent_handlers
     handlers = Handlers(expect=limit)
-    async with serving(handlers) as server:
-        async with open_page(chromium, server, "{}") as page:
-            waiting = await js(
-                page,
-                HELPERS
-                + """
-                window.results = [];
-                for (let i = 0; i < args.calls; i++) results.push(outcome(peer.call("hold", [i])));
-                for (let i = 0; i < args.streams; i++) {
-                  results.push(outcome(drain(peer.stream("ticks", [i, 2]))));
-                }
-                return peer.stats.waitingCalls;
-                """,
-                calls=calls,
-                streams=streams,
-            )
-            assert waiting == calls + streams - limit
-            await handlers.wait_full()
-            handlers.gate.set()
-            out = await js(
-                page,
-                """
-                const r = await Promise.all(results);
-                const wrong = r.filter((x, i) => JSON.stringify(x.ok) !== JSON.stringify(
-                  i < args.calls ? i : [(i - args.calls) * 10, (i - args.calls) * 10 + 1]));
-                return { n: r.length, wrong: wrong.slice(0, 3), waiting: peer.stats.waitingCalls };
-                """,
-                timeout=45,
-                calls=calls,
-            )
+    async with page_on(chromium, handlers) as (_, page):
+        waiting = await js(
+            page,
+            HELPERS
+            + """
+            window.results = [];
+            for (let i = 0; i < args.calls; i++) results.push(outcome(peer.call("hold", [i])));
+            for (let i = 0; i < args.streams; i++) {
+              results.push(outcome(drain(peer.stream("ticks", [i, 2]))));
+            }
+            return peer.stats.waitingCalls;
+            """,
+            calls=calls,
+            streams=streams,
+        )
+        assert waiting == calls + streams - limit
+        await handlers.wait_full()
+        handlers.gate.set()
+        out = await js(
+            page,
+            """
+            const r = await Promise.all(results);
+            const wrong = r.filter((x, i) => JSON.stringify(x.ok) !== JSON.stringify(
+              i < args.calls ? i : [(i - args.calls) * 10, (i - args.calls) * 10 + 1]));
+            return { n: r.length, wrong: wrong.slice(0, 3), waiting: peer.stats.waitingCalls };
+            """,
+            timeout=45,
+            calls=calls,
+        )
     assert out == {"n": calls + streams, "wrong": [], "waiting": 0}
     assert handlers.most == limit
-
