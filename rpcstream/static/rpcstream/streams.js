@@ -24,8 +24,9 @@ const { CREDIT, STREAM_CANCEL, STREAM_DATA, STREAM_END, STREAM_ERROR } = FrameTa
  * `for await` (which calls return()) tells the sender to stop.
  */
 export class IncomingStream {
-  // `admission` is for a stream call's result (peer.js): `started` false while it
-  // waits for a handler slot on the server, `onDone` once it is over (admission.js).
+  // The last argument is for a stream call's result (peer.js): `started` is false
+  // while it waits for a handler slot on the server, and `onDone` runs once it is
+  // over, to give the slot back or stop waiting (admission.js).
   constructor(peer, streamId, { windowItems, windowBytes, timeout = null, signal } = {},
     { started = true, onDone = null } = {}) {
     this.peer = peer;
