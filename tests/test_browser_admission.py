@@ -76,6 +76,17 @@ class Handlers:
             finally:
                 self.running -= 1
 
+        @router.method
+        async def echo(i: int) -> int:
+            return i
+
+        @router.method
+        async def endless() -> AsyncIterator[int]:
+            i = 0
+            while True:
+                yield i
+                i += 1
+
         return router
 
     async def wait_full(self) -> None:
@@ -218,6 +229,49 @@ async def test_a_wait_gives_up_at_its_deadline_or_signal_and_is_bounded(
     assert out["streamBound"] == {"error": "Overloaded", "code": 7, "typed": True}
     assert rest == [{"ok": 0}, {"ok": 6}, {"ok": [70, 71]}, {"ok": 8}]
     assert handlers.most == 1
+
+
+async def test_a_slot_given_up_is_free_on_both_sides_at_once(chromium: Chromium) -> None:
+    # Limit 1: each slot given up (a stream left, a deadline, an abort) goes to the
+    # next call in line at once, and the server, freeing it when the StreamCancel
+    # or Cancel arrives (ahead of that call), refuses none of them.
+    handlers = Handlers(expect=1)
+    async with page_on(chromium, handlers, max_concurrent_handlers=1) as (_, page):
+        out = await js(
+            page,
+            HELPERS
+            + """
+            const out = {};
+            const echo = (...ids) => Promise.all(ids.map((i) => outcome(peer.call("echo", [i]))));
+            const endless = peer.stream("endless");
+            const afterStream = echo(1, 2, 3);
+            out.waiting = peer.stats.waitingCalls;
+            for await (const x of endless) break;  // StreamCancel
+            out.afterStream = await afterStream;
+            const timedOut = outcome(peer.call("hold", [0], {}, { timeout: 0.1 }));
+            const afterDeadline = echo(4, 5);
+            out.timedOut = (await timedOut).error;  // Cancel
+            out.afterDeadline = await afterDeadline;
+            const abort = new AbortController();
+            const aborted = outcome(peer.call("hold", [0], {}, { signal: abort.signal }));
+            const afterAbort = echo(6, 7);
+            await peer.call("rpcstream.ping");  // takes no slot: the hold call is running
+            abort.abort();  // Cancel
+            out.aborted = (await aborted).error;
+            out.afterAbort = await afterAbort;
+            out.left = peer.stats.waitingCalls;
+            return out;
+            """,
+        )
+    assert out == {
+        "waiting": 3,
+        "afterStream": [{"ok": 1}, {"ok": 2}, {"ok": 3}],
+        "timedOut": "DeadlineExceeded",
+        "afterDeadline": [{"ok": 4}, {"ok": 5}],
+        "aborted": "AbortError",
+        "afterAbort": [{"ok": 6}, {"ok": 7}],
+        "left": 0,
+    }
 
 
 async def test_a_dropped_connection_fails_the_waiting_calls_at_once(chromium: Chromium) -> None:
