@@ -113,7 +113,8 @@ export class Peer extends EventTarget {
    * enforces; when it passes here first, a Cancel is sent and the promise
    * rejects with DeadlineExceeded. Aborting `signal` sends Cancel and rejects
    * with the signal's reason. Async iterables among the arguments travel as
-   * streams.
+   * streams. Beyond the server's advertised max_concurrent_handlers the call
+   * first waits for a slot, its timeout and signal counting (admission.js).
    */
   call(method, args = [], kwargs = {}, { timeout = null, signal } = {}) {
     return new Promise((resolve, reject) => {
@@ -217,7 +218,8 @@ export class Peer extends EventTarget {
    * Call a streaming method; iterate the result with `for await`.
    *
    * Options: `timeout` (bounds the whole stream), `signal`, `windowItems`,
-   * `windowBytes` (the credit this stream grants).
+   * `windowBytes` (the credit this stream grants). Beyond the server's limit it
+   * waits for a slot before the StreamCall leaves, as call() does.
    */
   stream(method, args = [], kwargs = {}, options = {}) {
     this._checkOpen();
