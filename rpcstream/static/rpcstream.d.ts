@@ -197,9 +197,12 @@ export interface ConnectOptions {
 }
 
 export interface CallOptions {
-  /** Seconds: travels as the Call frame's timeout; rejects with DeadlineExceeded. */
+  /**
+   * Seconds from the call: travels as the Call frame's timeout (less any time spent
+   * waiting for a slot on the server); rejects with DeadlineExceeded.
+   */
   timeout?: number | null;
-  /** Aborting sends Cancel and rejects with the signal's reason. */
+  /** Aborting sends Cancel (or stops waiting for a slot) and rejects with the signal's reason. */
   signal?: AbortSignal;
 }
 
