@@ -39,7 +39,8 @@ const drain = async (stream) => {
 
 
 class Handlers:
-    """Handlers that block on ``gate`` while they hold a slot, counting how many run."""
+    """``hold`` and ``ticks`` block on ``gate`` while they hold a slot, counting how
+    many run at once; ``echo`` answers at once and ``endless`` never ends."""
 
     def __init__(self, expect: int) -> None:
         self.gate = anyio.Event()
