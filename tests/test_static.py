@@ -8,14 +8,16 @@ form this file cannot read fails the test, it never passes or skips unread.
 
 from __future__ import annotations
 
+import inspect
 import re
 import typing
 from pathlib import Path
 
 import pytest
 
-from rpcstream import errors, messages
+from rpcstream import RpcPeer, errors, messages
 from rpcstream.handshake import STATIC_DIR, builtin_routes
+from rpcstream.peer import PING, admission
 from rpcstream.runs.events import TERMINAL_TYPES, EventType
 
 ENTRY = STATIC_DIR / "rpcstream.js"
@@ -74,6 +76,17 @@ def frozen_table(files: dict[str, str], name: str) -> dict[str, int | str]:
             raise UnreadableJS(f"{file}:{i + 1}: {name}.{key} appears twice")
         table[key] = value[1:-1] if value.startswith('"') else int(value)
     raise UnreadableJS(f"{file}: {name} never ends with a '}});' line")
+
+
+def constant(files: dict[str, str], name: str) -> int | str:
+    """The value of ``export const NAME = value;``: an integer or a plain string literal."""
+    file, start = definition(files, name)
+    line = files[file].splitlines()[start]
+    found = re.fullmatch(rf'export const {name} = (\d+|"[^"\\]*");(?:\s*//.*)?', line)
+    if found is None:
+        raise UnreadableJS(f"{file}:{start + 1}: {name} is not a plain number or string")
+    value = found[1]
+    return value[1:-1] if value.startswith('"') else int(value)
 
 
 def frozen_set(files: dict[str, str], name: str, refs: dict[str, dict[str, int | str]]) -> set[str]:
@@ -174,6 +187,17 @@ def test_the_js_run_event_types_are_pythons() -> None:
     assert "TERMINAL_TYPES" in entry_exports()
 
 
+def test_the_js_admission_constants_are_pythons() -> None:
+    files = sources()
+    defaults = inspect.signature(RpcPeer).parameters
+    limit = constant(files, "DEFAULT_MAX_CONCURRENT_HANDLERS")
+    assert limit == admission.DEFAULT_MAX_CONCURRENT_HANDLERS
+    assert limit == defaults["max_concurrent_handlers"].default
+    assert constant(files, "DEFAULT_MAX_WAITING_CALLS") == defaults["max_waiting_calls"].default
+    assert constant(files, "SETTINGS_METHOD") == admission.SETTINGS
+    assert constant(files, "HEARTBEAT_METHOD") == PING
+
+
 def test_every_module_is_served_as_javascript_and_every_import_resolves() -> None:
     routes = builtin_routes()
     assert routes["/rpcstream.js"].content_type == JS
@@ -218,6 +242,14 @@ def test_a_table_written_in_another_form_fails_instead_of_being_skipped(
         return
     with pytest.raises(UnreadableJS, match=reason):
         frozen_table({"m.js": source}, "T")
+
+
+def test_a_constant_written_in_another_form_fails() -> None:
+    assert constant({"m.js": 'export const C = "a.b";\n'}, "C") == "a.b"
+    assert constant({"m.js": "export const C = 256; // why\n"}, "C") == 256
+    for bad in ["export const C = 2 ** 8;\n", "export const C = 100_000;\n", "let C = 1;\n"]:
+        with pytest.raises(UnreadableJS):
+            constant({"m.js": bad}, "C")
 
 
 def test_a_set_member_that_cannot_be_resolved_fails() -> None:

@@ -173,6 +173,12 @@ export interface ConnectOptions {
   windowBytes?: number;
   /** Calls from the server running at once beyond which more are refused (256). */
   maxConcurrentHandlers?: number;
+  /**
+   * Calls and streams waiting for a handler slot on the server (beyond its
+   * advertised max_concurrent_handlers) beyond which a call fails Overloaded at
+   * once (100000).
+   */
+  maxWaitingCalls?: number;
   /** Open streams, both directions (4096). */
   maxStreams?: number;
   /** Stream senders wait while more than this many bytes are queued (1 MiB). */
@@ -191,9 +197,12 @@ export interface ConnectOptions {
 }
 
 export interface CallOptions {
-  /** Seconds: travels as the Call frame's timeout; rejects with DeadlineExceeded. */
+  /**
+   * Seconds from the call: travels as the Call frame's timeout (less any time spent
+   * waiting for a slot on the server); rejects with DeadlineExceeded.
+   */
   timeout?: number | null;
-  /** Aborting sends Cancel and rejects with the signal's reason. */
+  /** Aborting sends Cancel (or stops waiting for a slot) and rejects with the signal's reason. */
   signal?: AbortSignal;
 }
 
@@ -232,6 +241,8 @@ export declare class IncomingStream<T = any> implements AsyncIterableIterator<T>
 
 export interface PeerStats {
   pendingCalls: number;
+  /** Calls and streams waiting for a handler slot on the server. */
+  waitingCalls: number;
   runningHandlers: number;
   streams: number;
   faultsReceived: number;
@@ -251,7 +262,10 @@ export declare class Peer extends EventTarget {
   /** Bytes queued for the socket and not yet sent. */
   readonly bufferedAmount: number;
   readonly stats: PeerStats;
-  /** The server's max_concurrent_handlers as it advertised it (256 until it does). */
+  /**
+   * The server's max_concurrent_handlers as it advertised it (256 until it does):
+   * calls and streams beyond it wait for a slot.
+   */
   readonly remoteMaxConcurrentHandlers: number;
 
   /** Call `method` with positional `args` and keyword `kwargs`; resolve with the result. */

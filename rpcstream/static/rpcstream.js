@@ -18,6 +18,7 @@
 //     protocol.js  the wire vocabulary: subprotocol, frame tags, frame fields, limits
 //     codec.js     JSON messages in and out, payload sizes as they travel
 //     util.js      abortable promises, scheduling, URLs
+//     admission.js slots for our calls on the server, and the calls waiting for one
 //     streams.js   credit-controlled streams, both directions, by id
 //     callee.js    running the handlers of the server's calls
 //     peer.js      Peer (the connection: queues, dispatch, close) and connect()

@@ -42,7 +42,7 @@ export class Callee {
     this.peer.callsReceived += 1;
     if (tag === NOTIFY && method === SETTINGS_METHOD && !lookup(this.peer.router, method)) {
       const limit = frame[3]?.max_concurrent_handlers;
-      if (Number.isInteger(limit) && limit >= 1) this.peer.remoteMaxConcurrentHandlers = limit;
+      if (Number.isInteger(limit) && limit >= 1) this.peer._admission.setLimit(limit);
       return;
     }
     if (tag === STREAM_CALL) {

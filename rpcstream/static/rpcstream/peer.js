@@ -8,6 +8,9 @@
 // control frames ahead of stream data, and leave in one message per task.
 
 import { ConnectionClosed, DeadlineExceeded, ErrorCode, RemoteError } from "./errors.js";
+import {
+  Admission, DEFAULT_MAX_CONCURRENT_HANDLERS, DEFAULT_MAX_WAITING_CALLS, Ticket,
+} from "./admission.js";
 import { decodeBatch, streamDataSizes } from "./codec.js";
 import { Callee } from "./callee.js";
 import {
@@ -31,7 +34,7 @@ export class Peer extends EventTarget {
     this.router = options.router ?? {};
     this.windowItems = options.windowItems ?? 256;
     this.windowBytes = options.windowBytes ?? 256 * 1024;
-    this.maxConcurrentHandlers = options.maxConcurrentHandlers ?? 256;
+    this.maxConcurrentHandlers = options.maxConcurrentHandlers ?? DEFAULT_MAX_CONCURRENT_HANDLERS;
     this.maxStreams = options.maxStreams ?? 4096;
     this.maxBufferedAmount = options.maxBufferedAmount ?? 1024 * 1024;
     this.exposeErrors = options.exposeErrors ?? false;
@@ -55,8 +58,8 @@ export class Peer extends EventTarget {
     this.faultsReceived = 0;
     this.faultsSent = 0;
     this.callsReceived = 0;
-    /** The server's max_concurrent_handlers, as it advertised (256 until it does). */
-    this.remoteMaxConcurrentHandlers = 256;
+    // Slots for our calls on the server (admission.js).
+    this._admission = new Admission(options.maxWaitingCalls ?? DEFAULT_MAX_WAITING_CALLS);
 
     ws.binaryType = "arraybuffer";
     ws.onmessage = (event) => this._onMessage(event.data);
@@ -74,6 +77,11 @@ export class Peer extends EventTarget {
     if (interval) this._startHeartbeat(interval, timeout ?? interval);
   }
 
+  /** The server's max_concurrent_handlers, as it advertised (256 until it does). */
+  get remoteMaxConcurrentHandlers() {
+    return this._admission.limit;
+  }
+
   /** Whether the connection is closed (by either side) or broken. */
   get isClosed() {
     return this._closeError !== null;
@@ -88,6 +96,7 @@ export class Peer extends EventTarget {
   get stats() {
     return {
       pendingCalls: this._calls.size,
+      waitingCalls: this._admission.waiting,
       runningHandlers: this._callee.running,
       streams: this._streams.size,
       faultsReceived: this.faultsReceived,
@@ -104,50 +113,89 @@ export class Peer extends EventTarget {
    * enforces; when it passes here first, a Cancel is sent and the promise
    * rejects with DeadlineExceeded. Aborting `signal` sends Cancel and rejects
    * with the signal's reason. Async iterables among the arguments travel as
-   * streams.
+   * streams. Beyond the server's advertised max_concurrent_handlers the call
+   * first waits for a slot, its timeout and signal counting (admission.js).
    */
   call(method, args = [], kwargs = {}, { timeout = null, signal } = {}) {
     return new Promise((resolve, reject) => {
       this._checkOpen();
       checkCall(method, timeout);
       if (signal?.aborted) throw signal.reason;
-      const { argsOut, kwargsOut, streamArgs, sids } = this._streams.encodeParams(args, kwargs);
-      const id = this._nextCallId++;
-      let text;
-      try {
-        text = JSON.stringify([CALL, id, method, argsOut, kwargsOut, timeout ?? null, streamArgs]);
-      } catch (exc) {
-        for (const sid of sids) this._streams.abort(sid);
-        throw new TypeError(`parameters cannot be encoded: ${exc.message}`);
-      }
-      const pending = { method, sids, timer: null, signal, onAbort: null };
+      const started = performance.now();
+      let id = 0; // the call's id once its Call is queued
+      let sids = [];
+      let timer = null;
+      let onAbort = null;
+      let settled = false;
+      // Every way out: stop the timer, forget the call, give its slot back.
       const settle = () => {
-        clearTimeout(pending.timer);
-        if (pending.onAbort) signal.removeEventListener("abort", pending.onAbort);
-        this._calls.delete(id);
+        settled = true;
+        clearTimeout(timer);
+        if (onAbort) signal.removeEventListener("abort", onAbort);
+        if (id) this._calls.delete(id);
+        ticket?.done();
       };
-      // Our side gave up (deadline, abort): tell the callee, forget any late answer.
-      const giveUp = (error) => {
-        if (!this._calls.has(id)) return;
+      const fail = (error) => {
+        if (settled) return;
         settle();
-        this._queueControl(`[${CANCEL},${id}]`);
         this._streams.stopUnopened(sids);
         reject(error);
       };
-      pending.resolve = (value) => { settle(); resolve(value); };
-      pending.reject = (error) => { settle(); this._streams.stopUnopened(sids); reject(error); };
+      // Our side gave up (deadline, abort): tell the callee first, so that the
+      // Call our slot goes to next reaches it after the Cancel that frees it.
+      const giveUp = (error) => {
+        if (settled) return;
+        if (id) this._queueControl(`[${CANCEL},${id}]`);
+        fail(error);
+      };
+      const send = () => {
+        const params = this._streams.encodeParams(args, kwargs);
+        const { argsOut, kwargsOut, streamArgs } = params;
+        // Time spent waiting for a slot counts against the deadline the server gets.
+        const left = remaining(timeout, started, waited);
+        const callId = this._nextCallId++;
+        let text;
+        try {
+          text = JSON.stringify([CALL, callId, method, argsOut, kwargsOut, left, streamArgs]);
+        } catch (exc) {
+          for (const sid of params.sids) this._streams.abort(sid);
+          throw new TypeError(`parameters cannot be encoded: ${exc.message}`);
+        }
+        id = callId;
+        sids = params.sids;
+        const answered = (value) => {
+          if (settled) return;
+          settle();
+          resolve(value);
+        };
+        this._calls.set(id, { method, resolve: answered, reject: fail });
+        this._queueControl(text);
+      };
+      const start = () => {
+        try {
+          send();
+        } catch (exc) {
+          fail(exc);
+        }
+      };
       if (timeout !== null && timeout !== undefined) {
-        pending.timer = setTimeout(
-          () => giveUp(new DeadlineExceeded(`${method}: no answer within ${timeout} s`)),
-          Math.max(0, timeout) * 1000,
-        );
+        timer = setTimeout(() => giveUp(new DeadlineExceeded(id
+          ? `${method}: no answer within ${timeout} s`
+          : `${method}: no handler slot on the server within ${timeout} s`,
+        )), Math.max(0, timeout) * 1000);
       }
       if (signal) {
-        pending.onAbort = () => giveUp(signal.reason);
-        signal.addEventListener("abort", pending.onAbort, { once: true });
+        onAbort = () => giveUp(signal.reason);
+        signal.addEventListener("abort", onAbort, { once: true });
       }
-      this._calls.set(id, pending);
-      this._queueControl(text);
+      // The heartbeat takes no slot: the server answers it without a handler.
+      let waited = false;
+      const ticket = method === HEARTBEAT_METHOD ? null : new Ticket(start, fail);
+      if (ticket === null) start();
+      else {
+        this._admission.enter(ticket);
+        waited = ticket.waiting;
+      }
     });
   }
 
@@ -170,7 +218,8 @@ export class Peer extends EventTarget {
    * Call a streaming method; iterate the result with `for await`.
    *
    * Options: `timeout` (bounds the whole stream), `signal`, `windowItems`,
-   * `windowBytes` (the credit this stream grants).
+   * `windowBytes` (the credit this stream grants). Beyond the server's limit it
+   * waits for a slot before the StreamCall leaves, as call() does.
    */
   stream(method, args = [], kwargs = {}, options = {}) {
     this._checkOpen();
@@ -180,20 +229,54 @@ export class Peer extends EventTarget {
       throw new RangeError("stream windows must allow at least one item and one byte");
     }
     const sid = this._streams.allocId();
-    this._streams.checkNew(sid);
-    const { argsOut, kwargsOut, streamArgs, sids } = this._streams.encodeParams(args, kwargs);
     const timeout = options.timeout ?? null;
-    let text;
+    const started = performance.now();
+    const send = (waited) => {
+      this._streams.checkNew(sid);
+      const { argsOut, kwargsOut, streamArgs, sids } = this._streams.encodeParams(args, kwargs);
+      const left = remaining(timeout, started, waited);
+      let text;
+      try {
+        text = JSON.stringify([STREAM_CALL, sid, method, argsOut, kwargsOut, left, streamArgs]);
+      } catch (exc) {
+        for (const s of sids) this._streams.abort(s);
+        throw new TypeError(`parameters cannot be encoded: ${exc.message}`);
+      }
+      // The StreamCall, then the Credit that opens the stream (queued by the
+      // IncomingStream): both leave in the same message.
+      this._queueControl(text);
+    };
+    let stream = null;
+    let refused = null;
+    const ticket = new Ticket(() => {
+      if (stream === null) {
+        send(false); // a slot was free: errors reach the caller now
+        return;
+      }
+      try {
+        send(true);
+        stream._start();
+      } catch (exc) {
+        stream._end(exc);
+      }
+    }, (error) => {
+      if (stream === null) refused = error;
+      else stream._end(error);
+    });
     try {
-      text = JSON.stringify([STREAM_CALL, sid, method, argsOut, kwargsOut, timeout, streamArgs]);
+      this._admission.enter(ticket);
     } catch (exc) {
-      for (const s of sids) this._streams.abort(s);
-      throw new TypeError(`parameters cannot be encoded: ${exc.message}`);
+      ticket.done();
+      throw exc;
     }
-    // The StreamCall, then the Credit that opens the stream (queued by the
-    // IncomingStream): both leave in the same message.
-    this._queueControl(text);
-    return new IncomingStream(this, sid, options);
+    if (refused) throw refused;
+    // Beyond the server's limit the stream waits for a slot (its deadline and
+    // signal count meanwhile); it gives the slot back once it is done.
+    stream = new IncomingStream(this, sid, options, {
+      started: ticket.held,
+      onDone: () => ticket.done(),
+    });
+    return stream;
   }
 
   // -- raw streams -----------------------------------------------------------------
@@ -254,6 +337,8 @@ export class Peer extends EventTarget {
     if (this._closeError) return;
     this._closeError = error;
     clearInterval(this._heartbeat);
+    // First, so that the slots the failing calls give back go to nobody.
+    this._admission.close(error);
     for (const pending of [...this._calls.values()]) {
       pending.reject(new ConnectionClosed(error.code, error.reason));
     }
@@ -415,6 +500,13 @@ export class Peer extends EventTarget {
         return;
     }
   }
+}
+
+/** The seconds of `timeout` left since `started` (performance.now()), if it `waited`. */
+function remaining(timeout, started, waited) {
+  if (timeout === null || timeout === undefined) return null;
+  if (!waited) return timeout;
+  return Math.max(0, timeout - (performance.now() - started) / 1000);
 }
 
 /**

@@ -24,7 +24,11 @@ const { CREDIT, STREAM_CANCEL, STREAM_DATA, STREAM_END, STREAM_ERROR } = FrameTa
  * `for await` (which calls return()) tells the sender to stop.
  */
 export class IncomingStream {
-  constructor(peer, streamId, { windowItems, windowBytes, timeout = null, signal } = {}) {
+  // The last argument is for a stream call's result (peer.js): `started` is false
+  // while it waits for a handler slot on the server, and `onDone` runs once it is
+  // over, to give the slot back or stop waiting (admission.js).
+  constructor(peer, streamId, { windowItems, windowBytes, timeout = null, signal } = {},
+    { started = true, onDone = null } = {}) {
     this.peer = peer;
     this.streamId = streamId;
     this.windowItems = windowItems ?? peer.windowItems;
@@ -44,7 +48,9 @@ export class IncomingStream {
     this._waiter = null;
     this._last = Promise.resolve(); // next() calls run one after the other
     this.maxBuffered = 0; // the most items this stream ever held at once
-    peer._streams.openIncoming(this); // checks the id, grants the first credit
+    this._started = started;
+    this._onDone = onDone;
+    if (started) peer._streams.openIncoming(this); // checks the id, grants the first credit
     if (timeout !== null && timeout !== undefined) {
       // The deadline bounds the whole stream (section 6).
       this._timer = setTimeout(() => {
@@ -124,7 +130,21 @@ export class IncomingStream {
     this._items = [];
     this._head = 0;
     this.peer._streams.closeIncoming(this);
+    this._settle();
     this._wake();
+  }
+
+  /** A handler slot on the server is ours now: open the stream (the first credit). */
+  _start() {
+    this._started = true;
+    this.peer._streams.openIncoming(this);
+  }
+
+  /** Over (ended, failed, closed): its slot goes back, or it stops waiting for one. */
+  _settle() {
+    const onDone = this._onDone;
+    this._onDone = null;
+    onDone?.();
   }
 
   async return(value) {
@@ -166,13 +186,16 @@ export class IncomingStream {
     this._done = true;
     this._error = error;
     clearTimeout(this._timer);
+    this._settle();
     this._wake();
   }
 
   /** Fail locally; the items that arrived before the failure are still delivered. */
   _fail(error, cancelSender) {
     if (this._done || !this._open) return;
-    if (cancelSender) this.peer._queueControl(`[${STREAM_CANCEL},${this.streamId}]`);
+    if (cancelSender && this._started) {
+      this.peer._queueControl(`[${STREAM_CANCEL},${this.streamId}]`);
+    }
     this._end(error);
   }
 }
