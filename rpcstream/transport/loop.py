@@ -16,6 +16,8 @@ __all__ = ["EagerTasks", "is_trio"]
 
 log = logging.getLogger("rpcstream.peer")
 
+_EAGER = sys.version_info >= (3, 12)
+
 
 def is_trio() -> bool:
     """Whether the current task runs on trio (otherwise asyncio)."""
@@ -23,15 +25,20 @@ def is_trio() -> bool:
 
 
 class EagerTasks:
-    """Tasks whose first step runs at once, where they are started, in a task of
-    their own: asyncio's eager start (Python 3.12+). A handler that answers
-    without waiting then answers within the call that received it, with no trip
-    through the event loop, and still has its own task identity (its own
-    ``current_task()``, cancel scopes and locks), unlike a plain function call.
+    """Handler tasks on asyncio, started outside anyio's task groups because a
+    handler task is the largest cost of a call (``benchmarks/bench_instructions``:
+    about 140k instructions through ``TaskGroup.start_soon``, 50k for a plain
+    asyncio task).
 
-    anyio's task groups start tasks lazily whatever the task factory, so these
-    tasks live beside the peer's task group: their owner cancels them through
-    their own cancel scopes and waits for them with :meth:`wait`.
+    On Python 3.12+ a task's first step runs at once, where it is started:
+    asyncio's eager start. A handler that answers without waiting then answers
+    within the call that received it, with no trip through the event loop, and
+    still has its own task identity (its own ``current_task()``, cancel scopes
+    and locks), unlike a plain function call. On 3.11 the task starts on the
+    loop's next turn, as anyio's would.
+
+    Their owner cancels these tasks through their own cancel scopes (a task group
+    does not hold them) and waits for them with :meth:`wait`.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -40,15 +47,18 @@ class EagerTasks:
 
     @classmethod
     def here(cls) -> EagerTasks | None:
-        """Eager tasks for the running loop, or ``None`` where there are none
-        (trio, or Python before 3.12)."""
-        if sys.version_info < (3, 12) or sniffio.current_async_library() != "asyncio":
+        """Handler tasks for the running loop, or ``None`` on trio (whose nursery
+        tasks are cheap, and which has no eager start)."""
+        if sniffio.current_async_library() != "asyncio":
             return None
         return cls(asyncio.get_running_loop())
 
     def start(self, coro: Coroutine[Any, Any, None]) -> None:
-        """Run ``coro``'s first step now, the rest as a task of the loop."""
-        task = asyncio.Task(coro, loop=self._loop, eager_start=True)  # type: ignore[call-arg]
+        """Run ``coro`` as a task of the loop, its first step now where Python can."""
+        if _EAGER:
+            task = asyncio.Task(coro, loop=self._loop, eager_start=True)  # type: ignore[call-arg]
+        else:
+            task = self._loop.create_task(coro)
         if task.done():
             _report(task)
             return
