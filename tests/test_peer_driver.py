@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import pytest
 
 import rpcstream
@@ -55,7 +55,7 @@ async def test_an_async_handler_starts_eagerly_where_the_loop_can_and_in_a_task_
         async with anyio.create_task_group() as tg:
             for _ in range(10):
                 tg.start_soon(ask)
-    eager = anyio_backend == "asyncio" and sys.version_info >= (3, 12)
+    eager = anyio_backend == "asyncio"
     assert {a["in_reader"] for a in answers} == {eager}
     assert len({a["task"] for a in answers}) == 10  # each call its own task, eager or not
 
@@ -79,3 +79,55 @@ async def test_leaving_the_server_cancels_and_waits_for_running_handlers() -> No
             await served.aclose()
         # The server's exit waited for the connection's handler, eager or not.
         assert finished == ["park"]
+
+
+async def test_what_a_handler_enters_before_its_first_await_is_its_own(anyio_backend: str) -> None:
+    """Eager or not, a handler's first step runs in its own task: cancel scopes,
+    task groups and locks entered before its first await bind to that task, so
+    that a deadline, a child task and a cancel from the caller all still work."""
+    lock = anyio.Lock()
+    parked = anyio.Event()
+    finished: list[str] = []
+    router = rpcstream.Router()
+
+    @router.method
+    async def guarded(wait: bool) -> dict[str, Any]:
+        me = anyio.get_current_task().id
+        async with lock, anyio.create_task_group() as tg:  # entered in the first step
+            child: list[int] = []
+
+            async def note_parent() -> None:
+                child.append(anyio.get_current_task().parent_id or 0)
+
+            tg.start_soon(note_parent)
+            with anyio.fail_after(30):
+                if wait:
+                    parked.set()
+                    try:
+                        await anyio.sleep_forever()
+                    finally:
+                        finished.append("cancelled")
+                await anyio.lowlevel.checkpoint()
+        return {"task": me, "child_parent": child[0]}
+
+    @router.method
+    async def fails_at_once() -> None:
+        raise ValueError("no")
+
+    with anyio.fail_after(10):
+        async with (
+            rpcstream.serve(router) as server,
+            rpcstream.connect(server.url) as peer,
+        ):
+            answer = await peer.call("guarded", False)
+            assert answer["child_parent"] == answer["task"]  # the child's parent: the handler
+            with pytest.raises(rpcstream.InternalError):
+                await peer.call("fails_at_once")
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(peer.call, "guarded", True)
+                await parked.wait()
+                tg.cancel_scope.cancel()  # the call's cancel crosses the wire
+            # The lock was released by the cancelled handler: a new call gets it.
+            again = await peer.call("guarded", False)
+            assert again["child_parent"] == again["task"] != answer["task"]
+    assert finished == ["cancelled"]

@@ -296,6 +296,9 @@ class Senders:
                         waiters.discard(WRITABLE, sid)
                 if driver.buffered_amount > driver.max_buffered_amount:
                     await driver.wait_drained()
+                    # The receiver may have stopped the stream meanwhile.
+                    if streams.is_cancelled(sid) or proto.state is State.CLOSED:
+                        return
                 if len(payload) < _LARGE_ITEM:
                     streams.send_item(sid, payload)  # the writer takes it with its neighbours
                 else:  # batching saves nothing here: write it now if nothing waits

@@ -5,9 +5,10 @@ has one module per loop, and only the transport needs to know which (as anyio's
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import sys
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Generator
 from typing import Any
 
 import sniffio
@@ -16,6 +17,13 @@ __all__ = ["EagerTasks", "is_trio"]
 
 log = logging.getLogger("rpcstream.peer")
 
+_EAGER = sys.version_info >= (3, 12)
+if not _EAGER:
+    # What 3.12's eager start does inside asyncio, done from outside (see
+    # _FirstStepRan): make a task the current one for one step. Private, but
+    # these two are fixed for the life of 3.11, the one version that needs them.
+    from asyncio.tasks import _enter_task, _leave_task
+
 
 def is_trio() -> bool:
     """Whether the current task runs on trio (otherwise asyncio)."""
@@ -23,15 +31,20 @@ def is_trio() -> bool:
 
 
 class EagerTasks:
-    """Tasks whose first step runs at once, where they are started, in a task of
-    their own: asyncio's eager start (Python 3.12+). A handler that answers
-    without waiting then answers within the call that received it, with no trip
-    through the event loop, and still has its own task identity (its own
-    ``current_task()``, cancel scopes and locks), unlike a plain function call.
+    """Handler tasks on asyncio, started outside anyio's task groups because a
+    handler task is the largest cost of a call (``benchmarks/bench_instructions``:
+    about 140k instructions through ``TaskGroup.start_soon``, 50k for a plain
+    asyncio task).
 
-    anyio's task groups start tasks lazily whatever the task factory, so these
-    tasks live beside the peer's task group: their owner cancels them through
-    their own cancel scopes and waits for them with :meth:`wait`.
+    A task's first step runs at once, where it is started: asyncio's eager
+    start (Python 3.12+; on 3.11, the same done from outside, see
+    :func:`_start_eagerly`). A handler that answers without waiting then
+    answers within the call that received it, with no trip through the event
+    loop, and still has its own task identity (its own ``current_task()``,
+    cancel scopes and locks), unlike a plain function call.
+
+    Their owner cancels these tasks through their own cancel scopes (a task group
+    does not hold them) and waits for them with :meth:`wait`.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -40,15 +53,18 @@ class EagerTasks:
 
     @classmethod
     def here(cls) -> EagerTasks | None:
-        """Eager tasks for the running loop, or ``None`` where there are none
-        (trio, or Python before 3.12)."""
-        if sys.version_info < (3, 12) or sniffio.current_async_library() != "asyncio":
+        """Handler tasks for the running loop, or ``None`` on trio (whose nursery
+        tasks are cheap, and which has no eager start)."""
+        if sniffio.current_async_library() != "asyncio":
             return None
         return cls(asyncio.get_running_loop())
 
     def start(self, coro: Coroutine[Any, Any, None]) -> None:
-        """Run ``coro``'s first step now, the rest as a task of the loop."""
-        task = asyncio.Task(coro, loop=self._loop, eager_start=True)  # type: ignore[call-arg]
+        """Run ``coro`` as a task of the loop, its first step now where Python can."""
+        if _EAGER:
+            task = asyncio.Task(coro, loop=self._loop, eager_start=True)  # type: ignore[call-arg]
+        else:
+            task = _start_eagerly(self._loop, coro)
         if task.done():
             _report(task)
             return
@@ -73,3 +89,89 @@ def _report(task: asyncio.Task[None]) -> None:
     # escapes is a bug, and must not vanish as "exception never retrieved".
     if not task.cancelled() and task.exception() is not None:
         log.error("rpcstream task failed", exc_info=task.exception())
+
+
+def _start_eagerly(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, None]) -> Any:
+    """Python 3.11: a task whose first step runs now, as 3.12's eager start does.
+
+    The task is made first, so that it is the current task while the step runs
+    (what anyio's cancel scopes, task groups and locks bind to), in the context
+    it will keep. Its own first turn on the loop then hands over what that step
+    gave (:class:`_FirstStepRan`), and later turns go to the coroutine itself.
+    """
+    first = _FirstStepRan(coro)
+    context = contextvars.copy_context()
+    task = loop.create_task(first, context=context)
+    outer = asyncio.current_task(loop)  # None in a protocol callback
+    if outer is not None:
+        _leave_task(loop, outer)
+    _enter_task(loop, task)
+    try:
+        first.step(context)
+    finally:
+        _leave_task(loop, task)
+        if outer is not None:
+            _enter_task(loop, outer)
+    return task
+
+
+class _FirstStepRan(Coroutine[Any, Any, None]):
+    """A coroutine whose first step already ran; its task takes that step's outcome."""
+
+    __slots__ = ("_coro", "_outcome")
+
+    def __init__(self, coro: Coroutine[Any, Any, None]) -> None:
+        self._coro = coro
+        # ("yielded", value), ("returned", value) or ("raised", exception); None once taken.
+        self._outcome: tuple[str, Any] | None = None
+
+    def step(self, context: contextvars.Context) -> None:
+        try:
+            yielded = context.run(self._coro.send, None)
+        except StopIteration as stop:
+            self._outcome = ("returned", stop.value)
+        except BaseException as exc:  # the task raises it, as if it ran there
+            self._outcome = ("raised", exc)
+        else:
+            self._outcome = ("yielded", yielded)
+
+    def send(self, value: Any) -> Any:
+        outcome = self._outcome
+        if outcome is None:
+            return self._coro.send(value)
+        self._outcome = None
+        kind, result = outcome
+        if kind == "yielded":
+            return result  # the future the step waits on: the task waits on it now
+        if kind == "returned":
+            raise StopIteration(result)
+        raise result
+
+    def throw(self, exc: Any, *args: Any) -> Any:
+        outcome, self._outcome = self._outcome, None
+        if outcome is not None and outcome[0] != "yielded":
+            raise exc  # it ended in its first step: nothing is left to throw into
+        return self._coro.throw(exc, *args)
+
+    def close(self) -> None:
+        self._coro.close()
+
+    def __await__(self) -> Generator[Any, None, None]:
+        return self._coro.__await__()
+
+    # What inspect.getcoroutinestate() reads (anyio asks whether a task started).
+    @property
+    def cr_running(self) -> bool:
+        return self._coro.cr_running  # type: ignore[attr-defined, no-any-return]
+
+    @property
+    def cr_frame(self) -> Any:
+        return self._coro.cr_frame  # type: ignore[attr-defined]
+
+    @property
+    def cr_await(self) -> Any:
+        return self._coro.cr_await  # type: ignore[attr-defined]
+
+    @property
+    def cr_code(self) -> Any:
+        return self._coro.cr_code  # type: ignore[attr-defined]
