@@ -255,6 +255,40 @@ async def test_callers_beyond_the_advertised_limit_wait_for_a_slot_within_their_
     assert answers == [3]
 
 
+async def test_a_ping_takes_no_slot_and_a_stream_that_waited_sends_the_time_it_has_left(
+    probe: Probe,
+) -> None:
+    router = make_router(probe)
+
+    @router.method
+    async def stream_deadline() -> AsyncIterator[float]:
+        yield anyio.current_effective_deadline() - anyio.current_time()
+
+    waited = 0.3
+    async with (
+        rpcstream.serve(router, max_concurrent_handlers=1) as server,
+        rpcstream.connect(server.url) as peer,
+        anyio.create_task_group() as tg,
+    ):
+        assert await peer.call("add", 1, 2) == 3  # the settings came first
+        tg.start_soon(peer.call, "block")
+        await probe.started.wait()
+        with anyio.fail_after(10):  # the one slot is taken: a ping does not wait for it
+            assert await peer.call("rpcstream.ping") is None
+        stream = peer.stream("stream_deadline", timeout=30.0)
+        remaining: list[float] = []
+
+        async def read() -> None:
+            remaining.extend([x async for x in stream])
+
+        tg.start_soon(read)
+        await anyio.sleep(waited)  # time passes while the stream waits for its slot
+        probe.release.set()
+    [left] = remaining
+    # The server's deadline counts from the time the stream had left, not from 30 s.
+    assert 0 < left <= 30.0 - waited
+
+
 @pytest.mark.parametrize("kind", ["calls", "streams"])
 async def test_ten_thousand_calls_or_a_thousand_streams_at_once_work_at_the_defaults(
     kind: str,

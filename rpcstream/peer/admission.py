@@ -22,10 +22,15 @@ import anyio
 
 from ..errors import ConnectionClosed, DeadlineExceeded, Overloaded
 
-__all__ = ["DEFAULT_MAX_CONCURRENT_HANDLERS", "SETTINGS", "Admission", "parse_settings"]
+__all__ = ["DEFAULT_MAX_CONCURRENT_HANDLERS", "PING", "SETTINGS", "Admission", "parse_settings"]
 
 SETTINGS: Final = "rpcstream.settings"
 """The reserved notification each side sends first: ``kwargs`` are its limits."""
+
+PING: Final = "rpcstream.ping"
+"""A reserved method every peer answers with ``None``, for heartbeats from
+clients (browsers) that cannot send WebSocket pings. It is answered where it
+arrives, without a handler, so it takes no slot."""
 
 DEFAULT_MAX_CONCURRENT_HANDLERS: Final = 256
 

@@ -40,7 +40,7 @@ from ..observe import hooks
 from ..observe.outcomes import outcome_of
 from ..protocol import shorten, wire_error
 from ..router import Method, Router
-from .admission import SETTINGS, parse_settings
+from .admission import PING, SETTINGS, parse_settings
 from .driver import HANDLER, PUMP, Driver
 from .streams import IncomingStream, Senders, deadline
 
@@ -49,9 +49,6 @@ if TYPE_CHECKING:
 
 __all__ = ["GENERIC_MESSAGE", "PING", "Callee", "current_peer"]
 
-PING = "rpcstream.ping"
-"""A reserved method every peer answers with ``None`` at once: a liveness check for
-clients (browsers) that cannot send WebSocket pings."""
 
 GENERIC_MESSAGE = "internal error (see the server log)"
 """What a caller is told of an unexpected exception, after its type, unless the

@@ -17,7 +17,7 @@ from ..errors import ConnectionClosed, DeadlineExceeded, InternalError, RemoteEr
 from ..messages import Error, Notify, Result, StreamCall, StreamId
 from ..observe import hooks
 from ..observe.outcomes import client_outcome, outcome_of
-from .admission import Admission
+from .admission import PING, Admission
 from .driver import ANSWER, Driver
 from .streams import IncomingStream, Senders, deadline
 
@@ -44,6 +44,8 @@ class Caller:
         driver = self._driver
         driver.check_open()
         _check_method(method)
+        if method == PING:  # answered without a handler: no slot to wait for
+            return await self._call(method, args, kwargs, timeout, result_type)
         admission = self.admission
         if not admission.try_acquire():
             # Beyond the other side's limit: wait for a slot, within the deadline.
@@ -160,7 +162,9 @@ class Caller:
             obs = driver.observer  # observe: ended by the stream (see IncomingStream)
             call = None if obs is None else obs.call_sent(driver.owner, hooks.STREAM, method)
             meta = None if call is None else call.meta
-            proto.send(StreamCall(sid, method, args_raw, kwargs_raw, timeout, stream_args, meta))
+            # A stream that waited for its slot sends the time it has left.
+            left = None if timeout is None else max(0.0, stream.deadline - anyio.current_time())
+            proto.send(StreamCall(sid, method, args_raw, kwargs_raw, left, stream_args, meta))
             stream._observation = call
 
         stream = IncomingStream(

@@ -62,7 +62,8 @@ class IncomingStream(AsyncIterator[Any]):
         self._driver = driver
         self.stream_id = stream_id
         self._open = True
-        self._deadline = deadline(timeout)
+        self.deadline = deadline(timeout)
+        """When the stream's timeout runs out (anyio time; ``inf``: never)."""
         self._decode = driver.codec.decoder(item_type).decode
         self._windows = (window_items, window_bytes)
         # A stream call's slot on the other side (see admission.py), given back
@@ -100,7 +101,7 @@ class IncomingStream(AsyncIterator[Any]):
         acquire, start, release = self._pending
         self._pending = None
         try:
-            await acquire(self._deadline)
+            await acquire(self.deadline)
         except BaseException:
             self._open = False  # never started: nothing to close, no slot held
             raise
@@ -158,10 +159,10 @@ class IncomingStream(AsyncIterator[Any]):
             waiters.add(READABLE, sid, ev.set)
             timed_out = False
             try:
-                if self._deadline == math.inf:  # the common case: no scope to enter
+                if self.deadline == math.inf:  # the common case: no scope to enter
                     await ev.wait()
                 else:
-                    with anyio.CancelScope(deadline=self._deadline) as dl:
+                    with anyio.CancelScope(deadline=self.deadline) as dl:
                         await ev.wait()
                     timed_out = dl.cancelled_caught
             except BaseException:
