@@ -32,6 +32,7 @@ import anyio
 import rpcstream
 
 from .bench_runs import Barrier, send_tokens
+from .bench_store import settle
 
 Figures = dict[str, Any]
 
@@ -62,6 +63,7 @@ def make_server(store: Any) -> rpcstream.RunServer:
 
     async def finished() -> None:
         await gate.barrier.all_finished.wait()
+        await settle(runs.store)  # SQLite's pipelined appends return before their commit
 
     async def replay_run(events: int) -> str:
         run_id = f"replay-{events}-{random.getrandbits(32):08x}"

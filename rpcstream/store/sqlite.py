@@ -512,11 +512,9 @@ class SQLiteStore(EventStore):
             state.last_id += 1
             state.changed = True
             # A pipelined append keeps the event (and time) its caller was given.
-            if expected is None:
-                at = now
-                event = StoredEvent(state.last_id, request.type, request.data, at)
-            else:
-                event, at = expected, expected.timestamp
+            if (event := expected) is None:
+                event = StoredEvent(state.last_id, request.type, request.data, now)
+            at = event.timestamp
             rows.append((run_id, event.id, event.type, event.data, at))
             request.event = event
             if request.terminal:
