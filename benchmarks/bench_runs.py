@@ -174,6 +174,11 @@ async def median_of(repeat: int, metric: str, once: Callable[[], Awaitable[Figur
     for _ in range(repeat):
         gc.collect()
         results.append(await once())
+    return median(results, metric)
+
+
+def median(results: list[Figures], metric: str) -> Figures:
+    """The result with the median ``metric`` (the lower of two), and every result's figure."""
     ranked = sorted(results, key=lambda figures: figures[metric])
     chosen = dict(ranked[(len(ranked) - 1) // 2])
     chosen["runs"] = [figures[metric] for figures in results]
@@ -250,14 +255,20 @@ def profiled(enabled: bool, title: str) -> Iterator[None]:
         print(f"=== profile: {title} (by tottime) ===\n{out.getvalue()}", file=sys.stderr)
 
 
-async def store_only(func: Callable[..., Awaitable[None]], *args: Any) -> Figures:
-    """Run a :mod:`benchmarks.bench_store` measurement; the figures it printed, plus CPU."""
+async def printed(func: Callable[..., Awaitable[None]], *args: Any) -> Figures:
+    """Run a measurement that prints JSON lines (``bench_store``, ``bench_redis``); its last."""
     out = io.StringIO()
-    cpu = time.process_time()
     with contextlib.redirect_stdout(out):
         await func(*args)
-    cpu = time.process_time() - cpu
     record: Figures = json.loads(out.getvalue().splitlines()[-1])
+    return record
+
+
+async def store_only(func: Callable[..., Awaitable[None]], *args: Any) -> Figures:
+    """Run a :mod:`benchmarks.bench_store` measurement; the figures it printed, plus CPU."""
+    cpu = time.process_time()
+    record = await printed(func, *args)
+    cpu = time.process_time() - cpu
     figures = {"events": record["events"], "seconds": record["seconds"]}
     figures["events_per_s"] = record["events_per_s"]
     figures["cpu_s"] = round(cpu, 3)
@@ -299,6 +310,14 @@ class Barrier:
             self.all_finished.set()
 
 
+async def send_tokens(ctx: rpcstream.RunContext, n: int) -> None:
+    """What the ``emit`` flow does: ``n`` sends, as fast as the run takes them."""
+    send = ctx.client.send
+    for i in range(n):
+        # The shape of bench_store.PAYLOAD, encoded by the flow as an app's would be.
+        await send("token", {"token": "hello", "index": i, "p": 0.5})
+
+
 def make_runs(store: EventStore, barrier: Barrier) -> rpcstream.RunServer:
     """A RunServer with the benchmark's flows, which synchronise on ``barrier``."""
     runs = rpcstream.RunServer(store=store)
@@ -306,10 +325,7 @@ def make_runs(store: EventStore, barrier: Barrier) -> rpcstream.RunServer:
     @runs.flow("emit")
     async def emit_flow(ctx: rpcstream.RunContext, n: int) -> None:
         await barrier.wait()
-        send = ctx.client.send
-        for i in range(n):
-            # The shape of bench_store.PAYLOAD, encoded by the flow as an app's would be.
-            await send("token", {"token": "hello", "index": i, "p": 0.5})
+        await send_tokens(ctx, n)
         barrier.done()
 
     @runs.flow("paced")

@@ -14,8 +14,21 @@ and drives the server through a control connection:
   WebSocket messages a delivery costs when a connection carries many subscriptions;
 * ``runs``: 500 and 1,000 runs at once (``--runs``), each ticking at ``--rates``
   (20 and 50) events/s, one subscriber each on its own connection;
+* ``append``: 100 runs of a flow that sends 500 events as fast as it can
+  (``--append-runs``, ``--append-events``), released together: total events/s, in
+  ``--rounds`` (3) rounds interleaved with the same appends on the store alone in the
+  parent process (``bench_store`` / ``bench_redis.append_concurrent_runs``), medians;
 * ``replay``: one client reads a finished run of 1,000,000 events (memory store),
   with and without ``batch=True``.
+
+``--stores redis`` (not in the default ``memory,sqlite``): a private ``redis-server``
+on a free loopback port (:mod:`tests.redis_server`, never 6379) and TWO server
+processes on it (nodes ``a`` and ``b``, each its own port). Paced runs are started on
+``a``; every subscription is made on EACH node (the client processes are split
+between them), so ``by_node`` gives the latency on the flow's node and across nodes;
+the line's baseline is ``bench_redis.cross_node_latency`` (one ``RedisStore``
+appends, a second one follows, one event at a time). ``append`` splits its runs
+between the two nodes. asyncio only (``RedisStore`` is).
 
 Every subscription checks its ids (contiguous from 1, ending with the terminal
 event): ``verified``. Latency (``p50_us``, ``p99_us``, ``max_us``) is client receipt
@@ -35,13 +48,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
+import inspect
 import json
 import os
 import platform
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,11 +66,14 @@ import anyio.abc
 
 import rpcstream
 
+from . import bench_store
+from .bench_runs import Stores, median, printed, store_only, with_baseline
 from .peer_measure import proc_cpu_s
 
 ROOT = Path(__file__).resolve().parent.parent
-WORKLOADS = ("fanout", "fanout_shared", "runs", "replay")
+WORKLOADS = ("fanout", "fanout_shared", "runs", "append", "replay")
 STORES = ("memory", "sqlite")
+OPTIONAL_STORES = ("redis",)  # needs redis-server: asked for by name
 
 Figures = dict[str, Any]
 
@@ -71,15 +89,21 @@ class Sizes:
     rates: tuple[float, ...] = (20.0, 50.0)
     replay_events: int = 1_000_000
     client_procs: int = 4
+    append_runs: int = 100
+    append_events: int = 500  # per run
+    rounds: int = 3  # of the appends, interleaved with the store alone
+    latency_samples: int = 500  # of the store-alone cross-node latency (Redis)
 
 
 FULL = Sizes()
 QUICK = Sizes(
-    seconds=3.0, fanout_connections=200, runs=(100,), rates=(20.0,), replay_events=100_000
-)
+    seconds=3.0, fanout_connections=200, runs=(100,), rates=(20.0,), replay_events=100_000,
+    append_events=200,
+)  # fmt: skip
 TINY = Sizes(
-    seconds=0.5, fanout_connections=6, runs=(4,), rates=(20.0,), replay_events=2000, client_procs=2
-)
+    seconds=0.5, fanout_connections=6, runs=(4,), rates=(20.0,), replay_events=2000, client_procs=2,
+    append_runs=4, append_events=20, rounds=1, latency_samples=20,
+)  # fmt: skip
 
 
 def emit(record: Figures) -> None:
@@ -151,8 +175,23 @@ def percentiles(samples: list[int]) -> Figures:
     }
 
 
+@dataclass(frozen=True)
+class Node:
+    """A server child: its name in the figures, its process and its URL."""
+
+    name: str
+    child: Child
+    url: str
+
+
+def servers_busy(nodes: list[Node], cpu: list[float], wall: float) -> Figures:
+    """Each server's CPU time over the wall time: ``server``, or ``server_a``, ``server_b``."""
+    names = ["server"] if len(nodes) == 1 else [f"server_{node.name}" for node in nodes]
+    return {name: round(c / wall, 2) for name, c in zip(names, cpu, strict=True)}
+
+
 async def paced(
-    server: Child,
+    nodes: list[Node],
     control: rpcstream.RpcPeer,
     head: Figures,
     args: argparse.Namespace,
@@ -160,8 +199,9 @@ async def paced(
     subscriptions: int,
     rate: float,
     per_connection: int = 1,
-) -> None:
-    """``runs`` paced runs at ``rate`` events/s, ``subscriptions`` spread over them."""
+) -> Figures:
+    """``runs`` paced runs at ``rate`` events/s, started through ``control`` (on the first
+    node), ``subscriptions`` spread over them on EACH node; returns the printed figures."""
     s: Sizes = args.sizes
     await control.call("bench.arm")
     n = max(1, int(rate * s.seconds))
@@ -170,80 +210,80 @@ async def paced(
         for _ in range(runs)
     ]
     subs = [run_ids[i % runs] for i in range(subscriptions)]
-    # Whole connections to each process, dealt round-robin.
+    # Whole connections to each process, dealt round-robin; each node its share of them.
     groups = [subs[i : i + per_connection] for i in range(0, len(subs), per_connection)]
-    procs = max(1, min(s.client_procs, len(groups)))
+    procs = max(1, min(s.client_procs // len(nodes), len(groups)))
     shares = [[rid for group in groups[p::procs] for rid in group] for p in range(procs)]
-    pid = server.process.pid
     async with contextlib.AsyncExitStack() as stack:
-        clients = []
-        for share in shares:
-            spec = {"url": head["url"], "runs": share, "batch": args.batch}
-            spec["per_connection"] = per_connection
-            clients.append(
-                await stack.enter_async_context(
-                    spawn(["--client", json.dumps(spec)], args.loop, None)
-                )
-            )
-        for client in clients:
+        clients: list[tuple[Node, Child]] = []
+        for node in nodes:
+            for share in shares:
+                spec = {"url": node.url, "runs": share, "batch": args.batch}
+                spec["per_connection"] = per_connection
+                argv = ["--client", json.dumps(spec)]
+                clients.append((node, await stack.enter_async_context(spawn(argv, args.loop))))
+        for _, client in clients:
             ready = await client.line()
             assert ready.get("ready"), ready
-        cpu = proc_cpu_s(pid)
+        cpu = [proc_cpu_s(node.child.process.pid) or 0.0 for node in nodes]
         go = time.monotonic()
         await control.call("bench.go")
-        results = [await client.line() for client in clients]
+        results = [(node, await client.line()) for node, client in clients]
         wall = time.monotonic() - go
-        server_cpu = (proc_cpu_s(pid) or 0.0) - (cpu or 0.0)
-    latencies = [x for r in results for x in r.pop("latencies_us")]
-    deliveries = sum(r["deliveries"] for r in results)
-    messages = sum(r["messages"] for r in results)
-    measured = sum(r["measured"] for r in results)
-    emit(
-        {
-            **{k: v for k, v in head.items() if k != "url"},
-            "runs": runs,
-            "subscribers": subscriptions,
-            "connections": -(-subscriptions // per_connection),
-            "rate": rate,
-            "events_per_run": n + 2,
-            "seconds": round(wall, 2),
-            "deliveries": deliveries,
-            "deliveries_per_s": round(deliveries / wall) if wall else None,
-            **percentiles(latencies),
-            "messages_per_delivery": round(messages / measured, 3) if measured else None,
-            "server_cpu_s": round(server_cpu, 2),
-            "server_cpu_us_per_delivery": round(server_cpu * 1e6 / measured, 1)
-            if measured
-            else None,
-            "busy": {
-                "server": round(server_cpu / wall, 2),
-                **{f"client{i}": round(r["cpu_s"] / r["wall_s"], 2) for i, r in enumerate(results)},
-            },
-            "client_procs": len(results),
-            "verified": all(r["verified"] for r in results),
-            "wrong": [w for r in results for w in r["wrong"]][:3],
-        }
-    )
+        cpu = [
+            (proc_cpu_s(node.child.process.pid) or 0.0) - before
+            for node, before in zip(nodes, cpu, strict=True)
+        ]
+    latencies = {node.name: [x for n, r in results if n is node for x in r.pop("latencies_us")]
+                 for node in nodes}  # fmt: skip
+    measured = sum(r["measured"] for _, r in results)
+    deliveries = sum(r["deliveries"] for _, r in results)
+    server_cpu = sum(cpu)
+    clients = {f"client{i}": round(r["cpu_s"] / r["wall_s"], 2) for i, (_, r) in enumerate(results)}
+    figures = {
+        **head,
+        "runs": runs,
+        "subscribers": subscriptions * len(nodes),
+        "connections": -(-subscriptions // per_connection) * len(nodes),
+        "rate": rate,
+        "events_per_run": n + 2,
+        "seconds": round(wall, 2),
+        "deliveries": deliveries,
+        "deliveries_per_s": round(deliveries / wall) if wall else None,
+        **percentiles([x for samples in latencies.values() for x in samples]),
+        "messages_per_delivery": (
+            round(sum(r["messages"] for _, r in results) / measured, 3) if measured else None
+        ),
+        "server_cpu_s": round(server_cpu, 2),
+        "server_cpu_us_per_delivery": round(server_cpu * 1e6 / measured, 1) if measured else None,
+        "busy": {**servers_busy(nodes, cpu, wall), **clients},
+        "client_procs": len(results),
+        "verified": all(r["verified"] for _, r in results),
+        "wrong": [w for _, r in results for w in r["wrong"]][:3],
+    }
+    if len(nodes) > 1:  # where the subscribers were: the flow's node, or another
+        figures["by_node"] = {name: percentiles(samples) for name, samples in latencies.items()}
+    return figures
 
 
 async def replay(
-    server: Child, control: rpcstream.RpcPeer, head: Figures, args: argparse.Namespace
+    node: Node, control: rpcstream.RpcPeer, head: Figures, args: argparse.Namespace
 ) -> None:
     """One client reads a finished run from the start, with and without batches."""
     events = args.sizes.replay_events
     start = time.perf_counter()
     run_id = await control.call("bench.replay_run", events)
     built = time.perf_counter() - start
-    pid = server.process.pid
+    pid = node.child.process.pid
     for batch in (True, False) if args.batch else (False,):
-        spec = {"url": head["url"], "runs": [run_id], "batch": batch, "expect": events}
+        spec = {"url": node.url, "runs": [run_id], "batch": batch, "expect": events}
         cpu = proc_cpu_s(pid)
         async with spawn(["--replay", json.dumps(spec)], args.loop) as client:
             result = await client.line()
         server_cpu = (proc_cpu_s(pid) or 0.0) - (cpu or 0.0)
         emit(
             {
-                **{k: v for k, v in head.items() if k != "url"},
+                **head,
                 "batch": batch,
                 **result,
                 "messages_per_event": round(result["messages"] / result["events"], 4),
@@ -258,39 +298,156 @@ async def replay(
         )
 
 
-async def run_store(store: str, args: argparse.Namespace, directory: Path) -> None:
-    """Every selected workload against one server process on ``store``."""
-    spec = "memory" if store == "memory" else f"sqlite:{directory / 'runs.db'}"
-    with contextlib.suppress(FileNotFoundError):
-        (directory / "runs.db").unlink()
+async def flow_appends(
+    nodes: list[Node], controls: list[rpcstream.RpcPeer], args: argparse.Namespace
+) -> Figures:
+    """``append_runs`` runs of the ``emit`` flow, spread over the nodes, released together:
+    total events/s from ``bench.go`` until the last flow's last send is stored (committed,
+    for SQLite's pipelined appends: as the store-alone baseline counts them)."""
     s: Sizes = args.sizes
-    async with spawn(["--serve", spec], args.loop, args.server_code) as server:
-        info = await server.line()
-        head = {
-            "bench": "runs_deployed",
-            "loop": args.loop,
-            "store": store,
-            "code": "server-code" if args.server_code else "this",
-            "batch": args.batch,
-            "url": info["url"],
-        }
-        async with rpcstream.connect(info["url"]) as control:
+    shares = [s.append_runs // len(nodes) + (i < s.append_runs % len(nodes))
+              for i in range(len(nodes))]  # fmt: skip
+    for control, share in zip(controls, shares, strict=True):
+        await control.call("bench.arm", share)
+        for _ in range(share):
+            await control.call("runs.start", "emit", {"n": s.append_events})
+    # A node given no run has nothing to wait for (fewer runs than nodes).
+    controls = [c for c, share in zip(controls, shares, strict=True) if share]
+    for control in controls:
+        await control.call("bench.arrived")
+    cpu = [proc_cpu_s(node.child.process.pid) or 0.0 for node in nodes]
+    start = time.monotonic()
+    for method in ("bench.go", "bench.finished"):
+        async with anyio.create_task_group() as tg:
+            for control in controls:
+                tg.start_soon(control.call, method)
+    wall = time.monotonic() - start
+    cpu = [(proc_cpu_s(n.child.process.pid) or 0.0) - c for n, c in zip(nodes, cpu, strict=True)]
+    events = s.append_runs * s.append_events
+    return {
+        "flow_runs": s.append_runs,  # ("runs" holds each round's events_per_s)
+        "events": events,
+        "seconds": round(wall, 3),
+        "events_per_s": round(events / wall),
+        "server_cpu_us_per_event": round(sum(cpu) * 1e6 / events, 2),
+        "busy": servers_busy(nodes, cpu, wall),
+    }
+
+
+async def appends(
+    nodes: list[Node],
+    controls: list[rpcstream.RpcPeer],
+    head: Figures,
+    args: argparse.Namespace,
+    baseline: Callable[[], Awaitable[Figures]],
+) -> None:
+    """Appends through flows on every node, beside the store alone, in interleaved rounds."""
+    base: list[Figures] = []
+    flows: list[Figures] = []
+    for _ in range(args.sizes.rounds):
+        base.append(await baseline())
+        flows.append(await flow_appends(nodes, controls, args))
+    figures = {**head, **median(flows, "events_per_s")}
+    label = "store.append alone, same runs and counts (append_concurrent_runs)"
+    emit(with_baseline(figures, median(base, "events_per_s"), "events_per_s", label))
+
+
+@contextlib.contextmanager
+def store_spec(store: str, directory: Path) -> Iterator[tuple[str, int]]:
+    """The ``--serve`` argument for ``store`` and how many server processes share it."""
+    if store == "redis":
+        from . import bench_redis  # its private redis-server, on a free port
+
+        with bench_redis.RedisServer(directory / "redis") as redis:
+            yield redis.url, 2
+        return
+    if store == "sqlite":
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{directory / 'runs.db'}{suffix}").unlink(missing_ok=True)
+        yield f"sqlite:{directory / 'runs.db'}", 1
+        return
+    yield "memory", 1
+
+
+def store_baselines(
+    store: str, spec: str, directory: Path, args: argparse.Namespace
+) -> tuple[Callable[[], Awaitable[Figures]], Callable[[], Awaitable[Figures]] | None]:
+    """The store alone, in this process: concurrent appends, and (Redis) cross-node latency."""
+    s: Sizes = args.sizes
+    if store == "redis":
+        from rpcstream.store.redis import RedisStore
+
+        from . import bench_redis
+
+        pool = inspect.signature(RedisStore).parameters["max_connections"].default
+        ns = argparse.Namespace(runs=s.append_runs, events_per_run=s.append_events,
+                                max_connections=pool, samples=s.latency_samples)  # fmt: skip
+
+        async def latency() -> Figures:
+            record = await printed(bench_redis.cross_node_latency, spec, ns, 1)
+            return {f"{q}_us": round(record[f"{q}_ms"] * 1000) for q in ("p50", "p99", "max")}
+
+        return functools.partial(printed, bench_redis.append_concurrent_runs, spec, ns), latency
+    stores = Stores(store, directory)
+
+    async def base() -> Figures:
+        async with stores.fresh("append-base") as alone:
+            return await store_only(bench_store.append_concurrent_runs, alone, store, args.loop,
+                                    s.append_runs, s.append_events)  # fmt: skip
+
+    return base, None
+
+
+async def run_store(store: str, args: argparse.Namespace, directory: Path) -> None:
+    """Every selected workload against the server processes on ``store`` (Redis: two)."""
+    s: Sizes = args.sizes
+    if store == "redis" and args.loop != "asyncio":
+        emit({"store": store, "loop": args.loop, "skipped": "RedisStore runs on asyncio only"})
+        return
+    with store_spec(store, directory) as (spec, count):
+        async with contextlib.AsyncExitStack() as stack:
+            nodes = []
+            for name in "ab"[:count]:
+                child = await stack.enter_async_context(
+                    spawn(["--serve", spec], args.loop, args.server_code)
+                )
+                nodes.append(Node(name, child, (await child.line())["url"]))
+            controls = [await stack.enter_async_context(rpcstream.connect(n.url)) for n in nodes]
+            head = {
+                "bench": "runs_deployed",
+                "loop": args.loop,
+                "store": store,
+                "nodes": count,
+                "code": "server-code" if args.server_code else "this",
+                "batch": args.batch,
+            }
+            base_appends, base_latency = store_baselines(store, spec, directory, args)
+            latency = await base_latency() if base_latency is not None else None
             for workload in args.workloads:
+                work = {**head, "workload": workload}
+
+                def out(figures: Figures) -> None:
+                    if latency is None:
+                        return emit(figures)
+                    label = "store.follow on node b of an append on node a, one at a time"
+                    emit(with_baseline(figures, latency, "p99_us", label))
+
                 try:
                     if workload == "fanout":
-                        await paced(server, control, {**head, "workload": workload}, args, 1,
-                                    s.fanout_connections, s.fanout_rate)  # fmt: skip
+                        out(await paced(nodes, controls[0], work, args, 1, s.fanout_connections,
+                                        s.fanout_rate))  # fmt: skip
                     elif workload == "fanout_shared":
                         per = max(1, s.fanout_connections // 10)
-                        await paced(server, control, {**head, "workload": workload}, args, 1,
-                                    s.fanout_connections, s.fanout_rate, per)  # fmt: skip
+                        out(await paced(nodes, controls[0], work, args, 1, s.fanout_connections,
+                                        s.fanout_rate, per))  # fmt: skip
                     elif workload == "runs":
                         for runs in s.runs:
                             for rate in s.rates:
-                                await paced(server, control, {**head, "workload": workload},
-                                            args, runs, runs, rate)  # fmt: skip
+                                out(await paced(nodes, controls[0], work, args, runs, runs, rate))
+                    elif workload == "append":
+                        await appends(nodes, controls, work, args, base_appends)
                     elif workload == "replay" and store == "memory":
-                        await replay(server, control, {**head, "workload": workload}, args)
+                        await replay(nodes[0], controls[0], work, args)
                 except (ChildProcessError, rpcstream.RpcStreamError, OSError) as exc:
                     emit({"workload": workload, "store": store, "error": f"{exc!r}"})
 
@@ -317,12 +474,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="smaller sizes, seconds each")
     size.add_argument("--tiny", action="store_true", help="a smoke run (tests)")
-    parser.add_argument("--stores", default=",".join(STORES))
+    parser.add_argument(
+        "--stores", default=",".join(STORES), help="memory,sqlite (default); redis: two servers"
+    )
     parser.add_argument("--workloads", default=",".join(WORKLOADS))
     parser.add_argument("--seconds", type=float, default=None, help="ticking time per run")
     parser.add_argument("--runs", default=None, help="comma-separated run counts")
     parser.add_argument("--rates", default=None, help="comma-separated events/s per run")
     parser.add_argument("--client-procs", type=int, default=None)
+    parser.add_argument("--append-runs", type=int, default=None, help="runs of `append`")
+    parser.add_argument("--append-events", type=int, default=None, help="events per run")
+    parser.add_argument("--rounds", type=int, default=None, help="of `append` and its baseline")
     parser.add_argument("--server-code", type=Path, default=None)
     parser.add_argument("--no-batch", dest="batch", action="store_false")
     args = parser.parse_args(argv)
@@ -334,12 +496,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         changes["runs"] = tuple(int(x) for x in args.runs.split(","))
     if args.rates is not None:
         changes["rates"] = tuple(float(x) for x in args.rates.split(","))
-    if args.client_procs is not None:
-        changes["client_procs"] = args.client_procs
+    for key in ("client_procs", "append_runs", "append_events", "rounds"):
+        if getattr(args, key) is not None:
+            changes[key] = getattr(args, key)
     args.sizes = Sizes(**{**vars(sizes), **changes})
     args.stores = [x for x in args.stores.split(",") if x]
     args.workloads = [x for x in args.workloads.split(",") if x]
-    for values, allowed in ((args.stores, STORES), (args.workloads, WORKLOADS)):
+    for values, allowed in ((args.stores, STORES + OPTIONAL_STORES), (args.workloads, WORKLOADS)):
         unknown = sorted(set(values) - set(allowed))
         if unknown:
             parser.error(f"unknown {', '.join(unknown)}; choose from {', '.join(allowed)}")

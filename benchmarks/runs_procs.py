@@ -1,9 +1,10 @@
 """The children of ``bench_runs --deployed``: a RunServer alone in its process, and clients.
 
-* ``--serve STORE``: a RunServer (every setting at its default) on ``memory`` or
-  ``sqlite:PATH`` with the benchmark's flows and three methods the parent drives it
-  with (``bench.arm``, ``bench.go``, ``bench.replay_run``). Prints ``{"url", "pid"}``
-  and serves until its stdin closes.
+* ``--serve STORE``: a RunServer (every setting at its default) on ``memory``,
+  ``sqlite:PATH`` or ``redis://...`` with the benchmark's flows (``paced``: ticks at a
+  rate; ``emit``: sends as fast as it can) and the methods the parent drives it with
+  (``bench.arm``, ``bench.go``, ``bench.arrived``, ``bench.finished``,
+  ``bench.replay_run``). Prints ``{"url", "pid"}`` and serves until its stdin closes.
 * ``--client SPEC``: opens its share of the connections, subscribes, prints
   ``{"ready": true}`` once every subscription has its run's ``started`` event, reads
   every subscription to its terminal event, checks the ids (contiguous from 1, one
@@ -30,28 +31,39 @@ import anyio
 
 import rpcstream
 
+from .bench_runs import Barrier, send_tokens
+from .bench_store import settle
+
 Figures = dict[str, Any]
 
 # -- the server child ----------------------------------------------------------------------
 
 
 class Gate:
-    """What every paced flow waits on: the parent opens it once all clients are ready."""
+    """What every flow waits on: the parent opens it once all clients are ready."""
 
-    def __init__(self) -> None:
-        self.event = anyio.Event()
+    def __init__(self, expected: int = 0) -> None:
+        self.barrier = Barrier(expected)
+        """``expected``: the ``emit`` flows, which count themselves in and out of it."""
 
 
 def make_server(store: Any) -> rpcstream.RunServer:
-    """The RunServer the benchmark serves: flows ``paced`` and ``methods`` to drive it."""
+    """The RunServer the benchmark serves: flows ``paced`` and ``emit``, ``bench.*`` methods."""
     gate = Gate()
     router = rpcstream.Router()
 
-    async def arm() -> None:
-        gate.event = anyio.Event()
+    async def arm(expected: int = 0) -> None:
+        gate.barrier = Barrier(expected)
 
     async def go() -> None:
-        gate.event.set()
+        gate.barrier.go.set()
+
+    async def arrived() -> None:
+        await gate.barrier.all_arrived.wait()
+
+    async def finished() -> None:
+        await gate.barrier.all_finished.wait()
+        await settle(runs.store)  # SQLite's pipelined appends return before their commit
 
     async def replay_run(events: int) -> str:
         run_id = f"replay-{events}-{random.getrandbits(32):08x}"
@@ -62,14 +74,20 @@ def make_server(store: Any) -> rpcstream.RunServer:
         await runs.store.append(run_id, "complete", b"null", terminal=True)
         return run_id
 
-    router.add(arm, "bench.arm")
-    router.add(go, "bench.go")
-    router.add(replay_run, "bench.replay_run")
+    for method in (arm, go, arrived, finished, replay_run):
+        router.add(method, f"bench.{method.__name__}")
     runs = rpcstream.RunServer(store, router=router)
+
+    @runs.flow("emit")
+    async def emit(ctx: rpcstream.RunContext, n: int) -> None:
+        barrier = gate.barrier
+        await barrier.wait()
+        await send_tokens(ctx, n)
+        barrier.done()
 
     @runs.flow("paced")
     async def paced(ctx: rpcstream.RunContext, n: int, rate: float) -> None:
-        await gate.event.wait()
+        await gate.barrier.go.wait()
         # A random phase: runs started together do not all tick at the same instant.
         start = time.monotonic() + random.random() / rate
         for i in range(n):
@@ -82,15 +100,10 @@ def make_server(store: Any) -> rpcstream.RunServer:
 
 
 def make_store(spec: str) -> Any:
-    """``memory`` or ``sqlite:PATH``."""
-    from rpcstream.store.memory import MemoryStore
-    from rpcstream.store.sqlite import SQLiteStore
+    """``memory``, ``sqlite:PATH`` or ``redis://...``, as ``rpcstream serve --store`` takes."""
+    from rpcstream.cli import make_store as from_spec
 
-    if spec == "memory":
-        return MemoryStore()
-    if spec.startswith("sqlite:"):
-        return SQLiteStore(spec.removeprefix("sqlite:"))
-    raise SystemExit(f"unknown store {spec!r}")
+    return from_spec(spec)
 
 
 async def serve_child(store: str) -> None:
@@ -101,7 +114,9 @@ async def serve_child(store: str) -> None:
     if profile:
         import cProfile
 
-        profiler = cProfile.Profile()
+        # In CPU time: on a shared machine a wall-clock profile charges the time the
+        # process spent preempted to whatever it was running (mostly socket.send).
+        profiler = cProfile.Profile(time.process_time)
     async with rpcstream.serve(runs, "127.0.0.1", 0) as server:
         emit({"url": server.url, "pid": os.getpid()})
         if profiler is not None:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from redis_server import require_redis_server
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -32,15 +33,46 @@ def test_every_workload_runs_in_separate_processes_and_is_verified() -> None:
     assert not [r for r in results if "error" in r]
     seen = {(r["store"], r["workload"], r.get("batch")) for r in results}
     for store in ("memory", "sqlite"):
-        for workload in ("fanout", "fanout_shared", "runs"):
+        for workload in ("fanout", "fanout_shared", "runs", "append"):
             assert (store, workload, True) in seen
     assert ("memory", "replay", True) in seen and ("memory", "replay", False) in seen
     for r in results:
-        assert r["verified"] is True, r
         assert "server" in r["busy"]
+        if r["workload"] == "append":
+            _check_appends(r)
+            continue
+        assert r["verified"] is True, r
         if r["workload"] != "replay":
             assert {"p50_us", "p99_us", "messages_per_delivery"} <= set(r)
             assert r["deliveries"] == r["subscribers"] * r["events_per_run"]
+
+
+def _check_appends(r: dict[str, Any]) -> None:
+    """Every append of every flow was counted, beside the store alone doing the same."""
+    assert r["events"] == r["flow_runs"] * 20 == r["baseline_events"]  # --tiny: 4 x 20
+    assert r["events_per_s"] > 0 and r["baseline_events_per_s"] > 0
+
+
+@pytest.mark.timeout(120)
+def test_two_servers_on_one_redis_deliver_to_subscribers_on_both() -> None:
+    require_redis_server()
+    lines = _run("--stores", "redis", "--workloads", "runs,append")
+    results = lines[1:]
+    assert [(r["store"], r["workload"], r["nodes"]) for r in results] == [
+        ("redis", "runs", 2),
+        ("redis", "append", 2),
+    ]
+    paced, appended = results
+    # Every run was started on node a; each has one subscriber on a and one on b.
+    assert paced["verified"] is True, paced
+    assert paced["subscribers"] == 2 * paced["runs"]
+    assert paced["deliveries"] == paced["subscribers"] * paced["events_per_run"]
+    assert set(paced["by_node"]) == {"a", "b"}
+    assert {"server_a", "server_b"} <= set(paced["busy"])
+    assert {"baseline_p50_us", "baseline_p99_us"} <= set(paced)
+    # The appends were split between the two nodes; the store alone did the same.
+    assert {"server_a", "server_b"} == set(appended["busy"])
+    _check_appends(appended)
 
 
 @pytest.mark.timeout(120)

@@ -20,8 +20,8 @@ STORE = Path(__file__).resolve().parent.parent / "rpcstream" / "store"
 class Item(Request):
     __slots__ = ("result", "value")
 
-    def __init__(self, value: int) -> None:
-        super().__init__()
+    def __init__(self, value: int, size: int = 0) -> None:
+        super().__init__(size)
         self.value = value
         self.result: int | None = None
 
@@ -211,11 +211,53 @@ async def test_put_nowait_without_room_is_refused_and_waiters_share_the_drainer(
     assert sorted(v for group in log.groups for v in group) == [1, 2, 5]
 
 
+async def test_the_pending_bytes_are_bounded_but_one_large_request_always_gets_in() -> None:
+    log = Log()
+    commit = GroupCommit(log.write, max_pending=100, max_pending_bytes=10)
+    async with log.gate:
+        commit.put_nowait(Item(1, size=4))
+        await log.waiting.wait()  # the drainer waits at the gate, before it takes
+        commit.put_nowait(Item(2, size=6))  # 10 bytes queued: the limit
+        with pytest.raises(anyio.WouldBlock):
+            commit.put_nowait(Item(3, size=1))
+        waiter = Item(5, size=1)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(commit.submit, waiter)  # waits for the bytes to leave
+            await anyio.wait_all_tasks_blocked()
+            assert commit.pending == 2
+            log.gate.release()
+        await commit.flush()
+        await log.gate.acquire()  # for the async with's release
+    assert waiter.result == 50
+    # Alone, a request above the limit is let in (else it could never be written).
+    large = Item(7, size=50)
+    await commit.wait_for_room(large.size)
+    commit.put_nowait(large)
+    await commit.flush()
+    assert large.result == 70
+    assert sorted(v for group in log.groups for v in group) == [1, 2, 5, 7]
+    assert commit._pending_bytes == 0
+
+
+async def test_sqlite_pipelined_appends_wait_for_room_in_bytes(tmp_path: Path) -> None:
+    async with SQLiteStore(tmp_path / "runs.db", max_pending_bytes=100) as store:
+        await store.create_run("r", "flow")
+        most = 0
+        for i in range(60):
+            await store.append("r", "progress", b"%039d" % i)  # 39 bytes
+            most = max(most, store._appends._pending_bytes)
+        assert most <= 100
+        events = await store.read("r", 0, 100)
+    assert [e.data for e in events] == [b"%039d" % i for i in range(60)]
+
+
 def test_bad_bounds_are_refused() -> None:
     with pytest.raises(ValueError, match="max_pending"):
         GroupCommit(Log().write, max_pending=0)
     with pytest.raises(ValueError, match="max_group"):
         GroupCommit(Log().write, max_pending=1, max_group=0)
+    with pytest.raises(ValueError, match="max_pending_bytes"):
+        GroupCommit(Log().write, max_pending=1, max_pending_bytes=0)
 
 
 async def test_sqlite_appends_go_through_the_shared_group_commit(tmp_path: Path) -> None:

@@ -2,7 +2,8 @@
 
 Theory of operation
 -------------------
-``submit`` puts a request on a bounded pending list and waits. Whoever finds
+``submit`` puts a request on a pending list, bounded in requests (and, if
+asked, in the bytes they hold), and waits. Whoever finds
 no committer at work becomes the committer: it calls the store's ``write``
 with a ``take`` function; ``write`` does whatever waiting it needs (a lock),
 calls ``take()`` to get every pending request (up to ``max_group``) and writes
@@ -50,9 +51,11 @@ log = logging.getLogger("rpcstream.store")
 class Request:
     """One unit of work waiting for its group; stores subclass it with their fields."""
 
-    __slots__ = ("done", "error", "taken")
+    __slots__ = ("done", "error", "size", "taken")
 
-    def __init__(self) -> None:
+    def __init__(self, size: int = 0) -> None:
+        self.size = size
+        """The bytes it holds, counted against the pending list's ``max_pending_bytes``."""
         self.taken = False
         """In a group being written: it can no longer be withdrawn."""
         self.done = False
@@ -81,6 +84,9 @@ class GroupCommit(Generic[R]):
             request of it done (setting its result, or calling ``fail``).
         max_pending: requests queued at most; more callers wait for room.
         max_group: requests taken per write at most (default ``max_pending``).
+        max_pending_bytes: the :attr:`Request.size` of the queued requests at most
+            (default: no limit); a request larger than that on its own is let in
+            when nothing else is queued.
     """
 
     def __init__(
@@ -89,15 +95,20 @@ class GroupCommit(Generic[R]):
         *,
         max_pending: int,
         max_group: int | None = None,
+        max_pending_bytes: int | None = None,
     ) -> None:
         if max_pending < 1:
             raise ValueError(f"max_pending must be at least 1, not {max_pending}")
         if max_group is not None and max_group < 1:
             raise ValueError(f"max_group must be at least 1, not {max_group}")
+        if max_pending_bytes is not None and max_pending_bytes < 1:
+            raise ValueError(f"max_pending_bytes must be at least 1, not {max_pending_bytes}")
         self.max_pending = max_pending
         self.max_group = max_group or max_pending
+        self.max_pending_bytes = max_pending_bytes
         self._write = write
         self._pending: list[R] = []
+        self._pending_bytes = 0
         self._committing = False
         self._group_done = anyio.Event()
         self.groups = 0
@@ -116,9 +127,9 @@ class GroupCommit(Generic[R]):
         Raises the request's ``error`` if it has one. Cancelled while queued,
         the request is withdrawn; cancelled once taken, it may still be written.
         """
-        while len(self._pending) >= self.max_pending:
+        while self._full(request.size):
             await self._group_done.wait()  # backpressure: wait for a group to leave
-        self._pending.append(request)
+        self._queue(request)
         try:
             while not request.done:
                 if self._committing:
@@ -135,13 +146,14 @@ class GroupCommit(Generic[R]):
         except BaseException:
             if not request.taken:
                 self._pending.remove(request)  # never written: safe to withdraw
+                self._pending_bytes -= request.size
             raise
         if request.error is not None:
             raise request.error
 
-    async def wait_for_room(self) -> None:
-        """Return once the pending list has room for one more request."""
-        while len(self._pending) >= self.max_pending:
+    async def wait_for_room(self, size: int = 0) -> None:
+        """Return once the pending list has room for one more request of ``size`` bytes."""
+        while self._full(size):
             await self._group_done.wait()
 
     def put_nowait(self, request: R) -> None:
@@ -151,12 +163,23 @@ class GroupCommit(Generic[R]):
         pending list stays bounded. The request cannot be withdrawn; its outcome
         is set on it for whoever looks (nobody is told).
         """
-        if len(self._pending) >= self.max_pending:
+        if self._full(request.size):
             raise anyio.WouldBlock("no room: await wait_for_room() first")
-        self._pending.append(request)
+        self._queue(request)
         if not self._committing:
             self._committing = True
             _spawn(self._drain)
+
+    def _full(self, size: int) -> bool:
+        """No room for a request of ``size`` bytes (one is always let into an empty list)."""
+        if len(self._pending) >= self.max_pending:
+            return True
+        limit = self.max_pending_bytes
+        return limit is not None and bool(self._pending) and self._pending_bytes + size > limit
+
+    def _queue(self, request: R) -> None:
+        self._pending.append(request)
+        self._pending_bytes += request.size
 
     async def flush(self) -> None:
         """Wait until every request queued so far has its outcome."""
@@ -191,6 +214,7 @@ class GroupCommit(Generic[R]):
             del self._pending[: len(taken)]
             for request in taken:
                 request.taken = True
+                self._pending_bytes -= request.size
             group.extend(taken)
             self.groups += 1
             self.requests += len(taken)

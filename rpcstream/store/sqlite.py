@@ -105,7 +105,7 @@ class _Pending(Request):
         head: _Head | None = None,
         expected: StoredEvent | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(len(data))
         self.run_id = run_id
         self.type = type
         self.data = data
@@ -155,17 +155,19 @@ class SQLiteStore(EventStore):
     """Runs and events in the SQLite file at ``path``; survives restarts.
 
     ``max_tombstones`` caps the rows kept for expired runs (oldest dropped by
-    :meth:`sweep`); ``max_pending`` bounds the appends queued for one group
-    commit (more wait for room). Opens the file on first use if not entered.
+    :meth:`sweep`); ``max_pending`` and ``max_pending_bytes`` (their data) bound
+    the appends queued for one group commit (more wait for room). Opens the file
+    on first use if not entered.
 
     ``pipelined`` (the default): an append that does not end its run returns as
     soon as its id is assigned and it is queued, before its commit; a drainer
     task commits the queue in groups, and followers see the events once they
     are committed. ``read`` and ``info`` of a run wait for its queued appends
     first, and a terminal append waits for its commit (and so for every append
-    before it). If a commit fails, those appends are lost, and the next append
-    to the run raises the error once. ``pipelined=False``: every append returns
-    only once committed.
+    before it). A crash of the process loses the queued appends (at most
+    ``max_pending``, none of them seen by a follower). If a commit fails, those
+    appends are lost, and the next append to the run raises the error once.
+    ``pipelined=False``: every append returns only once committed.
     """
 
     def __init__(
@@ -176,7 +178,8 @@ class SQLiteStore(EventStore):
         expire_after: float = 300.0,
         clock: Callable[[], float] = time.time,
         max_tombstones: int = 100_000,
-        max_pending: int = 1024,
+        max_pending: int = 4096,
+        max_pending_bytes: int = 16 * 2**20,
         pipelined: bool = True,
     ) -> None:
         super().__init__(max_events=max_events, expire_after=expire_after, clock=clock)
@@ -185,6 +188,7 @@ class SQLiteStore(EventStore):
         self.path = os.fspath(path)
         self.max_tombstones = max_tombstones
         self.max_pending = max_pending
+        self.max_pending_bytes = max_pending_bytes
         self.pipelined = pipelined
         self._heads: dict[str, _Head] = {}
         # Why pipelined appends of a run were lost, raised by its next append (once).
@@ -193,7 +197,9 @@ class SQLiteStore(EventStore):
         self._lock = anyio.Lock()
         # Its ``groups`` and ``requests`` count append transactions and the appends
         # they wrote, for tests and benchmarks.
-        self._appends = GroupCommit(self._write_appends, max_pending=max_pending)
+        self._appends = GroupCommit(
+            self._write_appends, max_pending=max_pending, max_pending_bytes=max_pending_bytes
+        )
 
     # -- connection -------------------------------------------------------------
 
@@ -377,7 +383,7 @@ class SQLiteStore(EventStore):
             # Every append lets the event loop turn (followers, the drainer, and
             # cancellation get in), even when it need not wait for anything.
             await anyio.lowlevel.checkpoint()
-        await self._appends.wait_for_room()
+        await self._appends.wait_for_room(len(data))
         # From here to the queueing, no await: ids are assigned in call order.
         now = self.clock()
         if head.expires is not None and now >= head.expires:
@@ -505,9 +511,10 @@ class SQLiteStore(EventStore):
                 continue
             state.last_id += 1
             state.changed = True
-            # A pipelined append keeps the time its caller was given.
-            at = now if expected is None else expected.timestamp
-            event = StoredEvent(state.last_id, request.type, request.data, at)
+            # A pipelined append keeps the event (and time) its caller was given.
+            if (event := expected) is None:
+                event = StoredEvent(state.last_id, request.type, request.data, now)
+            at = event.timestamp
             rows.append((run_id, event.id, event.type, event.data, at))
             request.event = event
             if request.terminal:
