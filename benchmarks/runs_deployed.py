@@ -38,6 +38,7 @@ import contextlib
 import json
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -160,7 +161,7 @@ async def paced(
     subscriptions: int,
     rate: float,
     per_connection: int = 1,
-) -> None:
+) -> Figures:
     """``runs`` paced runs at ``rate`` events/s, ``subscriptions`` spread over them."""
     s: Sizes = args.sizes
     await control.call("bench.arm")
@@ -194,36 +195,116 @@ async def paced(
         results = [await client.line() for client in clients]
         wall = time.monotonic() - go
         server_cpu = (proc_cpu_s(pid) or 0.0) - (cpu or 0.0)
+    record = {
+        **{k: v for k, v in head.items() if k != "url"},
+        "runs": runs,
+        "subscribers": subscriptions,
+        "connections": -(-subscriptions // per_connection),
+        "rate": rate,
+        "events_per_run": n + 2,
+        **figures(results, wall, server_cpu),
+    }
+    emit(record)
+    return record
+
+
+def figures(results: list[Figures], wall: float, server_cpu: float) -> Figures:
+    """What the client children measured, summed, with the server's CPU time."""
     latencies = [x for r in results for x in r.pop("latencies_us")]
     deliveries = sum(r["deliveries"] for r in results)
     messages = sum(r["messages"] for r in results)
     measured = sum(r["measured"] for r in results)
-    emit(
-        {
-            **{k: v for k, v in head.items() if k != "url"},
-            "runs": runs,
-            "subscribers": subscriptions,
-            "connections": -(-subscriptions // per_connection),
-            "rate": rate,
-            "events_per_run": n + 2,
-            "seconds": round(wall, 2),
-            "deliveries": deliveries,
-            "deliveries_per_s": round(deliveries / wall) if wall else None,
-            **percentiles(latencies),
-            "messages_per_delivery": round(messages / measured, 3) if measured else None,
-            "server_cpu_s": round(server_cpu, 2),
-            "server_cpu_us_per_delivery": round(server_cpu * 1e6 / measured, 1)
-            if measured
-            else None,
-            "busy": {
-                "server": round(server_cpu / wall, 2),
-                **{f"client{i}": round(r["cpu_s"] / r["wall_s"], 2) for i, r in enumerate(results)},
-            },
-            "client_procs": len(results),
-            "verified": all(r["verified"] for r in results),
-            "wrong": [w for r in results for w in r["wrong"]][:3],
-        }
-    )
+    return {
+        "seconds": round(wall, 2),
+        "deliveries": deliveries,
+        "deliveries_per_s": round(deliveries / wall) if wall else None,
+        **percentiles(latencies),
+        "messages_per_delivery": round(messages / measured, 3) if measured else None,
+        "server_cpu_s": round(server_cpu, 2),
+        "server_cpu_us_per_delivery": round(server_cpu * 1e6 / measured, 1) if measured else None,
+        "busy": {
+            "server": round(server_cpu / wall, 2),
+            **{f"client{i}": round(r["cpu_s"] / r["wall_s"], 2) for i, r in enumerate(results)},
+        },
+        "client_procs": len(results),
+        "verified": all(r["verified"] for r in results),
+        "wrong": [w for r in results for w in r["wrong"]][:3],
+    }
+
+
+async def raw_fanout(raw: Child, raw_url: str, head: Figures, args: argparse.Namespace) -> Figures:
+    """The baseline of ``fanout``: raw websockets broadcasting each tick to as many
+    connections, at the same pace, the clients spread over as many processes."""
+    s: Sizes = args.sizes
+    n = max(1, int(s.fanout_rate * s.seconds))
+    count = s.fanout_connections
+    procs = max(1, min(s.client_procs, count))
+    pid = raw.process.pid
+    stdin = raw.process.stdin
+    assert stdin is not None
+    async with contextlib.AsyncExitStack() as stack:
+        clients = []
+        for p in range(procs):
+            spec = {"url": raw_url, "connections": len(range(p, count, procs))}
+            clients.append(
+                await stack.enter_async_context(
+                    spawn(["--raw-client", json.dumps(spec)], args.loop, None)
+                )
+            )
+        for client in clients:
+            ready = await client.line()
+            assert ready.get("ready"), ready
+        cpu = proc_cpu_s(pid)
+        go = time.monotonic()
+        await stdin.send(json.dumps({"n": n, "rate": s.fanout_rate}).encode() + b"\n")
+        results = [await client.line() for client in clients]
+        wall = time.monotonic() - go
+        server_cpu = (proc_cpu_s(pid) or 0.0) - (cpu or 0.0)
+    record = {
+        **{k: v for k, v in head.items() if k != "url"},
+        "code": "raw websockets",
+        "runs": 1,
+        "subscribers": count,
+        "connections": count,
+        "rate": s.fanout_rate,
+        "events_per_run": n + 2,
+        **figures(results, wall, server_cpu),
+    }
+    emit(record)
+    return record
+
+
+async def fanout_rounds(
+    server: Child, control: rpcstream.RpcPeer, head: Figures, args: argparse.Namespace
+) -> None:
+    """``fanout`` beside its raw-websockets baseline: ``--repeat`` rounds, the two
+    alternating which goes first, then one line of medians."""
+    s: Sizes = args.sizes
+    mine: list[Figures] = []
+    base: list[Figures] = []
+    async with spawn(["--raw-serve"], args.loop) as raw:
+        raw_url = (await raw.line())["url"]
+        for r in range(args.repeat):
+            for which in ("raw", "this") if r % 2 == 0 else ("this", "raw"):
+                if which == "raw":
+                    base.append(await raw_fanout(raw, raw_url, {**head, "round": r}, args))
+                else:
+                    count, rate = s.fanout_connections, s.fanout_rate
+                    at = {**head, "round": r}
+                    record = await paced(server, control, at, args, 1, count, rate)
+                    mine.append(record)
+    summary: Figures = {k: v for k, v in head.items() if k != "url"}
+    summary["summary"] = f"medians of {args.repeat} rounds"
+    for key in ("p50_us", "p99_us", "server_cpu_us_per_delivery"):
+        ours = statistics.median(x[key] for x in mine)
+        theirs = statistics.median(x[key] for x in base)
+        summary[key] = ours
+        summary[f"baseline_{key}"] = theirs
+        summary[f"{key}_rounds"] = [x[key] for x in mine]
+        summary[f"baseline_{key}_rounds"] = [x[key] for x in base]
+        summary[f"ratio_to_baseline_{key}"] = round(ours / theirs, 2) if theirs else None
+    summary["verified"] = all(x["verified"] for x in mine + base)
+    emit(summary)
 
 
 async def replay(
@@ -278,8 +359,7 @@ async def run_store(store: str, args: argparse.Namespace, directory: Path) -> No
             for workload in args.workloads:
                 try:
                     if workload == "fanout":
-                        await paced(server, control, {**head, "workload": workload}, args, 1,
-                                    s.fanout_connections, s.fanout_rate)  # fmt: skip
+                        await fanout_rounds(server, control, {**head, "workload": workload}, args)
                     elif workload == "fanout_shared":
                         per = max(1, s.fanout_connections // 10)
                         await paced(server, control, {**head, "workload": workload}, args, 1,
@@ -325,6 +405,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--client-procs", type=int, default=None)
     parser.add_argument("--server-code", type=Path, default=None)
     parser.add_argument("--no-batch", dest="batch", action="store_false")
+    parser.add_argument(
+        "--repeat", type=int, default=3, help="fanout: rounds, each beside its raw baseline"
+    )
     args = parser.parse_args(argv)
     sizes = TINY if args.tiny else QUICK if args.quick else FULL
     changes: Figures = {}
