@@ -406,10 +406,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--server-code", type=Path, default=None)
     parser.add_argument("--no-batch", dest="batch", action="store_false")
     parser.add_argument(
-        "--repeat", type=int, default=3, help="fanout: rounds, each beside its raw baseline"
+        "--repeat",
+        type=int,
+        default=None,
+        help="fanout: rounds, each beside its raw baseline (3; 1 with --quick/--tiny)",
     )
     args = parser.parse_args(argv)
     sizes = TINY if args.tiny else QUICK if args.quick else FULL
+    if args.repeat is None:
+        args.repeat = 1 if args.tiny or args.quick else 3
     changes: Figures = {}
     if args.seconds is not None:
         changes["seconds"] = args.seconds
