@@ -57,7 +57,7 @@ def _event(event_id: int, type_: str, data: Any) -> bytes:
 
 
 @contextlib.asynccontextmanager
-async def _server(handler: Callable[[Any], Awaitable[None]]) -> AsyncIterator[str]:
+async def serve_raw(handler: Callable[[Any], Awaitable[None]]) -> AsyncIterator[str]:
     """Serve ``handler`` on 127.0.0.1 with websockets' own API; yield its URL."""
     options: dict[str, Any] = {"compression": None, "max_size": MAX_MESSAGE_SIZE}
     if sniffio.current_async_library() == "trio":
@@ -109,7 +109,7 @@ async def serve_child() -> None:
         finally:
             connections.discard(ws)
 
-    async with _server(handler) as url:
+    async with serve_raw(handler) as url:
         emit({"url": url, "pid": os.getpid()})
         while True:
             line = await anyio.to_thread.run_sync(sys.stdin.readline, abandon_on_cancel=True)
