@@ -221,11 +221,13 @@ def count(impl: str, loop: str, connections: int, events: int) -> int:
         return int(found.group(1))
 
 
-def measure(loop: str, connections: int, events: int) -> list[dict[str, Any]]:
+def measure(
+    loop: str, connections: int, events: int, impls: tuple[str, ...] = IMPLS
+) -> list[dict[str, Any]]:
     """Instructions per delivery of each implementation, the first the baseline."""
     records: list[dict[str, Any]] = []
     base: float | None = None
-    for impl in IMPLS:
+    for impl in impls:
         added = count(impl, loop, connections, events) - count(impl, loop, connections, 0)
         per = added / (events * connections)
         record: dict[str, Any] = {
@@ -251,8 +253,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--loop", choices=["asyncio", "trio", "all"], default="asyncio")
     parser.add_argument("--connections", type=int, default=100)
     parser.add_argument("--events", type=int, default=30, help="counted events per run")
+    parser.add_argument("--impls", default=",".join(IMPLS), help="raw (the baseline), rpcstream")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    impls = tuple(x for x in args.impls.split(",") if x)
+    if not set(impls) <= set(IMPLS):
+        parser.error(f"--impls: choose from {', '.join(IMPLS)}")
     if args.child:
         impl, loop, connections, events = args.child.split(":")
         anyio.run(CHILDREN[impl], int(connections), int(events), backend=loop)
@@ -261,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
         print("fanout_instructions needs valgrind (apt-get install valgrind)", file=sys.stderr)
         return 2
     for loop in ("asyncio", "trio") if args.loop == "all" else (args.loop,):
-        measure(loop, args.connections, args.events)
+        measure(loop, args.connections, args.events, impls)
     return 0
 
 
