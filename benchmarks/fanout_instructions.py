@@ -24,6 +24,9 @@ over the deliveries it adds::
     python -m benchmarks.fanout_instructions                    # asyncio, 100 connections
     python -m benchmarks.fanout_instructions --loop all --connections 50 --events 20
     PYTHONPATH=/tmp/other:. python -m benchmarks.fanout_instructions   # another rpcstream/
+
+Caution: the counts still move by 10-30% between repeats of the same code (see
+docs/benchmarks_runs.md, "Fifth session"): repeat each figure before comparing two.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import argparse
 import asyncio
 import contextlib
 import functools
+import gc
 import json
 import os
 import re
@@ -120,6 +124,11 @@ class Clients:
         """Connect and subscribe every client; return once each has its first event."""
         self.thread.start()
         await self.ready.wait()
+        # What set-up left behind stays out of the collector's way: a full
+        # collection of it landing inside or outside the counted events moved
+        # the figures by a third from one run to the next.
+        gc.collect()
+        gc.freeze()
 
     async def round(self, send: Callable[[], Awaitable[None]]) -> None:
         """Send one event and wait until every connection received it."""
