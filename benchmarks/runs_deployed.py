@@ -11,7 +11,10 @@ and drives the server through a control connection:
 * ``fanout``: one run ticking ``--fanout-rate`` events/s (10) for ``--seconds`` (10),
   1,000 connections with one subscriber each; and ``fanout_shared``: the same run,
   1,000 subscribers on 10 connections (100 per connection), which shows how many
-  WebSocket messages a delivery costs when a connection carries many subscriptions;
+  WebSocket messages a delivery costs when a connection carries many subscriptions.
+  ``fanout`` runs ``--rounds`` rounds interleaved with its baseline, a raw websockets
+  server (:mod:`benchmarks.runs_raw`) broadcasting each tick to as many connections
+  at the same pace, then prints a line of medians (``summary``);
 * ``runs``: 500 and 1,000 runs at once (``--runs``), each ticking at ``--rates``
   (20 and 50) events/s, one subscriber each on its own connection;
 * ``append``: 100 runs of a flow that sends 500 events as fast as it can
@@ -53,6 +56,7 @@ import inspect
 import json
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -91,14 +95,14 @@ class Sizes:
     client_procs: int = 4
     append_runs: int = 100
     append_events: int = 500  # per run
-    rounds: int = 3  # of the appends, interleaved with the store alone
+    rounds: int = 3  # of `append` and `fanout`, each interleaved with its baseline
     latency_samples: int = 500  # of the store-alone cross-node latency (Redis)
 
 
 FULL = Sizes()
 QUICK = Sizes(
     seconds=3.0, fanout_connections=200, runs=(100,), rates=(20.0,), replay_events=100_000,
-    append_events=200,
+    append_events=200, rounds=1,
 )  # fmt: skip
 TINY = Sizes(
     seconds=0.5, fanout_connections=6, runs=(4,), rates=(20.0,), replay_events=2000, client_procs=2,
@@ -236,10 +240,7 @@ async def paced(
         ]
     latencies = {node.name: [x for n, r in results if n is node for x in r.pop("latencies_us")]
                  for node in nodes}  # fmt: skip
-    measured = sum(r["measured"] for _, r in results)
-    deliveries = sum(r["deliveries"] for _, r in results)
-    server_cpu = sum(cpu)
-    clients = {f"client{i}": round(r["cpu_s"] / r["wall_s"], 2) for i, (_, r) in enumerate(results)}
+    flat = [r for _, r in results]
     figures = {
         **head,
         "runs": runs,
@@ -247,23 +248,111 @@ async def paced(
         "connections": -(-subscriptions // per_connection) * len(nodes),
         "rate": rate,
         "events_per_run": n + 2,
-        "seconds": round(wall, 2),
-        "deliveries": deliveries,
-        "deliveries_per_s": round(deliveries / wall) if wall else None,
-        **percentiles([x for samples in latencies.values() for x in samples]),
-        "messages_per_delivery": (
-            round(sum(r["messages"] for _, r in results) / measured, 3) if measured else None
-        ),
-        "server_cpu_s": round(server_cpu, 2),
-        "server_cpu_us_per_delivery": round(server_cpu * 1e6 / measured, 1) if measured else None,
-        "busy": {**servers_busy(nodes, cpu, wall), **clients},
-        "client_procs": len(results),
-        "verified": all(r["verified"] for _, r in results),
-        "wrong": [w for _, r in results for w in r["wrong"]][:3],
+        **client_figures(flat, wall, sum(cpu), [x for v in latencies.values() for x in v]),
     }
+    figures["busy"] = {**servers_busy(nodes, cpu, wall), **figures["busy"]}
     if len(nodes) > 1:  # where the subscribers were: the flow's node, or another
         figures["by_node"] = {name: percentiles(samples) for name, samples in latencies.items()}
     return figures
+
+
+def client_figures(
+    results: list[Figures], wall: float, server_cpu: float, latencies: list[int]
+) -> Figures:
+    """What the client children measured, summed, with the servers' CPU time."""
+    deliveries = sum(r["deliveries"] for r in results)
+    messages = sum(r["messages"] for r in results)
+    measured = sum(r["measured"] for r in results)
+    return {
+        "seconds": round(wall, 2),
+        "deliveries": deliveries,
+        "deliveries_per_s": round(deliveries / wall) if wall else None,
+        **percentiles(latencies),
+        "messages_per_delivery": round(messages / measured, 3) if measured else None,
+        "server_cpu_s": round(server_cpu, 2),
+        "server_cpu_us_per_delivery": round(server_cpu * 1e6 / measured, 1) if measured else None,
+        "busy": {f"client{i}": round(r["cpu_s"] / r["wall_s"], 2) for i, r in enumerate(results)},
+        "client_procs": len(results),
+        "verified": all(r["verified"] for r in results),
+        "wrong": [w for r in results for w in r["wrong"]][:3],
+    }
+
+
+async def raw_fanout(raw: Child, raw_url: str, head: Figures, args: argparse.Namespace) -> Figures:
+    """The baseline of ``fanout``: raw websockets broadcasting each tick to as many
+    connections, at the same pace, the clients spread over as many processes."""
+    s: Sizes = args.sizes
+    n = max(1, int(s.fanout_rate * s.seconds))
+    count = s.fanout_connections
+    procs = max(1, min(s.client_procs, count))
+    pid = raw.process.pid
+    stdin = raw.process.stdin
+    assert stdin is not None
+    async with contextlib.AsyncExitStack() as stack:
+        clients = []
+        for p in range(procs):
+            spec = {"url": raw_url, "connections": len(range(p, count, procs))}
+            argv = ["--raw-client", json.dumps(spec)]
+            clients.append(await stack.enter_async_context(spawn(argv, args.loop)))
+        for client in clients:
+            ready = await client.line()
+            assert ready.get("ready"), ready
+        cpu = proc_cpu_s(pid)
+        go = time.monotonic()
+        await stdin.send(json.dumps({"n": n, "rate": s.fanout_rate}).encode() + b"\n")
+        results = [await client.line() for client in clients]
+        wall = time.monotonic() - go
+        server_cpu = (proc_cpu_s(pid) or 0.0) - (cpu or 0.0)
+    latencies = [x for r in results for x in r.pop("latencies_us")]
+    record = {
+        **head,
+        "code": "raw websockets",
+        "runs": 1,
+        "subscribers": count,
+        "connections": count,
+        "rate": s.fanout_rate,
+        "events_per_run": n + 2,
+        **client_figures(results, wall, server_cpu, latencies),
+    }
+    record["busy"] = {"server": round(server_cpu / wall, 2), **record["busy"]}
+    return record
+
+
+async def fanout_rounds(
+    nodes: list[Node],
+    control: rpcstream.RpcPeer,
+    head: Figures,
+    args: argparse.Namespace,
+    out: Callable[[Figures], None],
+) -> None:
+    """``fanout`` beside its raw-websockets baseline: ``--rounds`` rounds, the two
+    alternating which goes first, each line printed, then one line of medians."""
+    s: Sizes = args.sizes
+    mine: list[Figures] = []
+    base: list[Figures] = []
+    async with spawn(["--raw-serve"], args.loop) as raw:
+        raw_url = (await raw.line())["url"]
+        for r in range(s.rounds):
+            for which in ("raw", "this") if r % 2 == 0 else ("this", "raw"):
+                at = {**head, "round": r}
+                if which == "raw":
+                    base.append(await raw_fanout(raw, raw_url, at, args))
+                    emit(base[-1])
+                else:
+                    conns, rate = s.fanout_connections, s.fanout_rate
+                    mine.append(await paced(nodes, control, at, args, 1, conns, rate))
+                    out(mine[-1])
+    summary: Figures = {**head, "summary": f"medians of {s.rounds} rounds"}
+    for key in ("p50_us", "p99_us", "server_cpu_us_per_delivery"):
+        ours = statistics.median(x[key] for x in mine)
+        theirs = statistics.median(x[key] for x in base)
+        summary[key] = ours
+        summary[f"baseline_{key}"] = theirs
+        summary[f"{key}_rounds"] = [x[key] for x in mine]
+        summary[f"baseline_{key}_rounds"] = [x[key] for x in base]
+        summary[f"ratio_to_baseline_{key}"] = round(ours / theirs, 2) if theirs else None
+    summary["verified"] = all(x["verified"] for x in mine + base)
+    emit(summary)
 
 
 async def replay(
@@ -434,8 +523,7 @@ async def run_store(store: str, args: argparse.Namespace, directory: Path) -> No
 
                 try:
                     if workload == "fanout":
-                        out(await paced(nodes, controls[0], work, args, 1, s.fanout_connections,
-                                        s.fanout_rate))  # fmt: skip
+                        await fanout_rounds(nodes, controls[0], work, args, out)
                     elif workload == "fanout_shared":
                         per = max(1, s.fanout_connections // 10)
                         out(await paced(nodes, controls[0], work, args, 1, s.fanout_connections,
@@ -484,7 +572,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--client-procs", type=int, default=None)
     parser.add_argument("--append-runs", type=int, default=None, help="runs of `append`")
     parser.add_argument("--append-events", type=int, default=None, help="events per run")
-    parser.add_argument("--rounds", type=int, default=None, help="of `append` and its baseline")
+    parser.add_argument(
+        "--rounds", type=int, default=None, help="of `append` and `fanout`, beside their baselines"
+    )
     parser.add_argument("--server-code", type=Path, default=None)
     parser.add_argument("--no-batch", dest="batch", action="store_false")
     args = parser.parse_args(argv)

@@ -275,9 +275,10 @@ def emit(record: Figures) -> None:
 
 
 def child_main(argv: list[str]) -> int:
-    """``--serve STORE`` or ``--client SPEC`` / ``--replay SPEC``, with ``--loop``."""
+    """``--serve STORE``, ``--client SPEC`` / ``--replay SPEC``, or the raw baseline's
+    ``--raw-serve`` / ``--raw-client SPEC`` (:mod:`benchmarks.runs_raw`), with ``--loop``."""
     loop = argv[argv.index("--loop") + 1] if "--loop" in argv else "asyncio"
-    role, value = argv[0], argv[1]
+    role, value = argv[0], argv[1] if len(argv) > 1 else ""
     work: Callable[[], Awaitable[None]]
     if role == "--serve":
         work = lambda: serve_child(value)  # noqa: E731
@@ -285,6 +286,14 @@ def child_main(argv: list[str]) -> int:
         work = lambda: client_child(json.loads(value))  # noqa: E731
     elif role == "--replay":
         work = lambda: replay_child(json.loads(value))  # noqa: E731
+    elif role == "--raw-serve":
+        from . import runs_raw
+
+        work = runs_raw.serve_child
+    elif role == "--raw-client":
+        from . import runs_raw
+
+        work = lambda: runs_raw.client_child(json.loads(value))  # noqa: E731
     else:
         raise SystemExit(f"unknown role {role!r}")
     anyio.run(work, backend=loop)

@@ -36,7 +36,22 @@ def test_every_workload_runs_in_separate_processes_and_is_verified() -> None:
         for workload in ("fanout", "fanout_shared", "runs", "append"):
             assert (store, workload, True) in seen
     assert ("memory", "replay", True) in seen and ("memory", "replay", False) in seen
+    # fanout runs beside its raw-websockets baseline, then a line of medians.
+    raw = [r for r in results if r.get("code") == "raw websockets"]
+    assert [(r["store"], r["workload"]) for r in raw] == [
+        ("memory", "fanout"),
+        ("sqlite", "fanout"),
+    ]
+    summaries = [r for r in results if "summary" in r]
+    assert [(r["store"], r["workload"]) for r in summaries] == [
+        (s, "fanout") for s in ("memory", "sqlite")
+    ]
+    for r in summaries:
+        assert r["verified"] is True, r
+        assert {"p99_us", "baseline_p99_us", "ratio_to_baseline_p99_us"} <= set(r)
     for r in results:
+        if "summary" in r:
+            continue
         assert "server" in r["busy"]
         if r["workload"] == "append":
             _check_appends(r)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
@@ -9,6 +10,8 @@ import anyio.lowlevel
 import pytest
 
 import rpcstream
+from rpcstream.messages import MSGPACK, Credit, Notify, StreamCall, StreamData, StreamEnd
+from tests.raw import raw_connect
 
 pytestmark = pytest.mark.anyio
 
@@ -131,3 +134,53 @@ async def test_what_a_handler_enters_before_its_first_await_is_its_own(anyio_bac
             again = await peer.call("guarded", False)
             assert again["child_parent"] == again["task"] != answer["task"]
     assert finished == ["cancelled"]
+
+
+async def test_stream_items_queued_together_leave_in_one_message_and_a_lone_one_leaves_alone() -> (
+    None
+):
+    # The writer's batching, seen on the wire by a raw client: 100 items a
+    # generator yields without waiting share a message (not one message each),
+    # and an item that comes alone is not held back waiting for company.
+    router = rpcstream.Router()
+    go = [anyio.Event(), anyio.Event()]
+
+    @router.method
+    async def burst(n: int) -> AsyncIterator[int]:
+        for i in range(n):
+            yield i
+        await go[0].wait()
+        yield n
+        await go[1].wait()
+
+    @router.method
+    def release(which: int) -> None:
+        go[which].set()
+
+    def frames(message: bytes) -> list[Any]:
+        # Only the stream's: the server also announces its settings (a Notify).
+        return [f for f in MSGPACK.decode_batch(message) if not isinstance(f, Notify)]
+
+    with anyio.fail_after(10):
+        async with (
+            rpcstream.serve(router) as server,
+            raw_connect(server.url, MSGPACK.subprotocol) as ws,
+        ):
+            args = MSGPACK.encode_raw([100])
+            call = StreamCall(1, "burst", args, MSGPACK.empty_map)
+            await ws.send(MSGPACK.encode_batch([call, Credit(1, 1000, 1 << 20)]))
+            messages, items = 0, []
+            while len(items) < 100:
+                messages += 1
+                items += [MSGPACK.decode(f.payload) for f in frames(await ws.recv())]
+            assert items == list(range(100))
+            assert messages <= 2
+
+            notify = Notify("release", MSGPACK.encode_raw([0]), MSGPACK.empty_map)
+            await ws.send(MSGPACK.encode_batch([notify]))
+            [lone] = frames(await ws.recv())
+            assert lone == StreamData(1, MSGPACK.encode_raw(100))
+
+            notify = Notify("release", MSGPACK.encode_raw([1]), MSGPACK.empty_map)
+            await ws.send(MSGPACK.encode_batch([notify]))
+            assert frames(await ws.recv()) == [StreamEnd(1)]

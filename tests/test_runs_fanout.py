@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any
 
 import anyio
@@ -139,6 +139,75 @@ async def test_subscribers_go_on_alone_when_the_hubs_follow_fails() -> None:
         assert ids_of(got) == [2]
 
 
+async def test_the_hub_sends_parked_subscriptions_each_event_until_their_stream_is_full() -> None:
+    # Two subscriptions whose streams take 3 items without waiting: the hub queues
+    # events 2-4 into both (the same bytes), their tasks asleep; event 5 does not
+    # fit, so each wakes and yields it itself, and the rest, in order, to the end.
+    async with fanout() as (store, fan):
+        await begin_run(store, "r", "f")
+        info = await store.info("r")
+        sent: list[list[Any]] = [[], []]
+        got: list[list[Any]] = [[], []]
+        done = [anyio.Event(), anyio.Event()]
+
+        def sender(into: list[Any]) -> Callable[[msgspec.Raw], bool]:
+            def send(item: msgspec.Raw) -> bool:
+                if len(into) == 3:
+                    return False
+                into.append(item)
+                return True
+
+            return send
+
+        async def consume(i: int) -> None:
+            sub = fan.subscribe(info, 1, MSGPACK, True, sender(sent[i]))
+            got[i].extend([item async for item in sub])
+            done[i].set()
+
+        assert fan.tg is not None
+        for i in range(2):
+            fan.tg.start_soon(consume, i)
+        await anyio.wait_all_tasks_blocked()
+        (hub,) = fan.hubs.values()
+        assert len(hub.parked) == 2
+        for i in range(3):
+            await store.append("r", "tick", encode_data(i))
+            await anyio.wait_all_tasks_blocked()
+        assert len(hub.parked) == 2 and got == [[], []]  # no task woke: the hub sent them
+        await store.append("r", "tick", encode_data(3))
+        await store.append("r", "complete", encode_data(None), terminal=True)
+        with anyio.fail_after(5):
+            for event in done:
+                await event.wait()
+        assert sent[0][0] is sent[1][0]  # encoded once for both
+        for i in range(2):
+            assert ids_of(sent[i]) == [2, 3, 4]
+            assert all(isinstance(MSGPACK.decode(item), list) for item in sent[i])
+            assert ids_of([raw for item in got[i] for raw in item]) == [5, 6]  # lists of Raw
+        assert fan.hubs == {} and hub.parked == {}
+
+
+async def test_a_parked_subscription_cancelled_leaves_nothing_in_the_hub() -> None:
+    async with fanout() as (store, fan):
+        await begin_run(store, "r", "f")
+        info = await store.info("r")
+        scope = anyio.CancelScope()
+
+        async def consume() -> None:
+            with scope:
+                async for _ in fan.subscribe(info, 1, MSGPACK, True, lambda item: True):
+                    pass
+
+        assert fan.tg is not None
+        fan.tg.start_soon(consume)
+        await anyio.wait_all_tasks_blocked()
+        (hub,) = fan.hubs.values()
+        assert len(hub.parked) == 1
+        scope.cancel()
+        await anyio.wait_all_tasks_blocked()
+        assert hub.parked == {} and fan.hubs == {} and fan.subscribers("r") == 0
+
+
 # -- over the wire --------------------------------------------------------------------
 
 
@@ -216,3 +285,34 @@ def test_timestamps_are_formatted_exactly_as_datetime_does() -> None:
     for ts in cases:
         expected = datetime.datetime.fromtimestamp(ts, datetime.UTC)
         assert iso_time(ts) == expected.isoformat(timespec="milliseconds")[:-6] + "Z", ts
+
+
+async def test_a_live_subscriber_that_stops_reading_misses_nothing_and_holds_back_no_one() -> None:
+    # Both subscribers are live (parked in the hub) when the run starts ticking;
+    # the slow one's window (8 items) fills, so the hub stops feeding it and its
+    # own task waits for credit, while the other gets every event meanwhile.
+    n = 100
+    gate = anyio.Event()
+    runs = rpcstream.RunServer()
+
+    @runs.flow("gated")
+    async def gated(ctx: rpcstream.RunContext) -> None:
+        await gate.wait()
+        for i in range(n):
+            await ctx.client.send("tick", i)
+
+    with anyio.fail_after(20):
+        async with (
+            rpcstream.serve(runs) as server,
+            rpcstream.connect(server.url, window_items=8) as slow_peer,
+            rpcstream.connect(server.url) as fast_peer,
+        ):
+            run_id = await runs.start("gated", {})
+            async with (
+                slow_peer.stream("runs.subscribe", run_id) as slow,
+                fast_peer.stream("runs.subscribe", run_id) as fast,
+            ):
+                assert (await anext(slow))["id"] == 1 and (await anext(fast))["id"] == 1
+                gate.set()
+                assert [e["id"] async for e in fast] == list(range(2, n + 3))
+                assert [e["id"] async for e in slow] == list(range(2, n + 3))

@@ -154,6 +154,7 @@ class Driver:
         self._wakeup = anyio.Event()
         self._quiet = False
         self._coalesce = False
+        self._soon = False  # a _flush_soon callback is due: queueing need not wake anyone
         self._inflight = 0  # bytes of the message the writer is sending
         self._write_error: Exception | None = None  # a direct write failed: the writer ends
         self._drained: anyio.Event | None = None  # senders waiting for the buffer to drain
@@ -416,8 +417,21 @@ class Driver:
     # -- writing -----------------------------------------------------------------------
 
     def _wake_writer(self) -> None:
-        if not self._quiet:  # else whoever set _quiet calls _flush() next
+        """A frame was queued outside a quiet section (a stream item, mostly)."""
+        if self._quiet or self._soon:  # whoever set it calls _flush() next
+            return
+        # Not at once: more frames may follow in this turn of the loop (a sender
+        # with many items ready), and they must leave together. In the loop's
+        # next turn, a callback (where the transport offers one) writes them
+        # for less than waking the writer task would cost.
+        if self.transport.run_soon(self._flush_soon):
+            self._soon = True
+        else:
             self._wakeup.set()
+
+    def _flush_soon(self) -> None:
+        self._soon = False
+        self._flush()
 
     def send_now(self, queue: Callable[..., Any], /, *args: Any) -> Any:
         """Call ``queue(*args)`` (a protocol method that queues frames) and send
@@ -478,11 +492,16 @@ class Driver:
                     self._wakeup = anyio.Event()
                     await self._wakeup.wait()
                     continue
-                self._inflight = len(message)
-                try:
-                    await transport.send(message, text=text)
-                finally:
-                    self._inflight = 0
+                if transport.can_send_now():
+                    # As _flush: no await, so nothing can cut it, and none of the
+                    # cost of the transport's own send() (a lock, a context).
+                    transport.send_now(message, text=text)
+                else:
+                    self._inflight = len(message)
+                    try:
+                        await transport.send(message, text=text)
+                    finally:
+                        self._inflight = 0
                 self._sent()
         except ConnectionClosed as exc:
             self._lost(exc)

@@ -2,6 +2,13 @@
 (:class:`IncomingStream`), and the async iterables it sends, each pumped by a
 task under credit and buffer limits (:class:`Senders`).
 
+While it pumps a stream, the pump names it to the iterable it runs
+(:func:`current_sender`): a producer that learns of items outside that task
+(the runs' fan-out hub, for thousands of subscribers) may queue them itself
+with :meth:`StreamSender.try_send`, when credit and the buffer allow at once,
+instead of waking the pump for each. The pump is then parked in the iterable,
+so the order of items stays the order they were queued in.
+
 Both talk to the connection only through the driver's narrow interface: the
 protocol's :class:`~rpcstream.protocol.StreamTable`, the waiters table, and
 ``send_now``/``spawn``/``wait_drained``.
@@ -10,6 +17,7 @@ protocol's :class:`~rpcstream.protocol.StreamTable`, the waiters table, and
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import math
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 from typing import Any, Self
@@ -24,9 +32,19 @@ from ..observe.outcomes import client_outcome
 from ..protocol import Empty, Finished, State
 from .driver import PUMP, READABLE, WRITABLE, Driver
 
-__all__ = ["IncomingStream", "Senders", "deadline"]
+__all__ = ["IncomingStream", "Senders", "StreamSender", "current_sender", "deadline"]
 
 _LARGE_ITEM = 16 * 1024  # stream items this large skip the writer when they can
+
+_current: contextvars.ContextVar[StreamSender | None] = contextvars.ContextVar(
+    "rpcstream_stream_sender", default=None
+)
+
+
+def current_sender() -> StreamSender | None:
+    """The outgoing stream whose pump runs the caller (an async generator a
+    streaming handler returned, while it is iterated); ``None`` elsewhere."""
+    return _current.get()
 
 
 def deadline(timeout: float | None) -> float:
@@ -222,6 +240,38 @@ def close_receiving(driver: Driver, stream_id: int) -> None:
     driver.waiters.wake(READABLE, stream_id)
 
 
+class StreamSender:
+    """One outgoing stream, for a producer that queues items without the pump
+    (see the module docstring). Only while the pump waits for the producer's
+    next item, or the order of items is lost: the producer must know it."""
+
+    __slots__ = ("_driver", "stream_id")
+
+    def __init__(self, driver: Driver, stream_id: StreamId) -> None:
+        self._driver = driver
+        self.stream_id = stream_id
+
+    def try_send(self, payload: Raw) -> bool:
+        """Queue one encoded item if the receiver's credit and the connection's
+        buffer take it now (as the pump would without waiting); ``False``, and
+        nothing queued, otherwise: then the pump must send it, waiting as it does."""
+        driver, sid = self._driver, self.stream_id
+        proto = driver.proto
+        streams = proto.streams
+        if (
+            proto.state is not State.OPEN
+            or streams.is_cancelled(sid)
+            or not streams.can_send(sid)
+            or driver.buffered_amount > driver.max_buffered_amount
+        ):
+            return False
+        if len(payload) < _LARGE_ITEM:
+            streams.send_item(sid, payload)  # leaves with what else is queued this turn
+        else:
+            driver.send_now(streams.send_item, sid, payload)
+        return True
+
+
 class Senders:
     """The streams this peer sends: one pump task each, under the receiver's
     credit and the connection's ``max_buffered_amount``."""
@@ -279,6 +329,8 @@ class Senders:
         streams = proto.streams
         encode = driver.codec.encode_raw
         iterator = aiter(items)
+        # The iterator's code runs in this task's context: it sees its stream.
+        token = _current.set(StreamSender(driver, sid))
         try:
             async for item in iterator:
                 # Already encoded (a run's events, shared by every subscriber):
@@ -309,3 +361,4 @@ class Senders:
             if aclose is not None:
                 with anyio.CancelScope(shield=True), anyio.move_on_after(driver.close_timeout):
                     await aclose()
+            _current.reset(token)

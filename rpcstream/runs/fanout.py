@@ -11,8 +11,8 @@ stored event and, per codec, the event already encoded as it goes on the wire
 first subscription that sends an event on a codec encodes it (and formats its
 timestamp); every other one sends the same bytes.
 
-Subscriptions pull, the hub never pushes: each keeps its position (the id of
-the last event it yielded) and loops
+Subscriptions pull (live ones park, below): each keeps its position (the id
+of the last event it yielded) and loops
 
 1. take the hub's current wake-up event (a publish after this wakes it);
 2. ask the hub for the entries after its position: they are its next items;
@@ -32,6 +32,21 @@ store in order. If the hub's follow fails (the store closed, the run expired),
 its subscribers each go on with their own ``store.follow``, which raises the
 store's error to them.
 
+Parked subscribers. Waking every subscription's task for every event is most
+of what a live event costs when each subscriber has a connection of its own
+(a browser tab each). So a subscription that caught up, and whose stream lets
+its producer queue items itself (``send``: the peer's
+:class:`~rpcstream.peer.streams.StreamSender`), *parks* in the hub instead of
+waiting in step 4, and the hub queues each new event straight into its stream,
+the same bytes for every subscriber (for batches, the one-event list, encoded
+once too), and moves its position on. Its task sleeps on. It wakes only when
+the hub cannot do that without waiting (no credit left, the connection's buffer
+full, the stream stopped), at the run's terminal event (its stream must end),
+or when the hub stops: then it goes back to step 1 and sends the event itself,
+as before, waiting for credit or the buffer as the pump does. The task sleeps
+inside the pump's wait for its next item, so no item of the stream can come
+between: the order holds.
+
 Batches. With ``batch=True`` each stream item is a list of events (up to
 :data:`BATCH_BYTES` of encoded events, at least one): what was waiting when the
 subscription looked, so a live subscriber that keeps up gets one-event lists,
@@ -49,7 +64,7 @@ import math
 from collections import deque
 from collections.abc import AsyncGenerator, Iterator
 from itertools import islice
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import anyio
 import msgspec
@@ -62,6 +77,12 @@ if TYPE_CHECKING:
     from anyio.abc import TaskGroup
 
     from ..messages import Codec
+
+    class Send(Protocol):
+        """How a parked subscription's stream takes an item without waiting."""
+
+        def __call__(self, payload: msgspec.Raw, /) -> bool: ...
+
 
 __all__ = ["BATCH_BYTES", "HUB_SIZE", "Fanout", "Hub", "iso_time"]
 
@@ -106,13 +127,27 @@ def wire_event(event: StoredEvent, info: RunInfo, binary: bool) -> RunEvent:
 
 
 class _Entry:
-    """One event in a hub, with its encodings so far (codec name -> bytes)."""
+    """One event in a hub, with its encodings so far (codec name -> bytes), and
+    as a batch of one (the item a parked ``batch`` subscriber is sent)."""
 
-    __slots__ = ("encoded", "event")
+    __slots__ = ("alone", "encoded", "event")
 
     def __init__(self, event: StoredEvent) -> None:
         self.event = event
         self.encoded: dict[str, msgspec.Raw] = {}
+        self.alone: dict[str, msgspec.Raw] = {}
+
+
+class _Parked:
+    """A subscription asleep in its hub, which sends it each new event itself."""
+
+    __slots__ = ("batch", "binary", "name", "position", "send", "woken")
+
+    def __init__(self, position: int, send: Send, name: str, binary: bool, batch: bool) -> None:
+        self.position = position
+        self.send = send
+        self.name, self.binary, self.batch = name, binary, batch
+        self.woken = anyio.Event()
 
 
 class Hub:
@@ -129,6 +164,7 @@ class Hub:
         self.users = 0
         self.wake = anyio.Event()
         self.scope = anyio.CancelScope()
+        self.parked: dict[_Parked, None] = {}  # in the order they parked
 
     async def run(self) -> None:
         """Follow the run in the store until its terminal event (the hub's task)."""
@@ -145,14 +181,51 @@ class Hub:
             if self.final_id is None:
                 self.failed = True
             self.notify()
+            self.unpark_all()
 
     def push(self, event: StoredEvent) -> None:
-        """Add the next event (the store yields them in id order) and wake the subscribers."""
-        self.entries.append(_Entry(event))
+        """Add the next event (the store yields them in id order), send it to the
+        parked subscriptions and wake the others."""
+        entry = _Entry(event)
+        self.entries.append(entry)
         self.seen = event.id
-        if event.type in TERMINAL_TYPES:
+        terminal = event.type in TERMINAL_TYPES
+        if terminal:
             self.final_id = event.id
+        if self.parked:
+            self._send_parked(entry, terminal)
         self.notify()
+
+    def _send_parked(self, entry: _Entry, terminal: bool) -> None:
+        event_id = entry.event.id
+        info = self.info
+        sent = 0
+        for parked in list(self.parked):
+            name = parked.name
+            if parked.batch:
+                item = entry.alone.get(name)
+                if item is None:
+                    raw = _encoded(entry, name, info, parked.binary)
+                    item = entry.alone[name] = msgspec.Raw(_ENCODERS[name]([raw]))
+            else:
+                item = _encoded(entry, name, info, parked.binary)
+            # Parked ones are always caught up (each event moves them on or wakes them).
+            if parked.position == event_id - 1 and parked.send(item):
+                parked.position = event_id
+                sent += 1
+                if not terminal:
+                    continue
+            # Cannot take it now, or its stream must end: it goes on in its task.
+            del self.parked[parked]
+            parked.woken.set()
+        if sent:
+            delivered(sent)
+
+    def unpark_all(self) -> None:
+        """Wake every parked subscription: the hub stops sending to them."""
+        parked, self.parked = self.parked, {}
+        for p in parked:
+            p.woken.set()
 
     def notify(self) -> None:
         """Wake everyone waiting now; later waiters get a fresh event."""
@@ -207,11 +280,12 @@ class Fanout:
                 del self.hubs[hub.info.run_id]
 
     async def subscribe(
-        self, info: RunInfo, after: int, codec: Codec, batch: bool
+        self, info: RunInfo, after: int, codec: Codec, batch: bool, send: Send | None = None
     ) -> AsyncGenerator[Any, None]:
         """The items of one ``runs.subscribe``: events after ``after`` until the
         terminal one, each already encoded for ``codec`` (a list of them per item
-        when ``batch``)."""
+        when ``batch``). ``send``: how the hub may queue items into the stream
+        these go to while the subscription is parked (see the module docstring)."""
         run_id = info.run_id
         self._counts[run_id] = self._counts.get(run_id, 0) + 1
         hub = self._acquire(info)
@@ -259,7 +333,16 @@ class Fanout:
                 if not entries:
                     if hub.final_id is not None and position >= hub.final_id:
                         return
-                    await wake.wait()
+                    if send is None:
+                        await wake.wait()
+                        continue
+                    parked = _Parked(position, send, name, binary, batch)
+                    hub.parked[parked] = None
+                    try:
+                        await parked.woken.wait()
+                    finally:
+                        hub.parked.pop(parked, None)
+                        position = parked.position  # what the hub sent meanwhile
                     continue
                 raws = [_encoded(entry, name, info, binary) for entry in entries]
                 last = entries[-1].event

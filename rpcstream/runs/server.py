@@ -44,6 +44,7 @@ from ..errors import InvalidParams, Overloaded, RunFinished, RunNotFound
 from ..handshake import StaticFile, current_principal, principal_id
 from ..observe import hooks
 from ..peer import current_peer
+from ..peer.streams import current_sender
 from ..router import Router
 from ..store.base import EventStore, RunInfo
 from ..store.memory import MemoryStore
@@ -247,7 +248,10 @@ class RunServer(FlowHost):
                 f"runs.subscribe(): 'after' must be an event id, 0 to {MAX_EVENT_ID}, not {after}"
             )
         info = await self._check_access(run_id, "subscribe")
-        items = self._fanout.subscribe(info, after, current_peer().codec, batch)
+        # The hub may queue live events straight into this stream (see fanout.py).
+        sender = current_sender()
+        send = None if sender is None else sender.try_send
+        items = self._fanout.subscribe(info, after, current_peer().codec, batch, send)
         async with contextlib.aclosing(items) as stream:
             async for item in stream:
                 yield item

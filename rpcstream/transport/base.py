@@ -47,6 +47,13 @@ class Transport(abc.ABC):
         """Write one message without waiting; only when :meth:`can_send_now`."""
         raise NotImplementedError
 
+    def run_soon(self, callback: Callable[[], None]) -> bool:
+        """Have the event loop call ``callback`` (which must not raise) in its next
+        turn, outside any task, after what is ready now; ``False`` (the default)
+        when the transport cannot: only transports that can :meth:`send_now`
+        need to, since only a direct write can follow from such a callback."""
+        return False
+
     async def abort(self) -> None:
         """Drop the connection at once, without a closing handshake: for a peer
         that broke a limit and will not read a close frame anyway."""

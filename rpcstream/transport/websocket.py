@@ -15,6 +15,7 @@ and the loop-free :mod:`~rpcstream.transport.http` types, never websockets.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
 import ssl as ssl_module
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
@@ -48,6 +49,8 @@ class WebSocketTransport(Transport):
         # On asyncio a message can be written without waiting (websockets' own
         # send() does exactly this, then awaits a drain only when paused).
         self._direct: AsyncioConnection | None = ws if isinstance(ws, AsyncioConnection) else None
+        # For run_soon: one context for every callback, not a copy per call.
+        self._context = contextvars.copy_context()
 
     async def send(self, message: bytes, *, text: bool) -> None:
         """Send one message (a text frame when ``text``)."""
@@ -103,6 +106,14 @@ class WebSocketTransport(Transport):
         except Exception as exc:  # as in websockets' send(): the connection is broken
             ws.set_connection_exc(exc)
             ws.transport.abort()
+
+    def run_soon(self, callback: Callable[[], None]) -> bool:
+        """asyncio only: ``loop.call_soon`` (a callback costs less than waking a task)."""
+        ws = self._direct
+        if ws is None:
+            return False
+        ws.loop.call_soon(callback, context=self._context)
+        return True
 
     async def aclose(self, code: int = 1000, reason: str = "") -> None:
         """Run the WebSocket closing handshake (bounded by websockets' close_timeout)."""

@@ -1,0 +1,180 @@
+"""The fan-out baseline: raw websockets sending each event to every connection.
+
+The floor the ``fanout`` workload of :mod:`benchmarks.runs_deployed` is measured
+against: the same events at the same pace to as many connections, with no
+RunServer, no store and no peer: a websockets server (every setting at
+websockets' default, no compression, as rpcstream's) that, per tick, encodes
+one msgpack message shaped like a run event and hands it to every open
+connection with websockets' own ``broadcast`` (on asyncio it writes to each
+connection without waiting, the cheapest way websockets offers).
+
+* ``--raw-serve``: prints ``{"url", "pid"}``, sends each new connection a
+  ``started`` event (id 1), then reads commands from stdin, one JSON line each:
+  ``{"n": N, "rate": R}`` ticks N events (ids 2 to N + 1, ``data.t`` the
+  ``time.monotonic()`` taken just before the broadcast) and a ``complete``
+  event (id N + 2) to every connection open then. Ends when stdin closes.
+* ``--raw-client SPEC``: opens ``SPEC["connections"]`` connections, prints
+  ``{"ready": true}`` once each has its ``started`` event, reads to
+  ``complete`` and prints the same figures as the rpcstream client child
+  (:func:`benchmarks.runs_procs.client_child`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import os
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import anyio
+import msgspec
+import sniffio
+
+from .peer_workloads import MAX_MESSAGE_SIZE, raw_connect
+
+Figures = dict[str, Any]
+
+_encode = msgspec.msgpack.Encoder().encode
+_decode = msgspec.msgpack.Decoder().decode
+
+
+def _event(event_id: int, type_: str, data: Any) -> bytes:
+    # The fields and sizes of a RunEvent as rpcstream sends it.
+    return _encode(
+        {
+            "id": event_id,
+            "type": type_,
+            "data": data,
+            "timestamp": "2026-12-03T12:00:00.000Z",
+            "run_id": "0123456789abcdef0123456789abcdef",
+            "flow": "paced",
+        }
+    )
+
+
+@contextlib.asynccontextmanager
+async def serve_raw(handler: Callable[[Any], Awaitable[None]]) -> AsyncIterator[str]:
+    """Serve ``handler`` on 127.0.0.1 with websockets' own API; yield its URL."""
+    options: dict[str, Any] = {"compression": None, "max_size": MAX_MESSAGE_SIZE}
+    if sniffio.current_async_library() == "trio":
+        from websockets.trio.server import serve as trio_serve
+
+        async with anyio.create_task_group() as tg:
+            server = await tg.start(
+                functools.partial(trio_serve, handler, 0, host="127.0.0.1", **options)
+            )
+            try:
+                yield f"ws://127.0.0.1:{server.listeners[0].socket.getsockname()[1]}"
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await server.aclose()
+                tg.cancel_scope.cancel()
+    else:
+        from websockets.asyncio.server import serve as asyncio_serve
+
+        async with asyncio_serve(handler, "127.0.0.1", 0, **options) as server:
+            yield f"ws://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+
+
+async def _broadcast(connections: set[Any], message: bytes) -> None:
+    if sniffio.current_async_library() == "trio":
+        from websockets.trio.connection import broadcast as trio_broadcast
+
+        await trio_broadcast(connections, message)
+    else:
+        from websockets.asyncio.server import broadcast
+
+        broadcast(connections, message)
+
+
+async def serve_child() -> None:
+    """Child: the raw fan-out server (see the module docstring)."""
+    from .runs_procs import emit
+
+    connections: set[Any] = set()
+    started = _event(1, "started", None)
+
+    async def handler(ws: Any) -> None:
+        await ws.send(started)
+        connections.add(ws)
+        try:
+            async for _ in ws:  # until the client closes
+                pass
+        except Exception:  # a client that went away: nothing to fan out to
+            pass
+        finally:
+            connections.discard(ws)
+
+    async with serve_raw(handler) as url:
+        emit({"url": url, "pid": os.getpid()})
+        while True:
+            line = await anyio.to_thread.run_sync(sys.stdin.readline, abandon_on_cancel=True)
+            if not line:
+                return
+            command = json.loads(line)
+            n, rate = int(command["n"]), float(command["rate"])
+            targets = set(connections)
+            start = time.monotonic()
+            for i in range(n):
+                delay = start + i / rate - time.monotonic()
+                if delay > 0:
+                    await anyio.sleep(delay)
+                await _broadcast(targets, _event(i + 2, "tick", {"t": time.monotonic()}))
+            await _broadcast(targets, _event(n + 2, "complete", None))
+
+
+async def client_child(spec: Figures) -> None:
+    """Child: ``spec["connections"]`` raw connections to ``spec["url"]``, read to the end."""
+    from .runs_procs import Subscriber, emit
+
+    count = spec["connections"]
+    subs = [Subscriber() for _ in range(count)]
+    waiting = count
+    all_ready = anyio.Event()
+    messages = 0
+
+    async def read(ws: Any, sub: Subscriber) -> None:
+        nonlocal waiting, messages
+        sub.take(_decode(await ws.recv()), time.monotonic())
+        waiting -= 1
+        if waiting == 0:
+            all_ready.set()
+        monotonic = time.monotonic
+        while not sub.ended:
+            message = await ws.recv()
+            now = monotonic()
+            messages += 1
+            sub.take(_decode(message), now)
+
+    async with contextlib.AsyncExitStack() as stack:
+        sockets = [await stack.enter_async_context(raw_connect(spec["url"])) for _ in range(count)]
+        async with anyio.create_task_group() as tg:
+            for ws, sub in zip(sockets, subs, strict=True):
+                tg.start_soon(read, ws, sub)
+            await all_ready.wait()
+            cpu = time.process_time()
+            start = time.monotonic()
+            emit({"ready": True})
+        wall = time.monotonic() - start
+        cpu = time.process_time() - cpu
+        wrong = [s.wrong for s in subs if s.wrong is not None]
+        firsts = [s.first for s in subs if s.first is not None]
+        emit(
+            {
+                "deliveries": sum(s.deliveries for s in subs),
+                "measured": sum(s.deliveries for s in subs) - len(subs),
+                "ticks": sum(len(s.latencies_us) for s in subs),
+                "messages": messages,
+                "first_receipt": min(firsts, default=None),
+                "last_receipt": max((s.last_at for s in subs), default=None),
+                "cpu_s": round(cpu, 3),
+                "wall_s": round(wall, 3),
+                "verified": not wrong and all(s.ended for s in subs),
+                "wrong": wrong[:3],
+                "latencies_us": [x for s in subs for x in s.latencies_us],
+            }
+        )
