@@ -215,16 +215,21 @@ async def raw_handler(ws: Any) -> None:
                 break
 
 
-@contextlib.asynccontextmanager
-async def raw_server() -> AsyncIterator[str]:
+def raw_server() -> contextlib.AbstractAsyncContextManager[str]:
     """Serve :func:`raw_handler` on 127.0.0.1 with websockets' own API; yield its URL."""
+    return serve_raw(raw_handler)
+
+
+@contextlib.asynccontextmanager
+async def serve_raw(handler: Callable[[Any], Awaitable[None]]) -> AsyncIterator[str]:
+    """Serve ``handler`` on 127.0.0.1 with websockets' own API; yield its URL."""
     options: dict[str, Any] = {"compression": None, "max_size": MAX_MESSAGE_SIZE}
     if sniffio.current_async_library() == "trio":
         from websockets.trio.server import serve as trio_serve
 
         async with anyio.create_task_group() as tg:
             server = await tg.start(
-                functools.partial(trio_serve, raw_handler, 0, host="127.0.0.1", **options)
+                functools.partial(trio_serve, handler, 0, host="127.0.0.1", **options)
             )
             try:
                 yield f"ws://127.0.0.1:{server.listeners[0].socket.getsockname()[1]}"
@@ -235,7 +240,7 @@ async def raw_server() -> AsyncIterator[str]:
     else:
         from websockets.asyncio.server import serve as asyncio_serve
 
-        async with asyncio_serve(raw_handler, "127.0.0.1", 0, **options) as server:
+        async with asyncio_serve(handler, "127.0.0.1", 0, **options) as server:
             yield f"ws://127.0.0.1:{server.sockets[0].getsockname()[1]}"
 
 

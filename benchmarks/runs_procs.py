@@ -226,24 +226,7 @@ async def client_child(spec: Figures) -> None:
         wall = time.monotonic() - start
         cpu = time.process_time() - cpu
         # Printed before the connections close: the parent stops its clock here.
-        wrong = [s.wrong for s in subs if s.wrong is not None]
-        firsts = [s.first for s in subs if s.first is not None]
-        emit(
-            {
-                "deliveries": sum(s.deliveries for s in subs),
-                # Those after ``ready``: every subscription had exactly its ``started`` then.
-                "measured": sum(s.deliveries for s in subs) - len(subs),
-                "ticks": sum(len(s.latencies_us) for s in subs),
-                "messages": Counted.messages - messages,
-                "first_receipt": min(firsts, default=None),
-                "last_receipt": max((s.last_at for s in subs), default=None),
-                "cpu_s": round(cpu, 3),
-                "wall_s": round(wall, 3),
-                "verified": not wrong,
-                "wrong": wrong[:3],
-                "latencies_us": [x for s in subs for x in s.latencies_us],
-            }
-        )
+        emit(client_record(subs, Counted.messages - messages, cpu, wall))
 
 
 async def replay_child(spec: Figures) -> None:
@@ -267,6 +250,27 @@ async def replay_child(spec: Figures) -> None:
             "wrong": sub.wrong,
         }
     )
+
+
+def client_record(subs: list[Any], messages: int, cpu: float, wall: float) -> Figures:
+    """What a client child measured over its subscriptions (``Subscription``-like:
+    ``deliveries``, ``latencies_us``, ``first``, ``last_at``, ``wrong``, ``ended``)."""
+    wrong = [s.wrong for s in subs if s.wrong is not None]
+    firsts = [s.first for s in subs if s.first is not None]
+    return {
+        "deliveries": sum(s.deliveries for s in subs),
+        # Those after ``ready``: every subscription had exactly its ``started`` then.
+        "measured": sum(s.deliveries for s in subs) - len(subs),
+        "ticks": sum(len(s.latencies_us) for s in subs),
+        "messages": messages,
+        "first_receipt": min(firsts, default=None),
+        "last_receipt": max((s.last_at for s in subs), default=None),
+        "cpu_s": round(cpu, 3),
+        "wall_s": round(wall, 3),
+        "verified": not wrong and all(s.ended for s in subs),
+        "wrong": wrong[:3],
+        "latencies_us": [x for s in subs for x in s.latencies_us],
+    }
 
 
 def emit(record: Figures) -> None:

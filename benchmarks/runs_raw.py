@@ -22,19 +22,17 @@ connection without waiting, the cheapest way websockets offers).
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import os
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import anyio
 import msgspec
 import sniffio
 
-from .peer_workloads import MAX_MESSAGE_SIZE, raw_connect
+from .peer_workloads import raw_connect, serve_raw
 
 Figures = dict[str, Any]
 
@@ -54,30 +52,6 @@ def _event(event_id: int, type_: str, data: Any) -> bytes:
             "flow": "paced",
         }
     )
-
-
-@contextlib.asynccontextmanager
-async def serve_raw(handler: Callable[[Any], Awaitable[None]]) -> AsyncIterator[str]:
-    """Serve ``handler`` on 127.0.0.1 with websockets' own API; yield its URL."""
-    options: dict[str, Any] = {"compression": None, "max_size": MAX_MESSAGE_SIZE}
-    if sniffio.current_async_library() == "trio":
-        from websockets.trio.server import serve as trio_serve
-
-        async with anyio.create_task_group() as tg:
-            server = await tg.start(
-                functools.partial(trio_serve, handler, 0, host="127.0.0.1", **options)
-            )
-            try:
-                yield f"ws://127.0.0.1:{server.listeners[0].socket.getsockname()[1]}"
-            finally:
-                with anyio.CancelScope(shield=True):
-                    await server.aclose()
-                tg.cancel_scope.cancel()
-    else:
-        from websockets.asyncio.server import serve as asyncio_serve
-
-        async with asyncio_serve(handler, "127.0.0.1", 0, **options) as server:
-            yield f"ws://127.0.0.1:{server.sockets[0].getsockname()[1]}"
 
 
 async def _broadcast(connections: set[Any], message: bytes) -> None:
@@ -129,7 +103,7 @@ async def serve_child() -> None:
 
 async def client_child(spec: Figures) -> None:
     """Child: ``spec["connections"]`` raw connections to ``spec["url"]``, read to the end."""
-    from .runs_procs import Subscriber, emit
+    from .runs_procs import Subscriber, client_record, emit
 
     count = spec["connections"]
     subs = [Subscriber() for _ in range(count)]
@@ -161,20 +135,4 @@ async def client_child(spec: Figures) -> None:
             emit({"ready": True})
         wall = time.monotonic() - start
         cpu = time.process_time() - cpu
-        wrong = [s.wrong for s in subs if s.wrong is not None]
-        firsts = [s.first for s in subs if s.first is not None]
-        emit(
-            {
-                "deliveries": sum(s.deliveries for s in subs),
-                "measured": sum(s.deliveries for s in subs) - len(subs),
-                "ticks": sum(len(s.latencies_us) for s in subs),
-                "messages": messages,
-                "first_receipt": min(firsts, default=None),
-                "last_receipt": max((s.last_at for s in subs), default=None),
-                "cpu_s": round(cpu, 3),
-                "wall_s": round(wall, 3),
-                "verified": not wrong and all(s.ended for s in subs),
-                "wrong": wrong[:3],
-                "latencies_us": [x for s in subs for x in s.latencies_us],
-            }
-        )
+        emit(client_record(subs, messages, cpu, wall))
