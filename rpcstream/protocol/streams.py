@@ -9,14 +9,29 @@ the receiver grants what was consumed back, once half a window has been consumed
 (like HTTP/2's WINDOW_UPDATE, batched so credit frames stay rare).
 
 Window growth. A small window caps a stream at one window per round trip, so
-windows grow, as QUIC and HTTP/2 stacks auto-tune theirs: when the consumer
-found nothing waiting since the last grant (it keeps up, so the window is what
-holds the stream back; waiting for the first items does not count), a grant
-that half the *byte* window triggered doubles the byte window, up to
-``max_window_bytes``, and one that half the *item* window triggered doubles the
-item window, up to ``max_window_items``. A consumer that lags always has items
-waiting, so its windows never grow and the memory it can be made to hold stays
-one window.
+windows grow, as QUIC stacks auto-tune theirs (Chromium's
+``QuicFlowController``): at a grant, a window doubles when (1) the consumer
+found nothing waiting since the previous grant (it keeps up: waiting for the
+first items does not count) and (2) that previous grant was less than two
+round trips ago, so the sender goes through a whole window in about a round
+trip: the window, not the sender, sets the pace. A grant that half the *byte*
+window triggered doubles the byte window, up to ``max_window_bytes``; one that
+half the *item* window triggered, the item window, up to ``max_window_items``.
+A consumer that lags always has items waiting, so its windows never grow and
+the memory it can be made to hold stays one window. A sender that trickles
+(even items as large as half the window) leaves more than two round trips
+between grants, so its window does not grow either; a window stops growing
+once half of it takes two round trips to arrive, about twice the
+bandwidth-delay product of the link.
+
+The round trip is measured, per connection, from credit: a grant (other than
+the first) is timed until the first item that could only be sent with it
+arrives, the sender having used all the credit granted before it. That is at
+least one round trip (more when the sender was slow to produce that item), so
+the connection keeps the least such sample (never below :data:`MIN_RTT`:
+scheduling noise), and the I/O layer may add its own (:meth:`StreamTable.note_rtt`,
+a WebSocket ping's latency, say). Until there is a sample, windows do not grow.
+The clock is injected (``clock``), so tests move time instead of waiting.
 
 The receive budget. Every byte window draws from one budget per connection,
 ``max_receive_buffer``, so whatever the number of streams, the bytes granted
@@ -45,6 +60,7 @@ odd ids and the accepting side even ones, as in HTTP/2.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -75,7 +91,11 @@ from .events import (
 from .outbox import Outbox
 from .wire import MAX_CREDIT, overloaded_streams, wire_error
 
-__all__ = ["StreamTable"]
+__all__ = ["MIN_RTT", "StreamTable"]
+
+MIN_RTT = 0.001
+"""The least round trip the windows assume (s): below a millisecond, what a
+credit round trip measures is how soon two event loops get to run."""
 
 
 class _Incoming:
@@ -89,8 +109,12 @@ class _Incoming:
         "decode",
         "done",
         "error",
+        "granted_at",
         "grown",
         "items",
+        "probe_at",
+        "probe_bytes",
+        "probe_items",
         "regranted",
         "starved",
         "wanted_bytes",
@@ -111,6 +135,13 @@ class _Incoming:
         self.starved = False  # the consumer found no item waiting since the last grant
         self.regranted = False  # a grant was made: waiting from now on counts as starving
         self.grown = 0  # bytes of window above the floor, drawn from the connection's pool
+        self.granted_at = 0.0  # when the last grant was made
+        # A grant being timed (see the module docstring): when it was made, and the
+        # credit granted before it that the sender still had then; the first item
+        # that arrives with none of that left could only be sent with this grant.
+        self.probe_at: float | None = None
+        self.probe_bytes = 0
+        self.probe_items = 0
         self.done = False  # no more frames will be accepted
         # A RemoteError from the sender, or ConnectionClosed from the I/O layer.
         self.error: BaseException | None = None
@@ -147,6 +178,7 @@ class StreamTable:
         max_window_bytes: int,
         max_window_items: int,
         max_receive_buffer: int,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if window_items < 1 or window_bytes < 1:
             raise ValueError("stream windows must allow at least one item and one byte")
@@ -160,6 +192,9 @@ class StreamTable:
         self.max_streams = max_streams
         self.max_window_bytes = max_window_bytes
         self.max_window_items = max_window_items
+        self.clock = clock
+        self.rtt: float | None = None
+        """The connection's round trip as measured (s), ``None`` before a sample."""
         # The receive budget (see above): a floor for each possible stream, the
         # rest a pool that windows above their floors draw from.
         self.floor_bytes = max(1, min(window_bytes, max_receive_buffer // (2 * max_streams)))
@@ -246,7 +281,15 @@ class StreamTable:
             st.done = True
             st.error = self._early_in.pop(stream_id)
             return
+        st.granted_at = self.clock()
         self.outbox.send(Credit(stream_id, st.window_items, st.window_bytes))
+
+    def note_rtt(self, seconds: float) -> None:
+        """Take a round-trip sample measured elsewhere (a ping's latency, say):
+        the connection keeps the least, never below :data:`MIN_RTT`."""
+        sample = max(seconds, MIN_RTT)
+        if self.rtt is None or sample < self.rtt:
+            self.rtt = sample
 
     def refuse_incoming(self, stream_id: int) -> None:
         """A call ended without opening its stream argument ``stream_id``: tell the
@@ -276,8 +319,10 @@ class StreamTable:
                     or st.consumed_bytes * 2 >= st.window_bytes
                 ):
                     grant, grant_items = st.consumed_bytes, st.consumed_items
-                    if st.starved:
-                        # The consumer waited for more: the window holds the stream back.
+                    now = self.clock()
+                    if st.starved and self.rtt is not None and now - st.granted_at < 2 * self.rtt:
+                        # The consumer waited for more, and the sender went through
+                        # the window within about a round trip: the window holds it back.
                         if st.consumed_bytes * 2 >= st.window_bytes:
                             double = min(st.window_bytes, self.max_window_bytes - st.window_bytes)
                             grant += self._draw(st, double)
@@ -287,6 +332,13 @@ class StreamTable:
                             grant_items += max(0, extra)
                     if st.window_bytes < st.wanted_bytes:  # cut by the budget: grow back
                         grant += self._draw(st, st.wanted_bytes - st.window_bytes)
+                    if st.probe_at is None or (st.probe_bytes > 0 and st.probe_items > 0):
+                        # Time this grant (see the module docstring), unless the one
+                        # being timed is what the sender waits for: it used all the
+                        # credit granted before it.
+                        st.probe_at = now
+                        st.probe_bytes, st.probe_items = st.credit_bytes, st.credit_items
+                    st.granted_at = now
                     st.starved = False
                     st.regranted = True
                     st.credit_items += grant_items
@@ -415,6 +467,12 @@ class StreamTable:
             )
             events.append(StreamReadable(StreamId(sid)))
             return
+        if st.probe_at is not None:
+            if st.probe_bytes <= 0 or st.probe_items <= 0:  # it needed the timed grant
+                self.note_rtt(self.clock() - st.probe_at)
+                st.probe_at = None
+            st.probe_bytes -= size
+            st.probe_items -= 1
         st.credit_items -= 1
         st.credit_bytes -= size
         try:
