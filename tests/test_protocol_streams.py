@@ -323,7 +323,7 @@ def test_a_window_that_holds_a_fast_stream_back_doubles_up_to_its_maximum() -> N
     deliver(b, a)
     pool = b.streams.pool_left
     sent = _run_rounds(a, b, 1, 12, send=None, take="all", clock=clock)
-    assert b.streams.rtt == pytest.approx(RTT)  # measured from the credit round trips
+    assert b.streams.rtt.seconds == pytest.approx(RTT)  # measured from the credit round trips
     assert b.streams.window_bytes_of(1) == 8000
     assert sent[0] == 10 and max(sent) == 80  # 1000 then 8000 bytes a round
     assert b.streams.pool_left == pool - 7000
@@ -346,7 +346,7 @@ def test_no_window_grows_before_a_round_trip_was_measured() -> None:
     b.streams.open_incoming(1, identity, window_items=10_000, window_bytes=1000)
     deliver(b, a)
     _run_rounds(a, b, 1, 3, send=2, take="all", clock=clock)
-    assert b.streams.rtt is None
+    assert b.streams.rtt.seconds is None
     assert b.streams.window_bytes_of(1) == 1000
 
 
@@ -376,7 +376,7 @@ def test_a_sender_that_trickles_large_items_to_a_waiting_consumer_keeps_its_wind
             b.streams.pop_item(3)
         deliver(b, a)
     assert b.streams.window_bytes_of(3) == 1000
-    assert b.streams.rtt == pytest.approx(RTT)  # the trickle's own samples are longer
+    assert b.streams.rtt.seconds == pytest.approx(RTT)  # the trickle's own samples are longer
 
 
 def test_a_lagging_consumer_never_grows_a_window() -> None:
@@ -387,7 +387,7 @@ def test_a_lagging_consumer_never_grows_a_window() -> None:
     b.streams.open_incoming(3, identity, window_items=4, window_bytes=1000)
     deliver(b, a)
     pool = b.streams.pool_left
-    b.streams.note_rtt(RTT)  # a round trip known (a ping's): the lag alone holds it
+    b.streams.rtt.note(RTT)  # a round trip known (a ping's): the lag alone holds it
     # The consumer takes half of what waits, so it never waits itself.
     _run_rounds(a, b, 1, 12, send=None, take="half", clock=clock)
     sent = _run_rounds(a, b, 3, 12, send=None, take="half", payload=b"t", clock=clock)

@@ -9,29 +9,9 @@ the receiver grants what was consumed back, once half a window has been consumed
 (like HTTP/2's WINDOW_UPDATE, batched so credit frames stay rare).
 
 Window growth. A small window caps a stream at one window per round trip, so
-windows grow, as QUIC stacks auto-tune theirs (Chromium's
-``QuicFlowController``): at a grant, a window doubles when (1) the consumer
-found nothing waiting since the previous grant (it keeps up: waiting for the
-first items does not count) and (2) that previous grant was less than two
-round trips ago, so the sender goes through a whole window in about a round
-trip: the window, not the sender, sets the pace. A grant that half the *byte*
-window triggered doubles the byte window, up to ``max_window_bytes``; one that
-half the *item* window triggered, the item window, up to ``max_window_items``.
-A consumer that lags always has items waiting, so its windows never grow and
-the memory it can be made to hold stays one window. A sender that trickles
-(even items as large as half the window) leaves more than two round trips
-between grants, so its window does not grow either; a window stops growing
-once half of it takes two round trips to arrive, about twice the
-bandwidth-delay product of the link.
-
-The round trip is measured, per connection, from credit: a grant (other than
-the first) is timed until the first item that could only be sent with it
-arrives, the sender having used all the credit granted before it. That is at
-least one round trip (more when the sender was slow to produce that item), so
-the connection keeps the least such sample (never below :data:`MIN_RTT`:
-scheduling noise), and the I/O layer may add its own (:meth:`StreamTable.note_rtt`,
-a WebSocket ping's latency, say). Until there is a sample, windows do not grow.
-The clock is injected (``clock``), so tests move time instead of waiting.
+windows grow while the window is what holds a stream back, never for a consumer
+that lags: :mod:`.windows` says when and by how much, from a round trip it
+measures on the connection's credit.
 
 The receive budget. Every byte window draws from one budget per connection,
 ``max_receive_buffer``, so whatever the number of streams, the bytes granted
@@ -89,13 +69,10 @@ from .events import (
     StreamWritable,
 )
 from .outbox import Outbox
+from .windows import Pace, RoundTrip, grown
 from .wire import MAX_CREDIT, overloaded_streams, wire_error
 
-__all__ = ["MIN_RTT", "StreamTable"]
-
-MIN_RTT = 0.001
-"""The least round trip the windows assume (s): below a millisecond, what a
-credit round trip measures is how soon two event loops get to run."""
+__all__ = ["StreamTable"]
 
 
 class _Incoming:
@@ -109,14 +86,9 @@ class _Incoming:
         "decode",
         "done",
         "error",
-        "granted_at",
         "grown",
         "items",
-        "probe_at",
-        "probe_bytes",
-        "probe_items",
-        "regranted",
-        "starved",
+        "pace",
         "wanted_bytes",
         "window_bytes",
         "window_items",
@@ -124,6 +96,7 @@ class _Incoming:
 
     def __init__(self, decode: Callable[[Any], Any], window_items: int, window_bytes: int):
         self.decode = decode
+        self.pace = Pace()  # how its items come, for its windows' growth
         self.wanted_bytes = window_bytes  # its own window, which the budget may cut
         self.items: deque[tuple[Any, int]] = deque()
         self.window_items = window_items
@@ -132,16 +105,7 @@ class _Incoming:
         self.credit_bytes = window_bytes
         self.consumed_items = 0
         self.consumed_bytes = 0
-        self.starved = False  # the consumer found no item waiting since the last grant
-        self.regranted = False  # a grant was made: waiting from now on counts as starving
         self.grown = 0  # bytes of window above the floor, drawn from the connection's pool
-        self.granted_at = 0.0  # when the last grant was made
-        # A grant being timed (see the module docstring): when it was made, and the
-        # credit granted before it that the sender still had then; the first item
-        # that arrives with none of that left could only be sent with this grant.
-        self.probe_at: float | None = None
-        self.probe_bytes = 0
-        self.probe_items = 0
         self.done = False  # no more frames will be accepted
         # A RemoteError from the sender, or ConnectionClosed from the I/O layer.
         self.error: BaseException | None = None
@@ -192,9 +156,8 @@ class StreamTable:
         self.max_streams = max_streams
         self.max_window_bytes = max_window_bytes
         self.max_window_items = max_window_items
-        self.clock = clock
-        self.rtt: float | None = None
-        """The connection's round trip as measured (s), ``None`` before a sample."""
+        self.clock = clock  # read at grants and waits only: tests move it by hand
+        self.rtt = RoundTrip()
         # The receive budget (see above): a floor for each possible stream, the
         # rest a pool that windows above their floors draw from.
         self.floor_bytes = max(1, min(window_bytes, max_receive_buffer // (2 * max_streams)))
@@ -281,15 +244,8 @@ class StreamTable:
             st.done = True
             st.error = self._early_in.pop(stream_id)
             return
-        st.granted_at = self.clock()
+        st.pace.granted_at = self.clock()
         self.outbox.send(Credit(stream_id, st.window_items, st.window_bytes))
-
-    def note_rtt(self, seconds: float) -> None:
-        """Take a round-trip sample measured elsewhere (a ping's latency, say):
-        the connection keeps the least, never below :data:`MIN_RTT`."""
-        sample = max(seconds, MIN_RTT)
-        if self.rtt is None or sample < self.rtt:
-            self.rtt = sample
 
     def refuse_incoming(self, stream_id: int) -> None:
         """A call ended without opening its stream argument ``stream_id``: tell the
@@ -318,40 +274,34 @@ class StreamTable:
                     st.consumed_items * 2 >= st.window_items
                     or st.consumed_bytes * 2 >= st.window_bytes
                 ):
-                    grant, grant_items = st.consumed_bytes, st.consumed_items
-                    now = self.clock()
-                    if st.starved and self.rtt is not None and now - st.granted_at < 2 * self.rtt:
-                        # The consumer waited for more, and the sender went through
-                        # the window within about a round trip: the window holds it back.
-                        if st.consumed_bytes * 2 >= st.window_bytes:
-                            double = min(st.window_bytes, self.max_window_bytes - st.window_bytes)
-                            grant += self._draw(st, double)
-                        if st.consumed_items * 2 >= st.window_items:
-                            extra = min(st.window_items, self.max_window_items - st.window_items)
-                            st.window_items += max(0, extra)
-                            grant_items += max(0, extra)
-                    if st.window_bytes < st.wanted_bytes:  # cut by the budget: grow back
-                        grant += self._draw(st, st.wanted_bytes - st.window_bytes)
-                    if st.probe_at is None or (st.probe_bytes > 0 and st.probe_items > 0):
-                        # Time this grant (see the module docstring), unless the one
-                        # being timed is what the sender waits for: it used all the
-                        # credit granted before it.
-                        st.probe_at = now
-                        st.probe_bytes, st.probe_items = st.credit_bytes, st.credit_items
-                    st.granted_at = now
-                    st.starved = False
-                    st.regranted = True
-                    st.credit_items += grant_items
-                    st.credit_bytes += grant
-                    self.outbox.send(Credit(stream_id, grant_items, grant))
-                    st.consumed_items = st.consumed_bytes = 0
+                    self._grant(stream_id, st)
             return item
         if st.done:
             if st.error is not None:
                 raise st.error
             raise Finished
-        st.starved = st.regranted  # waiting for the first items is no sign
+        st.pace.waiting(self.clock())
         raise Empty
+
+    def _grant(self, stream_id: int, st: _Incoming) -> None:
+        """Grant back what the consumer took; grow the windows that hold it back."""
+        grant, grant_items, now = st.consumed_bytes, st.consumed_items, self.clock()
+        per_rtt = st.pace.per_rtt(now, self.rtt.seconds)
+        if per_rtt is not None:  # the window holds the stream back: it grows
+            if st.consumed_bytes * 2 >= st.window_bytes:
+                want = grown(st.window_bytes, st.consumed_bytes, per_rtt, self.max_window_bytes)
+                grant += self._draw(st, want - st.window_bytes)
+            if st.consumed_items * 2 >= st.window_items:
+                want = grown(st.window_items, st.consumed_items, per_rtt, self.max_window_items)
+                grant_items += want - st.window_items
+                st.window_items = want
+        if st.window_bytes < st.wanted_bytes:  # cut by the budget: grow back
+            grant += self._draw(st, st.wanted_bytes - st.window_bytes)
+        st.pace.granted(now, st.credit_bytes, st.credit_items)
+        st.credit_items += grant_items
+        st.credit_bytes += grant
+        self.outbox.send(Credit(stream_id, grant_items, grant))
+        st.consumed_items = st.consumed_bytes = 0
 
     def _draw(self, st: _Incoming, want: int) -> int:
         """Widen a stream's byte window by up to ``want`` bytes from the pool;
@@ -467,12 +417,8 @@ class StreamTable:
             )
             events.append(StreamReadable(StreamId(sid)))
             return
-        if st.probe_at is not None:
-            if st.probe_bytes <= 0 or st.probe_items <= 0:  # it needed the timed grant
-                self.note_rtt(self.clock() - st.probe_at)
-                st.probe_at = None
-            st.probe_bytes -= size
-            st.probe_items -= 1
+        if st.pace.probe_at is not None:  # a grant is being timed
+            st.pace.arrived(self.clock(), size, self.rtt)
         st.credit_items -= 1
         st.credit_bytes -= size
         try:
@@ -484,6 +430,7 @@ class StreamTable:
         st.items.append((item, size))
         if len(st.items) == 1:
             events.append(StreamReadable(StreamId(sid)))
+            st.pace.came(self.clock)
 
     def _receive_data_unopened(self, sid: int) -> None:
         if sid in self._early_in:

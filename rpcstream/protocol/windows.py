@@ -1,0 +1,134 @@
+"""Windows that fill the link: the round trip one connection measures, and the
+rule that grows the windows of the streams it receives.
+
+A small window caps a stream at one window per round trip, so windows grow, as
+QUIC's auto-tune (Chromium's ``QuicFlowController``): a grant grows a window
+when (1) the consumer found nothing waiting since the previous grant (it keeps
+up; waiting for the first items does not count) and (2) that grant was less
+than two round trips ago: the sender went through the window in about a round
+trip, so the window, not the sender, sets the pace. The window (bytes if half
+the byte window triggered the grant, items if half the item window did) then
+takes twice what arrives in a round trip at the pace items came while they
+came (the time the consumer waited left out), at least double and at most
+eight times what it was, up to ``max_window_bytes`` or ``max_window_items``:
+doubling alone costs a round trip per doubling, which is what a long link made
+slow. A lagging consumer always has items waiting, so its windows never grow
+and it holds at most one window. A sender that trickles, even items as large
+as the window, leaves more than two round trips between grants, so its window
+stays; a window stops growing once half of it takes two round trips to arrive.
+
+The round trip is measured from credit: a grant (not a stream's first) is timed
+until the first item that could only be sent with it arrives, the sender having
+used all the credit granted before it. That takes a round trip or more (more
+when the sender was slow to produce that item), so the connection keeps the
+least sample, at least :data:`MIN_RTT`; the I/O layer may add its own
+(:meth:`RoundTrip.note`, a ping's latency say). Without a sample no window
+grows. On a connection whose only samples come from one trickling stream, the
+samples measure its pace, not the link: its window may then grow to a few items.
+
+Everything here is told the time (``now``): the stream table reads its clock.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+__all__ = ["MIN_RTT", "Pace", "RoundTrip", "grown"]
+
+MIN_RTT = 0.001
+"""The least round trip the windows assume (s): below a millisecond, what a
+credit round trip measures is how soon two event loops get to run."""
+
+
+class Pace:
+    """How the items of one incoming stream came since its last grant."""
+
+    __slots__ = (
+        "granted_at",
+        "probe_at",
+        "probe_bytes",
+        "probe_items",
+        "regranted",
+        "starved",
+        "wait_from",
+        "waited",
+    )
+
+    def __init__(self) -> None:
+        self.starved = False  # the consumer found no item waiting since the last grant
+        self.regranted = False  # a grant was made: waiting from now on counts as starving
+        self.granted_at = 0.0  # when the last grant was made
+        self.wait_from: float | None = None  # since when the consumer waits for items
+        self.waited = 0.0  # how long it waited since the last grant
+        # The grant being timed: when it was made, and the credit granted before
+        # it that the sender had left then (the first item that arrives with none
+        # of it left could only be sent with this grant).
+        self.probe_at: float | None = None
+        self.probe_bytes = 0
+        self.probe_items = 0
+
+    def waiting(self, now: float) -> None:
+        """The consumer found no item waiting."""
+        self.starved = self.regranted  # waiting for the first items is no sign
+        if self.starved and self.wait_from is None:
+            self.wait_from = now
+
+    def came(self, clock: Callable[[], float]) -> None:
+        """Items came after none were waiting: how long the consumer waited for
+        them is left out of the pace."""
+        if self.wait_from is not None:
+            self.waited += clock() - self.wait_from
+            self.wait_from = None
+
+    def arrived(self, now: float, size: int, rtt: RoundTrip) -> None:
+        """An item arrived while a grant is being timed."""
+        assert self.probe_at is not None
+        if self.probe_bytes <= 0 or self.probe_items <= 0:  # it needed the timed grant
+            rtt.note(now - self.probe_at)
+            self.probe_at = None
+        self.probe_bytes -= size
+        self.probe_items -= 1
+
+    def granted(self, now: float, credit_bytes: int, credit_items: int) -> None:
+        """A grant is being made; the sender has this credit left before it."""
+        if self.probe_at is None or (self.probe_bytes > 0 and self.probe_items > 0):
+            # Time this grant, unless the one being timed is what the sender
+            # waits for: it used all the credit granted before that one.
+            self.probe_at = now
+            self.probe_bytes, self.probe_items = credit_bytes, credit_items
+        self.granted_at = now
+        self.waited = 0.0
+        self.starved = False
+        self.regranted = True
+
+    def per_rtt(self, now: float, rtt: float | None) -> float | None:
+        """At a grant, when the window is what holds the stream back: how many
+        times what came since the last grant would come in a round trip at the
+        pace it came; else ``None``."""
+        since = now - self.granted_at
+        if not self.starved or rtt is None or since >= 2 * rtt:
+            return None
+        return rtt / max(since - self.waited, 1e-6)
+
+
+class RoundTrip:
+    """One connection's round trip, measured: the least sample (see above)."""
+
+    __slots__ = ("seconds",)
+
+    def __init__(self) -> None:
+        self.seconds: float | None = None
+        """The round trip (s), ``None`` before a sample."""
+
+    def note(self, sample: float) -> None:
+        """Take a round-trip sample (s): the least is kept, never below MIN_RTT."""
+        sample = max(sample, MIN_RTT)
+        if self.seconds is None or sample < self.seconds:
+            self.seconds = sample
+
+
+def grown(window: int, consumed: int, per_rtt: float, limit: int) -> int:
+    """The window a stream its window holds back grows to: twice what comes in a
+    round trip, at least double and at most eight times ``window``, at most
+    ``limit`` (never less than ``window``)."""
+    return max(window, min(limit, 8 * window, max(2 * window, int(2 * consumed * per_rtt))))
