@@ -297,7 +297,7 @@ class StreamTable:
                 st.window_items = want
         if st.window_bytes < st.wanted_bytes:  # cut by the budget: grow back
             grant += self._draw(st, st.wanted_bytes - st.window_bytes)
-        st.pace.granted(now, st.credit_bytes, st.credit_items)
+        st.pace.granted(now, st.credit_bytes, st.credit_items, per_rtt is not None)
         st.credit_items += grant_items
         st.credit_bytes += grant
         self.outbox.send(Credit(stream_id, grant_items, grant))

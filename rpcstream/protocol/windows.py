@@ -11,11 +11,14 @@ the byte window triggered the grant, items if half the item window did) then
 takes twice what arrives in a round trip at the pace items came while they
 came (the time the consumer waited left out), at least double and at most
 eight times what it was, up to ``max_window_bytes`` or ``max_window_items``:
-doubling alone costs a round trip per doubling, which is what a long link made
-slow. A lagging consumer always has items waiting, so its windows never grow
-and it holds at most one window. A sender that trickles, even items as large
-as the window, leaves more than two round trips between grants, so its window
-stays; a window stops growing once half of it takes two round trips to arrive.
+doubling alone costs a round trip per doubling, which is what made a long link
+slow. The first of such grants in a row only doubles: a slow consumer that
+caught up with a burst once looks fast for that one grant.
+
+A lagging consumer always has items waiting, so its windows never grow and it
+holds at most one window. A sender that trickles, even items as large as the
+window, leaves more than two round trips between grants, so its window stays;
+a window stops growing once half of it takes two round trips to arrive.
 
 The round trip is measured from credit: a grant (not a stream's first) is timed
 until the first item that could only be sent with it arrives, the sender having
@@ -45,6 +48,7 @@ class Pace:
 
     __slots__ = (
         "granted_at",
+        "grew",
         "probe_at",
         "probe_bytes",
         "probe_items",
@@ -58,6 +62,7 @@ class Pace:
         self.starved = False  # the consumer found no item waiting since the last grant
         self.regranted = False  # a grant was made: waiting from now on counts as starving
         self.granted_at = 0.0  # when the last grant was made
+        self.grew = False  # the last grant grew a window
         self.wait_from: float | None = None  # since when the consumer waits for items
         self.waited = 0.0  # how long it waited since the last grant
         # The grant being timed: when it was made, and the credit granted before
@@ -89,14 +94,16 @@ class Pace:
         self.probe_bytes -= size
         self.probe_items -= 1
 
-    def granted(self, now: float, credit_bytes: int, credit_items: int) -> None:
-        """A grant is being made; the sender has this credit left before it."""
+    def granted(self, now: float, credit_bytes: int, credit_items: int, grew: bool) -> None:
+        """A grant is being made (``grew``: it grows a window); the sender has
+        this credit left before it."""
         if self.probe_at is None or (self.probe_bytes > 0 and self.probe_items > 0):
             # Time this grant, unless the one being timed is what the sender
             # waits for: it used all the credit granted before that one.
             self.probe_at = now
             self.probe_bytes, self.probe_items = credit_bytes, credit_items
         self.granted_at = now
+        self.grew = grew
         self.waited = 0.0
         self.starved = False
         self.regranted = True
@@ -104,11 +111,12 @@ class Pace:
     def per_rtt(self, now: float, rtt: float | None) -> float | None:
         """At a grant, when the window is what holds the stream back: how many
         times what came since the last grant would come in a round trip at the
-        pace it came; else ``None``."""
+        pace it came (0 the first time in a row: one such grant could be a
+        consumer that caught up once); else ``None``."""
         since = now - self.granted_at
         if not self.starved or rtt is None or since >= 2 * rtt:
             return None
-        return rtt / max(since - self.waited, 1e-6)
+        return rtt / max(since - self.waited, 1e-6) if self.grew else 0.0
 
 
 class RoundTrip:
