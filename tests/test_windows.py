@@ -42,9 +42,7 @@ def test_the_connection_keeps_its_least_round_trip_and_never_less_than_the_floor
 
 def test_a_grant_is_timed_to_the_first_item_that_needed_it() -> None:
     rtt, pace = RoundTrip(), Pace()
-    pace.granted(
-        10.0, credit_bytes=200, credit_items=50, grew=False
-    )  # the sender had 200 bytes left
+    pace.granted(10.0, credit_bytes=200, credit_items=50)  # the sender had 200 bytes left
     pace.arrived(10.005, 100, rtt)
     pace.arrived(10.010, 100, rtt)  # the last of the credit before the grant
     assert rtt.seconds is None
@@ -55,29 +53,39 @@ def test_a_grant_is_timed_to_the_first_item_that_needed_it() -> None:
 
 def test_a_grant_the_sender_was_not_waiting_for_is_not_timed_in_its_place() -> None:
     rtt, pace = RoundTrip(), Pace()
-    pace.granted(10.0, credit_bytes=0, credit_items=5, grew=False)  # the sender waits for this one
-    pace.granted(10.001, credit_bytes=500, credit_items=5, grew=False)
+    pace.granted(10.0, credit_bytes=0, credit_items=5)  # the sender waits for this one
+    pace.granted(10.001, credit_bytes=500, credit_items=5)
     pace.arrived(10.020, 100, rtt)
     assert rtt.seconds == pytest.approx(0.020)  # timed from the first grant, not the second
 
 
 def test_only_a_starved_consumer_whose_grants_come_within_two_round_trips_grows() -> None:
     pace = Pace()
-    pace.granted(10.0, 0, 0, grew=False)
+    pace.granted(10.0, 0, 0)
     pace.waiting(10.001)
-    assert pace.starved and pace.per_rtt(10.030, 0.020) == 0.0  # the first time: double
-    assert pace.per_rtt(10.030, None) is None  # no round trip measured yet
-    assert pace.per_rtt(10.041, 0.020) is None  # more than two round trips since
-    pace.granted(10.041, 0, 0, grew=False)
-    assert pace.per_rtt(10.045, 0.020) is None  # the consumer did not wait
+    assert pace.growth(10.030, None) is None  # no round trip measured yet
+    assert pace.growth(10.041, 0.020) is None  # more than two round trips since
+    pace.granted(10.041, 0, 0)
+    assert pace.growth(10.045, 0.020) is None  # the consumer did not wait
 
 
-def test_a_window_that_grew_at_its_last_grant_sizes_itself_from_the_pace() -> None:
+def test_a_row_of_growing_grants_sizes_the_window_from_the_pace_and_a_lag_ends_it() -> None:
     pace = Pace()
-    pace.granted(10.0, 0, 0, grew=True)
+    pace.granted(10.0, 0, 0)
     pace.waiting(10.001)
-    pace.came(lambda: 10.016)  # waited 15 ms; items then came for 4 ms
-    assert pace.per_rtt(10.020, 0.020) == pytest.approx(0.020 / 0.005)
+    pace.came(lambda: 10.0015)
+    assert pace.growth(10.002, 0.020) == 0.0  # the first in a row: double
+    pace.granted(10.002, 0, 0)
+    assert pace.growth(10.003, 0.020) is None  # the same burst, no wait: the row goes on
+    pace.granted(10.003, 0, 0)
+    pace.waiting(10.004)
+    pace.came(lambda: 10.019)  # waited 15 ms; items then came for 4 ms
+    assert pace.growth(10.023, 0.020) == pytest.approx(0.020 / 0.005)
+    pace.granted(10.023, 0, 0)
+    assert pace.growth(10.100, 0.020) is None  # items waiting, long after: a lag
+    pace.granted(10.100, 0, 0)
+    pace.waiting(10.101)
+    assert pace.growth(10.102, 0.020) == 0.0  # so the next row starts by doubling
 
 
 @pytest.mark.parametrize(

@@ -286,7 +286,7 @@ class StreamTable:
     def _grant(self, stream_id: int, st: _Incoming) -> None:
         """Grant back what the consumer took; grow the windows that hold it back."""
         grant, grant_items, now = st.consumed_bytes, st.consumed_items, self.clock()
-        per_rtt = st.pace.per_rtt(now, self.rtt.seconds)
+        per_rtt = st.pace.growth(now, self.rtt.seconds)
         if per_rtt is not None:  # the window holds the stream back: it grows
             if st.consumed_bytes * 2 >= st.window_bytes:
                 want = grown(st.window_bytes, st.consumed_bytes, per_rtt, self.max_window_bytes)
@@ -297,7 +297,7 @@ class StreamTable:
                 st.window_items = want
         if st.window_bytes < st.wanted_bytes:  # cut by the budget: grow back
             grant += self._draw(st, st.wanted_bytes - st.window_bytes)
-        st.pace.granted(now, st.credit_bytes, st.credit_items, per_rtt is not None)
+        st.pace.granted(now, st.credit_bytes, st.credit_items)
         st.credit_items += grant_items
         st.credit_bytes += grant
         self.outbox.send(Credit(stream_id, grant_items, grant))

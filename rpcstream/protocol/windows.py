@@ -62,7 +62,7 @@ class Pace:
         self.starved = False  # the consumer found no item waiting since the last grant
         self.regranted = False  # a grant was made: waiting from now on counts as starving
         self.granted_at = 0.0  # when the last grant was made
-        self.grew = False  # the last grant grew a window
+        self.grew = False  # a grant grew a window, and none since showed a lag
         self.wait_from: float | None = None  # since when the consumer waits for items
         self.waited = 0.0  # how long it waited since the last grant
         # The grant being timed: when it was made, and the credit granted before
@@ -94,29 +94,34 @@ class Pace:
         self.probe_bytes -= size
         self.probe_items -= 1
 
-    def granted(self, now: float, credit_bytes: int, credit_items: int, grew: bool) -> None:
-        """A grant is being made (``grew``: it grows a window); the sender has
-        this credit left before it."""
+    def granted(self, now: float, credit_bytes: int, credit_items: int) -> None:
+        """A grant is being made; the sender has this credit left before it."""
         if self.probe_at is None or (self.probe_bytes > 0 and self.probe_items > 0):
             # Time this grant, unless the one being timed is what the sender
             # waits for: it used all the credit granted before that one.
             self.probe_at = now
             self.probe_bytes, self.probe_items = credit_bytes, credit_items
         self.granted_at = now
-        self.grew = grew
         self.waited = 0.0
         self.starved = False
         self.regranted = True
 
-    def per_rtt(self, now: float, rtt: float | None) -> float | None:
+    def growth(self, now: float, rtt: float | None) -> float | None:
         """At a grant, when the window is what holds the stream back: how many
         times what came since the last grant would come in a round trip at the
-        pace it came (0 the first time in a row: one such grant could be a
-        consumer that caught up once); else ``None``."""
+        pace it came (0 for the first such grant in a row: a consumer that once
+        caught up with a burst looks fast for that one grant); else ``None``."""
         since = now - self.granted_at
-        if not self.starved or rtt is None or since >= 2 * rtt:
+        quick = rtt is not None and since < 2 * rtt
+        if not (self.starved and quick):
+            # A grant within the same burst (items waiting, but soon after the
+            # last) does not break a row; a consumer that lags does.
+            self.grew = self.grew and quick
             return None
-        return rtt / max(since - self.waited, 1e-6) if self.grew else 0.0
+        assert rtt is not None
+        factor = rtt / max(since - self.waited, 1e-6) if self.grew else 0.0
+        self.grew = True
+        return factor
 
 
 class RoundTrip:
