@@ -379,6 +379,21 @@ def test_a_sender_that_trickles_large_items_to_a_waiting_consumer_keeps_its_wind
     assert b.streams.rtt.seconds == pytest.approx(RTT)  # the trickle's own samples are longer
 
 
+@pytest.mark.parametrize("send", [1, 2])
+def test_a_steady_sender_slower_than_its_window_alone_on_a_connection_keeps_it(
+    send: int,
+) -> None:
+    # Nothing else on the connection times the link: what its own grants time is
+    # the sender's pace, which must not pass for a round trip.
+    a, b, clock = _clocked(max_window_bytes=8000)
+    a.streams.open_outgoing(1)
+    b.streams.open_incoming(1, identity, window_items=10_000, window_bytes=1000)
+    deliver(b, a)
+    _run_rounds(a, b, 1, 60, send=send, take="all", clock=clock)
+    assert b.streams.window_bytes_of(1) == 1000
+    assert b.streams.rtt.seconds is None
+
+
 def test_a_lagging_consumer_never_grows_a_window() -> None:
     a, b, clock = _clocked(max_window_bytes=8000, max_window_items=64)
     for sid in (1, 3):

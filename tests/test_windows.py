@@ -43,12 +43,21 @@ def test_the_connection_keeps_its_least_round_trip_and_never_less_than_the_floor
 def test_a_grant_is_timed_to_the_first_item_that_needed_it() -> None:
     rtt, pace = RoundTrip(), Pace()
     pace.granted(10.0, credit_bytes=200, credit_items=50)  # the sender had 200 bytes left
-    pace.arrived(10.005, 100, rtt)
-    pace.arrived(10.010, 100, rtt)  # the last of the credit before the grant
+    pace.arrived(10.001, 100, rtt)
+    pace.arrived(10.002, 100, rtt)  # the last of the credit before the grant, early on
     assert rtt.seconds is None
     pace.arrived(10.020, 100, rtt)  # could only be sent with the grant
     assert rtt.seconds == pytest.approx(0.020)
     assert pace.probe_at is None
+
+
+def test_a_sender_that_spent_its_credit_late_went_at_its_own_pace_and_times_nothing() -> None:
+    rtt, pace = RoundTrip(), Pace()
+    pace.granted(10.0, credit_bytes=200, credit_items=50)
+    pace.arrived(10.5, 100, rtt)
+    pace.arrived(11.0, 100, rtt)  # a slow sender: an item every half second
+    pace.arrived(11.5, 100, rtt)  # it needed the grant, but never waited for it
+    assert rtt.seconds is None and pace.probe_at is None
 
 
 def test_a_grant_the_sender_was_not_waiting_for_is_not_timed_in_its_place() -> None:

@@ -22,12 +22,15 @@ a window stops growing once half of it takes two round trips to arrive.
 
 The round trip is measured from credit: a grant (not a stream's first) is timed
 until the first item that could only be sent with it arrives, the sender having
-used all the credit granted before it. That takes a round trip or more (more
-when the sender was slow to produce that item), so the connection keeps the
-least sample, at least :data:`MIN_RTT`; the I/O layer may add its own
-(:meth:`RoundTrip.note`, a ping's latency say). Without a sample no window
-grows. On a connection whose only samples come from one trickling stream, the
-samples measure its pace, not the link: its window may then grow to a few items.
+used all the credit granted before it. That takes a round trip or more, so the
+connection keeps the least sample, at least :data:`MIN_RTT`; the I/O layer may
+add its own (:meth:`RoundTrip.note`). A time counts only if the sender was
+waiting for the grant: the credit before it was spent within the first quarter
+of the time; spent later, the sender went at its own pace, which is what the
+time would measure. Without a sample no window grows. One case remains that
+timing alone cannot tell from a long link: a slow sender whose every item is
+larger than the window waits for each grant; if nothing else on the connection
+was timed, its pace passes for the round trip and its window grows.
 
 Everything here is told the time (``now``): the stream table reads its clock.
 """
@@ -53,6 +56,7 @@ class Pace:
         "probe_bytes",
         "probe_items",
         "regranted",
+        "spent_at",
         "starved",
         "wait_from",
         "waited",
@@ -71,6 +75,7 @@ class Pace:
         self.probe_at: float | None = None
         self.probe_bytes = 0
         self.probe_items = 0
+        self.spent_at = 0.0  # when the item that spent that credit arrived
 
     def waiting(self, now: float) -> None:
         """The consumer found no item waiting."""
@@ -89,17 +94,24 @@ class Pace:
         """An item arrived while a grant is being timed."""
         assert self.probe_at is not None
         if self.probe_bytes <= 0 or self.probe_items <= 0:  # it needed the timed grant
-            rtt.note(now - self.probe_at)
+            # A round trip if the sender was waiting for the grant: it had spent the
+            # credit before it early on. Spent late, the sender went at its own
+            # pace, which is what the time would measure.
+            if 4 * (self.spent_at - self.probe_at) <= now - self.probe_at:
+                rtt.note(now - self.probe_at)
             self.probe_at = None
+            return
         self.probe_bytes -= size
         self.probe_items -= 1
+        if self.probe_bytes <= 0 or self.probe_items <= 0:
+            self.spent_at = now
 
     def granted(self, now: float, credit_bytes: int, credit_items: int) -> None:
         """A grant is being made; the sender has this credit left before it."""
         if self.probe_at is None or (self.probe_bytes > 0 and self.probe_items > 0):
             # Time this grant, unless the one being timed is what the sender
             # waits for: it used all the credit granted before that one.
-            self.probe_at = now
+            self.probe_at = self.spent_at = now
             self.probe_bytes, self.probe_items = credit_bytes, credit_items
         self.granted_at = now
         self.waited = 0.0
