@@ -394,6 +394,25 @@ def test_a_steady_sender_slower_than_its_window_alone_on_a_connection_keeps_it(
     assert b.streams.rtt.seconds is None
 
 
+def test_a_window_grown_for_a_fast_consumer_narrows_back_once_it_lags() -> None:
+    a, b, clock = _clocked(max_window_bytes=8000)
+    a.streams.open_outgoing(1)
+    b.streams.open_incoming(1, identity, window_items=10_000, window_bytes=1000)
+    deliver(b, a)
+    pool = b.streams.pool_left
+    _run_rounds(a, b, 1, 12, send=None, take="all", clock=clock)
+    assert b.streams.window_bytes_of(1) == 8000
+    # Now the consumer takes half of what waits, a round every five round trips:
+    # it lags, and the window goes back to its first size, its bytes to the pool.
+    for _ in range(12):
+        _run_rounds(a, b, 1, 1, send=None, take="half", clock=clock)
+        clock.now += 4 * RTT
+    assert b.streams.window_bytes_of(1) == 1000
+    assert b.streams.pool_left == pool
+    sent = _run_rounds(a, b, 1, 6, send=None, take="half", clock=clock)
+    assert b.streams.buffered_items(1) <= 11 and max(sent) <= 10  # one window, no more
+
+
 def test_a_lagging_consumer_never_grows_a_window() -> None:
     a, b, clock = _clocked(max_window_bytes=8000, max_window_items=64)
     for sid in (1, 3):

@@ -20,7 +20,7 @@ import pytest
 
 import rpcstream
 from benchmarks.link import LinkParams, open_link
-from rpcstream.protocol.windows import MIN_RTT, Pace, RoundTrip, grown
+from rpcstream.protocol.windows import MIN_RTT, Pace, RoundTrip, grown, shrunk
 
 HOST = "127.0.0.1"
 WAIT = 20  # seconds: how long one stream may take before the test fails
@@ -111,6 +111,18 @@ def test_a_window_grows_toward_twice_a_round_trip_of_items(
     window: int, consumed: int, per_rtt: float, limit: int, expected: int
 ) -> None:
     assert grown(window, consumed, per_rtt, limit) == expected
+
+
+def test_a_lagging_consumer_gives_back_half_its_window_down_to_its_first_size() -> None:
+    pace = Pace()
+    pace.granted(10.0, 0, 0)
+    assert not pace.lags(10.079, 0.020)  # within four round trips
+    assert pace.lags(10.080, 0.020) and not pace.lags(10.080, None)
+    pace.waiting(10.001)
+    assert not pace.lags(10.080, 0.020)  # it waited for items: it keeps up
+    assert shrunk(8000, 1000, 4000) == 4000
+    assert shrunk(1500, 1000, 4000) == 500  # down to its first size
+    assert shrunk(8000, 1000, 300) == 300  # never more than the grant
 
 
 # -- across a link of 20 ms ---------------------------------------------------------------

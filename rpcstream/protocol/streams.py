@@ -69,7 +69,7 @@ from .events import (
     StreamWritable,
 )
 from .outbox import Outbox
-from .windows import Pace, RoundTrip, grown
+from .windows import Pace, RoundTrip, grown, shrunk
 from .wire import MAX_CREDIT, overloaded_streams, wire_error
 
 __all__ = ["StreamTable"]
@@ -297,6 +297,8 @@ class StreamTable:
                 st.window_items = want
         if st.window_bytes < st.wanted_bytes:  # cut by the budget: grow back
             grant += self._draw(st, st.wanted_bytes - st.window_bytes)
+        elif st.pace.lags(now, self.rtt.seconds):  # a consumer that lags: narrow it back
+            grant += self._draw(st, -shrunk(st.window_bytes, st.wanted_bytes, grant))
         st.pace.granted(now, st.credit_bytes, st.credit_items)
         st.credit_items += grant_items
         st.credit_bytes += grant
@@ -304,11 +306,9 @@ class StreamTable:
         st.consumed_items = st.consumed_bytes = 0
 
     def _draw(self, st: _Incoming, want: int) -> int:
-        """Widen a stream's byte window by up to ``want`` bytes from the pool;
-        return by how much."""
-        extra = min(want, self.pool_left)
-        if extra <= 0:
-            return 0
+        """Widen a stream's byte window by up to ``want`` bytes from the pool
+        (narrow it if negative); return by how much."""
+        extra = min(want, self.pool_left)  # negative: narrow it, back to the pool
         st.window_bytes += extra
         st.grown += extra
         self.pool_left -= extra

@@ -15,10 +15,14 @@ doubling alone costs a round trip per doubling, which is what made a long link
 slow. The first of such grants in a row only doubles: a slow consumer that
 caught up with a burst once looks fast for that one grant.
 
-A lagging consumer always has items waiting, so its windows never grow and it
-holds at most one window. A sender that trickles, even items as large as the
-window, leaves more than two round trips between grants, so its window stays;
-a window stops growing once half of it takes two round trips to arrive.
+A lagging consumer always has items waiting, so its windows never grow; and a
+window that grew while its consumer kept up is narrowed back, by half at each
+grant down to its first size, once its consumer lags (items waiting at every
+take, four round trips or more between grants): a consumer that was fast for a
+while then slow ends up holding its first window again. A sender that trickles,
+even items as large as the window, leaves more than two round trips between
+grants, so its window stays; a window stops growing once half of it takes two
+round trips to arrive.
 
 The round trip is measured from credit: a grant (not a stream's first) is timed
 until the first item that could only be sent with it arrives, the sender having
@@ -39,7 +43,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-__all__ = ["MIN_RTT", "Pace", "RoundTrip", "grown"]
+__all__ = ["MIN_RTT", "Pace", "RoundTrip", "grown", "shrunk"]
 
 MIN_RTT = 0.001
 """The least round trip the windows assume (s): below a millisecond, what a
@@ -135,6 +139,11 @@ class Pace:
         self.grew = True
         return factor
 
+    def lags(self, now: float, rtt: float | None) -> bool:
+        """At a grant: whether the consumer lags (items were waiting at every
+        take since the last grant, four round trips or more ago)."""
+        return not self.starved and rtt is not None and now - self.granted_at >= 4 * rtt
+
 
 class RoundTrip:
     """One connection's round trip, measured: the least sample (see above)."""
@@ -157,3 +166,9 @@ def grown(window: int, consumed: int, per_rtt: float, limit: int) -> int:
     round trip, at least double and at most eight times ``window``, at most
     ``limit`` (never less than ``window``)."""
     return max(window, min(limit, 8 * window, max(2 * window, int(2 * consumed * per_rtt))))
+
+
+def shrunk(window: int, first: int, grant: int) -> int:
+    """How much a window whose consumer lags gives back: half of it, down to its
+    first size, and no more than the grant it is taken from."""
+    return max(0, min(window - first, window // 2, grant))
