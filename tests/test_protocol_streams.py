@@ -259,6 +259,26 @@ def test_opening_streams_beyond_max_streams_raises_overloaded_locally() -> None:
         a.streams.open_incoming(a.streams.next_stream_id(), identity)
 
 
+class Clock:
+    """A clock the test moves by hand: a round trip takes no real time."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+RTT = 0.02
+
+
+def _clocked(**kw: int) -> tuple[Protocol, Protocol, Clock]:
+    clock = Clock()
+    a, b = pair(**kw)
+    b.streams.clock = clock  # an attribute, as the stream table reads it at each grant
+    return a, b, clock
+
+
 def _run_rounds(
     a: Protocol,
     b: Protocol,
@@ -268,10 +288,12 @@ def _run_rounds(
     send: int | None,
     take: str,
     payload: bytes = b"x" * 98,  # 100 bytes encoded
+    clock: Clock | None = None,
 ) -> list[int]:
     """Each round: a sends (everything its credit allows, or ``send`` items),
     b consumes (``take``: "all" until Empty, or "half" of what waits) and its
-    credit goes back. Returns how many items a sent in each round."""
+    credit goes back; each way takes half of ``RTT`` on ``clock``. Returns how
+    many items a sent in each round."""
     sent_per_round = []
     for _ in range(rounds):
         sent = 0
@@ -279,6 +301,8 @@ def _run_rounds(
             a.streams.send_item(sid, MSGPACK.encode_raw(payload))
             sent += 1
         sent_per_round.append(sent)
+        if clock is not None:
+            clock.now += RTT / 2
         deliver(a, b)
         waiting = b.streams.buffered_items(sid)
         for _ in range(waiting if take == "all" else waiting // 2):
@@ -287,41 +311,120 @@ def _run_rounds(
             with pytest.raises(Empty):
                 b.streams.pop_item(sid)
         deliver(b, a)
+        if clock is not None:
+            clock.now += RTT / 2
     return sent_per_round
 
 
 def test_a_window_that_holds_a_fast_stream_back_doubles_up_to_its_maximum() -> None:
-    a, b = pair(max_window_bytes=8000)
+    a, b, clock = _clocked(max_window_bytes=8000)
     a.streams.open_outgoing(1)
     b.streams.open_incoming(1, identity, window_items=10_000, window_bytes=1000)
     deliver(b, a)
     pool = b.streams.pool_left
-    sent = _run_rounds(a, b, 1, 12, send=None, take="all")
+    sent = _run_rounds(a, b, 1, 12, send=None, take="all", clock=clock)
+    assert b.streams.rtt.seconds == pytest.approx(RTT)  # measured from the credit round trips
     assert b.streams.window_bytes_of(1) == 8000
     assert sent[0] == 10 and max(sent) == 80  # 1000 then 8000 bytes a round
     assert b.streams.pool_left == pool - 7000
 
 
 def test_an_item_window_that_holds_a_stream_of_small_items_back_doubles_too() -> None:
-    a, b = pair(max_window_items=64)
+    a, b, clock = _clocked(max_window_items=64)
     a.streams.open_outgoing(1)
     b.streams.open_incoming(1, identity, window_items=4, window_bytes=100_000)
     deliver(b, a)
-    sent = _run_rounds(a, b, 1, 12, send=None, take="all", payload=b"t")
+    sent = _run_rounds(a, b, 1, 12, send=None, take="all", payload=b"t", clock=clock)
     assert sent[0] == 4 and max(sent) == 64  # tokens: the item window was the limit
 
 
+def test_no_window_grows_before_a_round_trip_was_measured() -> None:
+    # The consumer keeps up and waits, but the sender never ran out of credit, so
+    # no grant was timed: the window stays.
+    a, b, clock = _clocked(max_window_bytes=8000)
+    a.streams.open_outgoing(1)
+    b.streams.open_incoming(1, identity, window_items=10_000, window_bytes=1000)
+    deliver(b, a)
+    _run_rounds(a, b, 1, 3, send=2, take="all", clock=clock)
+    assert b.streams.rtt.seconds is None
+    assert b.streams.window_bytes_of(1) == 1000
+
+
+@pytest.mark.parametrize("size", [600, 1500], ids=["over half the window", "over the window"])
+def test_a_sender_that_trickles_large_items_to_a_waiting_consumer_keeps_its_window(
+    size: int,
+) -> None:
+    a, b, clock = _clocked(max_window_bytes=8000)
+    # Stream 1 is held back by its window: its credit round trips time the link.
+    a.streams.open_outgoing(1)
+    b.streams.open_incoming(1, identity, window_items=10_000, window_bytes=1000)
+    deliver(b, a)
+    _run_rounds(a, b, 1, 4, send=None, take="all", clock=clock)
+    assert b.streams.window_bytes_of(1) > 1000
+    # Stream 3 trickles: one large item a second, each taken at once by a consumer
+    # that then waits for the next. It is starved, but the window is not what
+    # holds it back: a grant every second, 50 round trips apart.
+    a.streams.open_outgoing(3)
+    b.streams.open_incoming(3, identity, window_items=10_000, window_bytes=1000)
+    deliver(b, a)
+    for _ in range(12):
+        clock.now += 1.0
+        a.streams.send_item(3, MSGPACK.encode_raw(b"x" * (size - 3)))
+        deliver(a, b)
+        b.streams.pop_item(3)
+        with pytest.raises(Empty):
+            b.streams.pop_item(3)
+        deliver(b, a)
+    assert b.streams.window_bytes_of(3) == 1000
+    assert b.streams.rtt.seconds == pytest.approx(RTT)  # the trickle's own samples are longer
+
+
+@pytest.mark.parametrize("send", [1, 2])
+def test_a_steady_sender_slower_than_its_window_alone_on_a_connection_keeps_it(
+    send: int,
+) -> None:
+    # Nothing else on the connection times the link: what its own grants time is
+    # the sender's pace, which must not pass for a round trip.
+    a, b, clock = _clocked(max_window_bytes=8000)
+    a.streams.open_outgoing(1)
+    b.streams.open_incoming(1, identity, window_items=10_000, window_bytes=1000)
+    deliver(b, a)
+    _run_rounds(a, b, 1, 60, send=send, take="all", clock=clock)
+    assert b.streams.window_bytes_of(1) == 1000
+    assert b.streams.rtt.seconds is None
+
+
+def test_a_window_grown_for_a_fast_consumer_narrows_back_once_it_lags() -> None:
+    a, b, clock = _clocked(max_window_bytes=8000)
+    a.streams.open_outgoing(1)
+    b.streams.open_incoming(1, identity, window_items=10_000, window_bytes=1000)
+    deliver(b, a)
+    pool = b.streams.pool_left
+    _run_rounds(a, b, 1, 12, send=None, take="all", clock=clock)
+    assert b.streams.window_bytes_of(1) == 8000
+    # Now the consumer takes half of what waits, a round every five round trips:
+    # it lags, and the window goes back to its first size, its bytes to the pool.
+    for _ in range(12):
+        _run_rounds(a, b, 1, 1, send=None, take="half", clock=clock)
+        clock.now += 4 * RTT
+    assert b.streams.window_bytes_of(1) == 1000
+    assert b.streams.pool_left == pool
+    sent = _run_rounds(a, b, 1, 6, send=None, take="half", clock=clock)
+    assert b.streams.buffered_items(1) <= 11 and max(sent) <= 10  # one window, no more
+
+
 def test_a_lagging_consumer_never_grows_a_window() -> None:
-    a, b = pair(max_window_bytes=8000, max_window_items=64)
+    a, b, clock = _clocked(max_window_bytes=8000, max_window_items=64)
     for sid in (1, 3):
         a.streams.open_outgoing(sid)
     b.streams.open_incoming(1, identity, window_items=10_000, window_bytes=1000)
     b.streams.open_incoming(3, identity, window_items=4, window_bytes=1000)
     deliver(b, a)
     pool = b.streams.pool_left
+    b.streams.rtt.note(RTT)  # a round trip known (a ping's): the lag alone holds it
     # The consumer takes half of what waits, so it never waits itself.
-    _run_rounds(a, b, 1, 12, send=None, take="half")
-    sent = _run_rounds(a, b, 3, 12, send=None, take="half", payload=b"t")
+    _run_rounds(a, b, 1, 12, send=None, take="half", clock=clock)
+    sent = _run_rounds(a, b, 3, 12, send=None, take="half", payload=b"t", clock=clock)
     assert b.streams.window_bytes_of(1) == b.streams.window_bytes_of(3) == 1000
     assert max(sent) <= 4
     assert b.streams.buffered_items(1) <= 11  # the lagging consumer's buffer: the window

@@ -16,6 +16,7 @@ One owner for each piece of state:
 * :mod:`.connection` (:class:`Protocol`): the connection's :class:`State` and the
   calls in flight both ways; :meth:`Protocol.close` fails all of it at once;
 * :mod:`.streams` (:class:`StreamTable`): every stream, its credit and its window;
+* :mod:`.windows`: the round trip measured from credit, and when a window grows;
 * :mod:`.outbox` (:class:`Outbox`): the frames queued to send, control ahead of data.
 
 Ids. Call ids are per direction (an answer always refers to the receiver's own
@@ -23,7 +24,9 @@ call). Stream ids are shared by both directions, so the connecting side allocate
 odd ids and the accepting side even ones, as in HTTP/2.
 
 This package imports only the standard library, msgspec and rpcstream's
-``errors`` and ``messages``: it is tested with plain synchronous calls.
+``errors`` and ``messages``: it is tested with plain synchronous calls. Its one
+clock (``Protocol(clock=...)``, ``time.monotonic`` by default) times credit round
+trips; tests pass one they move by hand.
 """
 
 from .connection import Protocol

@@ -12,6 +12,7 @@ of it in one place.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import msgspec
@@ -54,6 +55,7 @@ class Protocol:
         max_window_items: int = 16384,
         max_receive_buffer: int = 32 * 1024 * 1024,
         on_data: Callable[[], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.codec = codec
         self.side = side
@@ -68,6 +70,7 @@ class Protocol:
             max_window_bytes=max_window_bytes,
             max_window_items=max_window_items,
             max_receive_buffer=max_receive_buffer,
+            clock=clock,
         )
         self.state = State.OPEN
         self.close_error: BaseException | None = None

@@ -9,14 +9,9 @@ the receiver grants what was consumed back, once half a window has been consumed
 (like HTTP/2's WINDOW_UPDATE, batched so credit frames stay rare).
 
 Window growth. A small window caps a stream at one window per round trip, so
-windows grow, as QUIC and HTTP/2 stacks auto-tune theirs: when the consumer
-found nothing waiting since the last grant (it keeps up, so the window is what
-holds the stream back; waiting for the first items does not count), a grant
-that half the *byte* window triggered doubles the byte window, up to
-``max_window_bytes``, and one that half the *item* window triggered doubles the
-item window, up to ``max_window_items``. A consumer that lags always has items
-waiting, so its windows never grow and the memory it can be made to hold stays
-one window.
+windows grow while the window is what holds a stream back, never for a consumer
+that lags: :mod:`.windows` says when and by how much, from a round trip it
+measures on the connection's credit.
 
 The receive budget. Every byte window draws from one budget per connection,
 ``max_receive_buffer``, so whatever the number of streams, the bytes granted
@@ -45,6 +40,7 @@ odd ids and the accepting side even ones, as in HTTP/2.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -73,6 +69,7 @@ from .events import (
     StreamWritable,
 )
 from .outbox import Outbox
+from .windows import Pace, RoundTrip, grown, shrunk
 from .wire import MAX_CREDIT, overloaded_streams, wire_error
 
 __all__ = ["StreamTable"]
@@ -91,8 +88,7 @@ class _Incoming:
         "error",
         "grown",
         "items",
-        "regranted",
-        "starved",
+        "pace",
         "wanted_bytes",
         "window_bytes",
         "window_items",
@@ -100,6 +96,7 @@ class _Incoming:
 
     def __init__(self, decode: Callable[[Any], Any], window_items: int, window_bytes: int):
         self.decode = decode
+        self.pace = Pace()  # how its items come, for its windows' growth
         self.wanted_bytes = window_bytes  # its own window, which the budget may cut
         self.items: deque[tuple[Any, int]] = deque()
         self.window_items = window_items
@@ -108,8 +105,6 @@ class _Incoming:
         self.credit_bytes = window_bytes
         self.consumed_items = 0
         self.consumed_bytes = 0
-        self.starved = False  # the consumer found no item waiting since the last grant
-        self.regranted = False  # a grant was made: waiting from now on counts as starving
         self.grown = 0  # bytes of window above the floor, drawn from the connection's pool
         self.done = False  # no more frames will be accepted
         # A RemoteError from the sender, or ConnectionClosed from the I/O layer.
@@ -147,6 +142,7 @@ class StreamTable:
         max_window_bytes: int,
         max_window_items: int,
         max_receive_buffer: int,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if window_items < 1 or window_bytes < 1:
             raise ValueError("stream windows must allow at least one item and one byte")
@@ -160,6 +156,8 @@ class StreamTable:
         self.max_streams = max_streams
         self.max_window_bytes = max_window_bytes
         self.max_window_items = max_window_items
+        self.clock = clock  # read at grants and waits only: tests move it by hand
+        self.rtt = RoundTrip()
         # The receive budget (see above): a floor for each possible stream, the
         # rest a pool that windows above their floors draw from.
         self.floor_bytes = max(1, min(window_bytes, max_receive_buffer // (2 * max_streams)))
@@ -246,6 +244,7 @@ class StreamTable:
             st.done = True
             st.error = self._early_in.pop(stream_id)
             return
+        st.pace.granted_at = self.clock()
         self.outbox.send(Credit(stream_id, st.window_items, st.window_bytes))
 
     def refuse_incoming(self, stream_id: int) -> None:
@@ -275,38 +274,41 @@ class StreamTable:
                     st.consumed_items * 2 >= st.window_items
                     or st.consumed_bytes * 2 >= st.window_bytes
                 ):
-                    grant, grant_items = st.consumed_bytes, st.consumed_items
-                    if st.starved:
-                        # The consumer waited for more: the window holds the stream back.
-                        if st.consumed_bytes * 2 >= st.window_bytes:
-                            double = min(st.window_bytes, self.max_window_bytes - st.window_bytes)
-                            grant += self._draw(st, double)
-                        if st.consumed_items * 2 >= st.window_items:
-                            extra = min(st.window_items, self.max_window_items - st.window_items)
-                            st.window_items += max(0, extra)
-                            grant_items += max(0, extra)
-                    if st.window_bytes < st.wanted_bytes:  # cut by the budget: grow back
-                        grant += self._draw(st, st.wanted_bytes - st.window_bytes)
-                    st.starved = False
-                    st.regranted = True
-                    st.credit_items += grant_items
-                    st.credit_bytes += grant
-                    self.outbox.send(Credit(stream_id, grant_items, grant))
-                    st.consumed_items = st.consumed_bytes = 0
+                    self._grant(stream_id, st)
             return item
         if st.done:
             if st.error is not None:
                 raise st.error
             raise Finished
-        st.starved = st.regranted  # waiting for the first items is no sign
+        st.pace.waiting(self.clock())
         raise Empty
 
+    def _grant(self, stream_id: int, st: _Incoming) -> None:
+        """Grant back what the consumer took; grow the windows that hold it back."""
+        grant, grant_items, now = st.consumed_bytes, st.consumed_items, self.clock()
+        per_rtt = st.pace.growth(now, self.rtt.seconds)
+        if per_rtt is not None:  # the window holds the stream back: it grows
+            if st.consumed_bytes * 2 >= st.window_bytes:
+                want = grown(st.window_bytes, st.consumed_bytes, per_rtt, self.max_window_bytes)
+                grant += self._draw(st, want - st.window_bytes)
+            if st.consumed_items * 2 >= st.window_items:
+                want = grown(st.window_items, st.consumed_items, per_rtt, self.max_window_items)
+                grant_items += want - st.window_items
+                st.window_items = want
+        if st.window_bytes < st.wanted_bytes:  # cut by the budget: grow back
+            grant += self._draw(st, st.wanted_bytes - st.window_bytes)
+        elif st.pace.lags(now, self.rtt.seconds):  # a consumer that lags: narrow it back
+            grant += self._draw(st, -shrunk(st.window_bytes, st.wanted_bytes, grant))
+        st.pace.granted(now, st.credit_bytes, st.credit_items)
+        st.credit_items += grant_items
+        st.credit_bytes += grant
+        self.outbox.send(Credit(stream_id, grant_items, grant))
+        st.consumed_items = st.consumed_bytes = 0
+
     def _draw(self, st: _Incoming, want: int) -> int:
-        """Widen a stream's byte window by up to ``want`` bytes from the pool;
-        return by how much."""
-        extra = min(want, self.pool_left)
-        if extra <= 0:
-            return 0
+        """Widen a stream's byte window by up to ``want`` bytes from the pool
+        (narrow it if negative); return by how much."""
+        extra = min(want, self.pool_left)  # negative: narrow it, back to the pool
         st.window_bytes += extra
         st.grown += extra
         self.pool_left -= extra
@@ -415,6 +417,8 @@ class StreamTable:
             )
             events.append(StreamReadable(StreamId(sid)))
             return
+        if st.pace.probe_at is not None:  # a grant is being timed
+            st.pace.arrived(self.clock(), size, self.rtt)
         st.credit_items -= 1
         st.credit_bytes -= size
         try:
@@ -426,6 +430,7 @@ class StreamTable:
         st.items.append((item, size))
         if len(st.items) == 1:
             events.append(StreamReadable(StreamId(sid)))
+            st.pace.came(self.clock)
 
     def _receive_data_unopened(self, sid: int) -> None:
         if sid in self._early_in:
