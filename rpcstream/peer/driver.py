@@ -8,8 +8,9 @@ Theory of operation
   consumer for items, a sender for credit) or cancels what must stop (a
   handler the caller cancelled, a stream sender whose receiver stopped reading).
   Where the transport can hand messages over as they arrive (websockets on
-  asyncio), that work runs in the transport's callback, with no task switch per
-  message, and the reader task only waits for the connection's end.
+  asyncio and on trio), that work runs in the transport's callback (on trio, in
+  websockets' reading task), with no task switch per message, and the reader
+  task only waits for the connection's end.
 * The **writer** sends what the protocol has queued. While it awaits the socket,
   frames keep queueing, and the next message takes them all: that coalescing is
   what makes many small stream items cheap.
