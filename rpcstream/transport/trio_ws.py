@@ -117,12 +117,13 @@ class _Delivering:
         self._plain = _WRITE_NOW and type(ws.stream) is trio.SocketStream
         # recv_events hands process_event() the events of one read, one by one:
         # counting them down tells where a read ends, to deliver its messages.
-        self._events_left = 0
+        # (A list, not an attribute of ours: the protocol must not hold the connection.)
+        self._events_left = left = [0]
         events_received = ws.protocol.events_received
 
         def counted() -> list[Any]:
             events: list[Any] = events_received()
-            self._events_left = len(events)
+            left[0] = len(events)
             return events
 
         ws.protocol.events_received = counted
@@ -153,9 +154,10 @@ class _Delivering:
         await super().recv_events()  # type: ignore[misc]
 
     def process_event(self, event: Any) -> None:
-        self._events_left -= 1
+        left = self._events_left
+        left[0] -= 1
         self._process(event)
-        if self._events_left <= 0 and self._received and self._on_messages is not None:
+        if left[0] <= 0 and self._received and self._on_messages is not None:
             received, self._received = self._received, []
             self._on_messages(received)
 
