@@ -462,9 +462,11 @@ class Driver:
             while True:
                 if self._write_error is not None:
                     raise self._write_error  # a direct write failed (see _flush)
-                self._coalesce = False
                 message = outbox.data_to_send()
                 if message is None:
+                    # _coalesce stays: a burst's answers may come after this wake-up
+                    # (trio runs each batch of woken tasks in either order), and must
+                    # still wait for the writer to leave together.
                     # Idle: what is still buffered is the transport's to drain, and
                     # no send of ours will come to wake the senders waiting for it.
                     drained = self._drained
@@ -478,6 +480,7 @@ class Driver:
                     self._wakeup = anyio.Event()
                     await self._wakeup.wait()
                     continue
+                self._coalesce = False
                 self._inflight = len(message)
                 try:
                     await transport.send(message, text=text)
