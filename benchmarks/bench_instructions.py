@@ -23,7 +23,15 @@ first of each workload):
   This is the price of one handler task, which the W3 target's budget must hold.
 
 Needs ``valgrind`` on the PATH (Debian's package); it runs each child about
-fifty times slower than usual.
+fifty times slower than usual. ``--workloads W3,W3f`` runs only those.
+
+``--steps`` counts, instead of instructions and without valgrind, how many times
+the event loop ran something per operation: task steps on trio (a trio
+instrument), callbacks on asyncio (``Handle._run``: task steps and protocol
+callbacks alike). Each is a trip through the scheduler; the difference between
+two implementations' counts is the task switches one of them adds::
+
+    python -m benchmarks.bench_instructions --steps --workloads W3,W3f
 """
 
 from __future__ import annotations
@@ -149,20 +157,61 @@ def count(workload: str, impl: str, loop: str, n: int) -> int:
     return int(found.group(1))
 
 
-def measure(loop: str, calls: int) -> list[dict[str, Any]]:
-    """Per-operation instructions of every case on ``loop``, with ratios to the baseline."""
+def steps(workload: str, impl: str, loop: str, n: int) -> int:
+    """Event-loop steps (see the module docstring) of one in-process run of a case."""
+    counted = 0
+    if loop == "trio":
+        import trio
+
+        class Steps(trio.abc.Instrument):
+            def before_task_step(self, task: Any) -> None:
+                nonlocal counted
+                counted += 1
+
+        anyio.run(
+            CHILDREN[workload, impl], n, backend=loop, backend_options={"instruments": [Steps()]}
+        )
+        return counted
+    run = asyncio.events.Handle._run
+
+    def counting(handle: asyncio.Handle) -> None:
+        nonlocal counted
+        counted += 1
+        run(handle)
+
+    asyncio.events.Handle._run = counting  # type: ignore[method-assign]
+    try:
+        anyio.run(CHILDREN[workload, impl], n, backend=loop)
+    finally:
+        asyncio.events.Handle._run = run  # type: ignore[method-assign]
+    return counted
+
+
+def measure(
+    loop: str,
+    calls: int,
+    workloads: list[str] | None = None,
+    counter: Callable[[str, str, str, int], int] | None = None,
+) -> list[dict[str, Any]]:
+    """Per-operation instructions (or, with ``counter=steps``, event-loop steps)
+    of every case on ``loop`` (of ``workloads``: all by default), with ratios to
+    the baseline."""
+    counter = counter or count
+    metric = "steps_per_op" if counter is steps else "instructions_per_op"
     records: list[dict[str, Any]] = []
     baseline: dict[str, float] = {}
     for workload, impl in CASES:
-        per_op = (count(workload, impl, loop, calls) - count(workload, impl, loop, 0)) / calls
         group = "W3" if workload == "W3f" else workload
+        if workloads is not None and workload not in workloads and group not in workloads:
+            continue
+        per_op = (counter(workload, impl, loop, calls) - counter(workload, impl, loop, 0)) / calls
         record: dict[str, Any] = {
             "workload": workload,
             "loop": loop,
-            "metric": "instructions_per_op",
+            "metric": metric,
             "impl": impl,
             "ops": calls,
-            "instructions_per_op": round(per_op),
+            metric: round(per_op, 2) if counter is steps else round(per_op),
         }
         if group not in baseline:
             baseline[group] = per_op
@@ -180,6 +229,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--loop", choices=[*LOOPS, "all"], default="all")
     parser.add_argument("--calls", type=int, default=1000, help="counted operations per case")
+    parser.add_argument("--workloads", help="comma-separated (W3 brings its raw baseline)")
+    parser.add_argument("--steps", action="store_true", help="event-loop steps, no valgrind")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -191,11 +242,12 @@ def main(argv: list[str] | None = None) -> int:
         workload, impl, loop, n = args.child.split(":")
         anyio.run(CHILDREN[workload, impl], int(n), backend=loop)
         return 0
-    if shutil.which("valgrind") is None:
+    if not args.steps and shutil.which("valgrind") is None:
         print("bench_instructions needs valgrind (apt-get install valgrind)", file=sys.stderr)
         return 2
+    workloads = args.workloads.split(",") if args.workloads else None
     for loop in LOOPS if args.loop == "all" else [args.loop]:
-        measure(loop, args.calls)
+        measure(loop, args.calls, workloads, steps if args.steps else count)
     return 0
 
 

@@ -44,3 +44,29 @@ def test_a_failed_child_is_an_error_not_a_figure(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(bench.subprocess, "run", lambda *a, **k: Done())
     with pytest.raises(RuntimeError, match="something broke"):
         bench.count("W3", "raw", "asyncio", 1)
+
+
+@pytest.mark.parametrize(("loop", "expected"), [("asyncio", 3), ("trio", 2)])
+def test_steps_count_what_the_event_loop_runs_per_operation(loop: str, expected: int) -> None:
+    # spawn native: each operation starts a task (one step) and the main task
+    # lets it run (one more step when it resumes); asyncio also runs the task's
+    # done callback.
+    per_op = (
+        bench.steps("spawn", "native", loop, 20) - bench.steps("spawn", "native", loop, 0)
+    ) / 20
+    assert per_op == expected
+
+
+def test_workloads_pick_the_cases_measured(monkeypatch: pytest.MonkeyPatch) -> None:
+    ran: list[tuple[str, str]] = []
+
+    def fake_count(workload: str, impl: str, loop: str, n: int) -> int:
+        ran.append((workload, impl))
+        return n
+
+    monkeypatch.setattr(bench, "count", fake_count)
+    bench.measure("trio", 10, ["W3f"])
+    assert ran == [("W3f", "rpcstream")] * 2
+    ran.clear()
+    bench.measure("trio", 10, ["W3"])  # W3f is measured against W3's baseline
+    assert ran == [("W3", "raw")] * 2 + [("W3", "rpcstream")] * 2 + [("W3f", "rpcstream")] * 2

@@ -134,6 +134,37 @@ async def test_calls_and_answers_keep_their_order_under_a_burst() -> None:
         assert peer.stats["pending_calls"] == 0
 
 
+async def test_the_answers_to_a_burst_of_calls_leave_together() -> None:
+    # Calls that arrive in one read start their handlers at once; the answers must
+    # wait for the writer and leave in a message or two, not one write each, even
+    # where the writer wakes before the handlers run (trio runs a batch of tasks in
+    # either order).
+    async with (
+        rpcstream.serve(make_router(), "127.0.0.1", 0) as server,
+        raw_connect(server.url, MSGPACK.subprotocol) as ws,
+    ):
+        for round_ in range(5):
+            base = 100 * round_
+            calls = [
+                Call(base + i, "echo", MSGPACK.encode_raw([i]), MSGPACK.empty_map, None, [])
+                for i in range(1, 51)
+            ]
+            await ws.send(MSGPACK.encode_batch(calls))  # one message, one read
+            got: dict[int, Any] = {}
+            messages = 0
+            with anyio.fail_after(10):
+                while len(got) < 50:
+                    frames = [
+                        f
+                        for f in msgspec.msgpack.decode(await ws.recv(decode=False))
+                        if f[:2] != [2, "rpcstream.settings"]
+                    ]
+                    messages += bool(frames)
+                    got.update((f[1], f[2]) for f in frames)
+            assert got == {base + i: i for i in range(1, 51)}
+            assert messages <= 2
+
+
 # -- what a client that breaks the protocol gets back ----------------------------------
 
 INVALID_TEXT = {

@@ -8,8 +8,9 @@ Theory of operation
   consumer for items, a sender for credit) or cancels what must stop (a
   handler the caller cancelled, a stream sender whose receiver stopped reading).
   Where the transport can hand messages over as they arrive (websockets on
-  asyncio), that work runs in the transport's callback, with no task switch per
-  message, and the reader task only waits for the connection's end.
+  asyncio and on trio), that work runs in the transport's callback (on trio, in
+  websockets' reading task), with no task switch per message, and the reader
+  task only waits for the connection's end.
 * The **writer** sends what the protocol has queued. While it awaits the socket,
   frames keep queueing, and the next message takes them all: that coalescing is
   what makes many small stream items cheap.
@@ -476,9 +477,11 @@ class Driver:
             while True:
                 if self._write_error is not None:
                     raise self._write_error  # a direct write failed (see _flush)
-                self._coalesce = False
                 message = outbox.data_to_send()
                 if message is None:
+                    # _coalesce stays: a burst's answers may come after this wake-up
+                    # (trio runs each batch of woken tasks in either order), and must
+                    # still wait for the writer to leave together.
                     # Idle: what is still buffered is the transport's to drain, and
                     # no send of ours will come to wake the senders waiting for it.
                     drained = self._drained
@@ -492,6 +495,7 @@ class Driver:
                     self._wakeup = anyio.Event()
                     await self._wakeup.wait()
                     continue
+                self._coalesce = False  # something leaves: a later burst may coalesce
                 if transport.can_send_now():
                     # As _flush: no await, so nothing can cut it, and none of the
                     # cost of the transport's own send() (a lock, a context).

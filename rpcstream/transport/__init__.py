@@ -7,7 +7,8 @@ knows websockets, or which event loop runs.
 - ``websocket``: :class:`WebSocketTransport`, and :func:`open_websocket` /
   :func:`serve_websocket`, which pick the event loop's module:
 - ``asyncio_ws``: connections that hand each message over as it arrives;
-- ``trio_ws``: connections whose reader never waits on their writer.
+- ``trio_ws``: the same on trio, writing at once when nothing else writes, with a
+  reader that never waits on the writer.
 - ``asgi``: :class:`AsgiTransport` over the ASGI WebSocket interface, and
   :func:`serve_asgi_websocket` / :func:`serve_asgi_http` for ASGI scopes.
 - ``memory``: two peers joined in one process, for tests.

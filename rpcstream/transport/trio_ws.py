@@ -1,17 +1,46 @@
-"""websockets on trio: connections whose reader never waits on their writer.
+"""websockets on trio: connections that hand each message over as it arrives,
+write what they can at once, and whose reader never waits on their writer.
 
-``websockets.trio`` reads in a background task (``recv_events``) that, after
-every chunk, calls ``send_data()`` to flush the automatic replies the protocol
-may have produced (pong, close). ``send_data()`` holds ``send_lock`` across
-``stream.send_all()``. When our writer is blocked in ``send_all()`` because the
-peer's TCP window is full, the reader therefore stops reading too; and when the
-peer is in the same state (bulk data both ways), neither side reads again: a
-deadlock. asyncio is immune because its ``transport.write()`` never blocks.
+Messages as they arrive
+-----------------------
+``websockets.trio`` reads in a background task (``recv_events``) that puts each
+data frame in a memory channel for ``recv()``. Behind ``recv()`` sat the peer's
+own reader task: one task switch per message before the peer looked at it. As
+on asyncio (``asyncio_ws``), the connections here call a receiver registered
+with :meth:`~_Delivering.deliver` instead, from the reading task itself, with
+every message that one read of the socket completed (counted from the events the
+protocol returned for that read, so the receiver can tell a burst from a lone
+message), and report the end of the connection to a second callback. Until a
+receiver is registered, messages wait in a small queue; past 16 of them the
+socket stops being read. Fragmented messages are joined and text is checked
+for UTF-8 here, as on asyncio.
 
-Here, a ``send_data()`` called from the reading task does not wait for the lock:
-if the lock is taken it leaves the flush to one background task, which takes the
-lock in turn. Bytes still leave in protocol order: every flush sends whatever
-``protocol.data_to_send()`` holds at that moment, under the same lock.
+Writes at once
+--------------
+Every write to the socket goes through websockets' ``send_data()``, which holds
+``send_lock`` across ``stream.send_all()``; that awaits even when the kernel
+takes every byte at once. :meth:`~_Delivering.send_now` writes one message
+without awaiting when nothing else is writing or waiting to (the lock is free,
+which on trio also means no task waits for it, and the protocol holds no bytes
+yet): websockets frames it, the bytes go to the kernel in one non-blocking
+``write``, and what the kernel does not take goes back in front of the
+protocol's outgoing bytes for a background flush, which every later write waits
+behind (the lock is fair). A write that never awaits cannot be cancelled
+halfway, so no message is ever cut. Plain TCP only (TLS streams write through
+``send_data()``), and not on Windows, where ``os.write`` does not take sockets.
+
+The reader never waits on the writer
+------------------------------------
+After every read, ``recv_events`` calls ``send_data()`` to flush the automatic
+replies the protocol may have produced (pong, close). When our writer is blocked
+in ``send_all()`` because the peer's TCP window is full, the reader would then
+stop reading too; and when the peer is in the same state (bulk data both ways),
+neither side would read again: a deadlock. asyncio is immune because its
+``transport.write()`` never blocks. Here, a ``send_data()`` called from the
+reading task returns at once when there is nothing to send, and does not wait
+for the lock: if the lock is taken it leaves the flush to one background task,
+which takes the lock in turn. Bytes still leave in protocol order: every flush
+sends whatever ``protocol.data_to_send()`` holds at that moment, under the lock.
 
 What the reader left to that task must still leave before the socket closes: a
 close frame (1002, 1009 after a protocol violation) queued while the writer was
@@ -30,6 +59,9 @@ import contextlib
 import contextvars
 import functools
 import logging
+import os
+import sys
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -57,57 +89,113 @@ log = logging.getLogger("rpcstream.transport")
 UNREACHABLE: tuple[type[BaseException], ...] = (OSError, TimeoutError, trio.BrokenResourceError)
 """What ``connect`` raises when the server cannot be reached."""
 
+_EARLY_MAX = 16  # messages held before a receiver is registered; then reading pauses
+_DATA = (Opcode.TEXT, Opcode.BINARY)
+_WRITE_NOW = sys.platform != "win32"  # os.write takes a socket's descriptor
+
 _reading = contextvars.ContextVar("rpcstream_ws_reading", default=False)
 
 
-class _ReadNeverWaits:
+class _Delivering:
     """Mixed into websockets' trio connection classes (see the module docstring)."""
 
     _flush_scheduled = False
     _flushes = 0  # deferred flushes scheduled and not yet finished
     _failed = False  # invalid text: nothing more is processed
+    _lost = False
+    _early_paused = False
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+        super().__init__(*args, **kwargs)  # starts recv_events, which runs only later
+        ws: Any = self
         self._text_check = TextCheck()
+        self._on_messages: Callable[[list[bytes]], None] | None = None
+        self._on_lost: Callable[[], None] | None = None
+        self._received: list[bytes] = []  # completed by the current read
+        self._early: deque[bytes] = deque()
+        self._fragments: list[bytes] | None = None
+        self._plain = _WRITE_NOW and type(ws.stream) is trio.SocketStream
+        # recv_events hands process_event() the events of one read, one by one:
+        # counting them down tells where a read ends, to deliver its messages.
+        # (A list, not an attribute of ours: the protocol must not hold the connection.)
+        self._events_left = left = [0]
+        events_received = ws.protocol.events_received
+
+        def counted() -> list[Any]:
+            events: list[Any] = events_received()
+            left[0] = len(events)
+            return events
+
+        ws.protocol.events_received = counted
+
+    # -- receiving ---------------------------------------------------------------------
+
+    def deliver(
+        self, on_messages: Callable[[list[bytes]], None], on_lost: Callable[[], None]
+    ) -> None:
+        """From now on, call ``on_messages`` with the whole messages each read of
+        the socket completes, in order, and ``on_lost`` once the connection is
+        gone. Messages that came before are delivered first, at once."""
+        self._on_messages = on_messages
+        if self._early:
+            early = list(self._early)
+            self._early.clear()
+            on_messages(early)
+        if self._early_paused:
+            self._early_paused = False
+            self.resume_reading()  # type: ignore[attr-defined]
+        if self._lost:
+            on_lost()
+        else:
+            self._on_lost = on_lost
 
     async def recv_events(self) -> None:
         _reading.set(True)  # this task's own context: only the reader is marked
         await super().recv_events()  # type: ignore[misc]
 
-    async def send_data(self) -> None:
-        ws: Any = self
-        if not _reading.get():
-            await super().send_data()  # type: ignore[misc]
-            return
-        if ws.send_lock.locked():
-            self._schedule_flush()
-            return
-        try:
-            await super().send_data()  # type: ignore[misc]
-        except (trio.ClosedResourceError, trio.BrokenResourceError, OSError):
-            if ws.protocol.state is not State.CLOSED:
-                raise  # the reader reports it, as websockets does
-            # Closed already (by us, or the other side is gone): nothing can leave.
-            log.debug("dropped bytes queued for a closed connection", exc_info=True)
-
-    def _schedule_flush(self) -> None:
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            self._flushes += 1
-            self.nursery.start_soon(self._deferred_flush)  # type: ignore[attr-defined]
-
     def process_event(self, event: Any) -> None:
-        if type(event) is Frame:
-            if self._failed:
-                return  # what the same read held after invalid text (RFC 6455, 7.1.7)
-            if event.opcode is Opcode.TEXT or event.opcode is Opcode.CONT:
-                try:
-                    self._text_check.check(event)
-                except UnicodeDecodeError as exc:
-                    self._fail_invalid_data(exc)
-                    return
-        super().process_event(event)  # type: ignore[misc]
+        left = self._events_left
+        left[0] -= 1
+        self._process(event)
+        if left[0] <= 0 and self._received and self._on_messages is not None:
+            received, self._received = self._received, []
+            self._on_messages(received)
+
+    def _process(self, event: Any) -> None:
+        if type(event) is not Frame:  # the handshake's Request or Response
+            super().process_event(event)  # type: ignore[misc]
+            return
+        if self._failed:
+            return  # what the same read held after invalid text (RFC 6455, 7.1.7)
+        opcode = event.opcode
+        if opcode is Opcode.TEXT or opcode is Opcode.CONT:  # binary: no check at all
+            try:
+                self._text_check.check(event)
+            except UnicodeDecodeError as exc:
+                self._fail_invalid_data(exc)
+                return
+        if opcode in _DATA:
+            if not event.fin:
+                self._fragments = [bytes(event.data)]
+                return
+            message = bytes(event.data)
+        elif opcode is Opcode.CONT:
+            assert self._fragments is not None  # websockets checked the order
+            self._fragments.append(bytes(event.data))
+            if not event.fin:
+                return
+            message = b"".join(self._fragments)
+            self._fragments = None
+        else:  # ping, pong, close: websockets' business
+            super().process_event(event)  # type: ignore[misc]
+            return
+        if self._on_messages is not None:
+            self._received.append(message)
+        else:
+            self._early.append(message)
+            if len(self._early) >= _EARLY_MAX and not self._early_paused:
+                self._early_paused = True
+                self.pause_reading()  # type: ignore[attr-defined]
 
     def _fail_invalid_data(self, exc: UnicodeDecodeError) -> None:
         """Close with 1007 (RFC 6455, 8.1), as websockets' ``recv()`` would, and
@@ -129,32 +217,112 @@ class _ReadNeverWaits:
             return
         await ws.close_stream()
 
+    # -- sending -----------------------------------------------------------------------
+
+    def can_send_now(self) -> bool:
+        """Whether :meth:`send_now` can write a message: plain TCP, open, and
+        nothing else writing, waiting to write, or queued."""
+        ws: Any = self
+        return (
+            self._plain
+            and ws.protocol.state is State.OPEN
+            and not ws.send_lock.locked()  # trio's lock is fair: free means no waiter
+            and not self._flush_scheduled
+            and not ws.protocol.writes
+            and ws.send_in_progress is None
+        )
+
+    def send_now(self, message: bytes, *, text: bool) -> None:
+        """Write one message without awaiting (only when :meth:`can_send_now`):
+        what the kernel does not take now leaves first in a background flush."""
+        ws: Any = self
+        protocol = ws.protocol
+        if text:
+            protocol.send_text(message)
+        else:
+            protocol.send_binary(message)
+        data = protocol.data_to_send()
+        out = data[0] if len(data) == 1 else b"".join(data)
+        try:
+            sent = os.write(ws.stream.socket.fileno(), out)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:  # as websockets' send_context(): the connection is broken
+            ws.set_connection_exc(exc)
+            ws.nursery.start_soon(ws.close_stream)
+            return
+        if sent < len(out):
+            protocol.writes.insert(0, out[sent:])  # before anything queued later
+            self._schedule_flush()
+
+    @property
+    def buffered_amount(self) -> int:
+        """Bytes framed but not yet handed to the kernel (what a partial write left)."""
+        ws: Any = self
+        return sum(len(data) for data in ws.protocol.writes)
+
+    async def send_data(self) -> None:
+        ws: Any = self
+        if not _reading.get():
+            await super().send_data()  # type: ignore[misc]
+            return
+        if not ws.protocol.writes:
+            return  # nothing to flush after this read: no lock, no checkpoint
+        if ws.send_lock.locked():
+            self._schedule_flush()
+            return
+        try:
+            await super().send_data()  # type: ignore[misc]
+        except (trio.ClosedResourceError, trio.BrokenResourceError, OSError):
+            if ws.protocol.state is not State.CLOSED:
+                raise  # the reader reports it, as websockets does
+            # Closed already (by us, or the other side is gone): nothing can leave.
+            log.debug("dropped bytes queued for a closed connection", exc_info=True)
+
+    def _schedule_flush(self) -> None:
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._flushes += 1
+            self.nursery.start_soon(self._deferred_flush)  # type: ignore[attr-defined]
+
     async def _deferred_flush(self) -> None:
         try:
-            self._flush_scheduled = False  # what is queued from now on needs another
+            # What is queued from now on needs another flush. (can_send_now()
+            # stays false: from here on this task holds the lock or waits for it.)
+            self._flush_scheduled = False
             # A failure here is the connection's: the reader or writer reports it.
             with contextlib.suppress(Exception):
                 await super().send_data()  # type: ignore[misc]
         finally:
             self._flushes -= 1
 
+    # -- closing -----------------------------------------------------------------------
+
     async def close_stream(self) -> None:
         ws: Any = self
-        if self._flushes:
-            # The lock is fair: this flush runs after the deferred ones, and
-            # sends whatever they left.
-            timeout = ws.close_timeout if ws.close_timeout is not None else float("inf")
-            with trio.move_on_after(timeout), contextlib.suppress(Exception):
-                await super().send_data()  # type: ignore[misc]
-        await super().close_stream()  # type: ignore[misc]
+        try:
+            if self._flushes:
+                # The lock is fair: this flush runs after the deferred ones, and
+                # sends whatever they left.
+                timeout = ws.close_timeout if ws.close_timeout is not None else float("inf")
+                with trio.move_on_after(timeout), contextlib.suppress(Exception):
+                    await super().send_data()  # type: ignore[misc]
+            await super().close_stream()  # type: ignore[misc]
+        finally:
+            self._lost = True
+            on_lost, self._on_lost = self._on_lost, None
+            if on_lost is not None:
+                on_lost()
 
 
-class ReadNeverWaitsClientConnection(_ReadNeverWaits, ClientConnection):
-    """A ``websockets.trio`` client connection whose reader never waits on the writer."""
+class ReadNeverWaitsClientConnection(_Delivering, ClientConnection):
+    """A ``websockets.trio`` client connection that hands over each message as it
+    arrives, writes at once when it can, and whose reader never waits on the writer."""
 
 
-class ReadNeverWaitsServerConnection(_ReadNeverWaits, ServerConnection):
-    """A ``websockets.trio`` server connection whose reader never waits on the writer."""
+class ReadNeverWaitsServerConnection(_Delivering, ServerConnection):
+    """A ``websockets.trio`` server connection that hands over each message as it
+    arrives, writes at once when it can, and whose reader never waits on the writer."""
 
 
 def connect(url: str, **kwargs: Any) -> Any:

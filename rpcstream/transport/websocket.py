@@ -42,8 +42,8 @@ class WebSocketTransport(Transport):
     def __init__(self, ws: Any) -> None:
         self.ws = ws
         self.subprotocol = ws.subprotocol
-        # asyncio connections expose their transport's write buffer; trio's
-        # send_all returns only once the kernel took the bytes, so nothing lingers.
+        # asyncio connections expose their transport's write buffer; on trio only
+        # what a write at once left for the background flush lingers (see trio_ws).
         self._asyncio_transport = getattr(ws, "transport", None)
         self._close = getattr(ws, "close", None) or ws.aclose
         # On asyncio a message can be written without waiting (websockets' own
@@ -51,6 +51,8 @@ class WebSocketTransport(Transport):
         self._direct: AsyncioConnection | None = ws if isinstance(ws, AsyncioConnection) else None
         # For run_soon: one context for every callback, not a copy per call.
         self._context = contextvars.copy_context()
+        # On trio the connections of trio_ws write at once themselves, when they can.
+        self._trio: Any = ws if self._direct is None and hasattr(ws, "send_now") else None
 
     async def send(self, message: bytes, *, text: bool) -> None:
         """Send one message (a text frame when ``text``)."""
@@ -81,12 +83,14 @@ class WebSocketTransport(Transport):
         return True
 
     def can_send_now(self) -> bool:
-        """asyncio only: open, not sending a fragmented message, and the socket's
-        write buffer below its high-water mark (so nothing would wait)."""
+        """asyncio: open, not sending a fragmented message, and the socket's write
+        buffer below its high-water mark (so nothing would wait); trio: see
+        ``trio_ws`` (plain TCP, and nothing else writing)."""
         ws = self._direct
+        if ws is None:
+            return self._trio is not None and bool(self._trio.can_send_now())
         return (
-            ws is not None
-            and ws.protocol.state is State.OPEN
+            ws.protocol.state is State.OPEN
             and ws.send_in_progress is None
             and not ws.paused
             and not ws.transport.is_closing()
@@ -94,9 +98,11 @@ class WebSocketTransport(Transport):
 
     def send_now(self, message: bytes, *, text: bool) -> None:
         """Write one message to the asyncio transport, as websockets' ``send()``
-        does before it would wait for a drain."""
+        does before it would wait for a drain (trio: to the socket, see ``trio_ws``)."""
         ws = self._direct
-        assert ws is not None
+        if ws is None:
+            self._trio.send_now(message, text=text)
+            return
         try:
             if text:
                 ws.protocol.send_text(message)
@@ -129,10 +135,11 @@ class WebSocketTransport(Transport):
 
     @property
     def buffered_amount(self) -> int:
-        """Bytes in the asyncio transport's write buffer (0 on trio)."""
+        """Bytes in the asyncio transport's write buffer (trio: what a write at
+        once left for the background flush)."""
         t = self._asyncio_transport
         if t is None:
-            return 0
+            return int(self._trio.buffered_amount) if self._trio is not None else 0
         try:
             return int(t.get_write_buffer_size())
         except (AttributeError, RuntimeError):
