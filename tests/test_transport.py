@@ -136,9 +136,10 @@ async def test_calls_and_answers_keep_their_order_under_a_burst() -> None:
 
 async def test_the_answers_to_a_burst_of_calls_leave_together() -> None:
     # Calls that arrive in one read start their handlers at once; the answers must
-    # wait for the writer and leave in a message or two, not one write each, even
+    # wait for the writer and leave in a few messages, not one write each (50), even
     # where the writer wakes before the handlers run (trio runs a batch of tasks in
-    # either order).
+    # either order). Usually one or two; under a heavily loaded machine the full
+    # suite once saw three, so the bound is what tells batching from none.
     async with (
         rpcstream.serve(make_router(), "127.0.0.1", 0) as server,
         raw_connect(server.url, MSGPACK.subprotocol) as ws,
@@ -162,7 +163,7 @@ async def test_the_answers_to_a_burst_of_calls_leave_together() -> None:
                     messages += bool(frames)
                     got.update((f[1], f[2]) for f in frames)
             assert got == {base + i: i for i in range(1, 51)}
-            assert messages <= 2
+            assert messages <= 5
 
 
 # -- what a client that breaks the protocol gets back ----------------------------------

@@ -199,10 +199,9 @@ class Driver:
 
     def spawn_eager(self, func: Callable[..., Any], *args: Any) -> None:
         """As :meth:`spawn`, for handlers: on asyncio a plain task beside the task
-        group, a third of the cost, whose first step runs now, before this
-        returns, on Python 3.12+ (see EagerTasks). Its owner must be able to
-        cancel it through a cancel scope of its own: the driver's task group
-        does not hold it."""
+        group (a third of the cost) whose first step runs now, before this returns
+        (see EagerTasks). Its owner must be able to cancel it through a cancel
+        scope of its own: the driver's task group does not hold it."""
         if self._eager is None:
             self.spawn(func, *args)
             return
@@ -421,10 +420,9 @@ class Driver:
         """A frame was queued outside a quiet section (a stream item, mostly)."""
         if self._quiet or self._soon:  # whoever set it calls _flush() next
             return
-        # Not at once: more frames may follow in this turn of the loop (a sender
-        # with many items ready), and they must leave together. In the loop's
-        # next turn, a callback (where the transport offers one) writes them
-        # for less than waking the writer task would cost.
+        # Not at once: more frames may follow in this turn (a sender with items
+        # ready), to leave together. A callback in the loop's next turn, where the
+        # transport offers one, writes them for less than waking the writer costs.
         if self.transport.run_soon(self._flush_soon):
             self._soon = True
         else:
@@ -479,11 +477,10 @@ class Driver:
                     raise self._write_error  # a direct write failed (see _flush)
                 message = outbox.data_to_send()
                 if message is None:
-                    # _coalesce stays: a burst's answers may come after this wake-up
-                    # (trio runs each batch of woken tasks in either order), and must
-                    # still wait for the writer to leave together.
-                    # Idle: what is still buffered is the transport's to drain, and
-                    # no send of ours will come to wake the senders waiting for it.
+                    # Idle (_coalesce stays: a burst's answers may come after this
+                    # wake-up, as trio runs a batch of woken tasks in either order).
+                    # What is still buffered is the transport's to drain, and no
+                    # send of ours will come to wake the senders waiting for it.
                     drained = self._drained
                     if drained is not None:
                         self._drained = None
