@@ -20,7 +20,7 @@ import pytest
 
 import rpcstream
 from benchmarks.link import LinkParams, open_link
-from rpcstream.protocol.windows import MIN_RTT, Pace, RoundTrip, grown, shrunk
+from rpcstream.protocol.windows import MIN_RTT, SPREAD, Pace, RoundTrip, grown, shrunk
 
 HOST = "127.0.0.1"
 WAIT = 20  # seconds: how long one stream may take before the test fails
@@ -30,14 +30,17 @@ KIB = 1024
 # -- the rule, with times passed in -------------------------------------------------------
 
 
-def test_the_connection_keeps_its_least_round_trip_and_never_less_than_the_floor() -> None:
+def test_the_connection_smooths_its_round_trips_within_a_spread_of_the_least() -> None:
     rtt = RoundTrip()
     assert rtt.seconds is None
-    for sample in (0.030, 0.021, 0.025):
-        rtt.note(sample)
-    assert rtt.seconds == 0.021
-    rtt.note(0.0)
-    assert rtt.seconds == MIN_RTT
+    rtt.note(0.020)
+    assert rtt.seconds == rtt.least == 0.020
+    rtt.note(0.028)  # smoothed: 7/8 of the old, 1/8 of the new
+    assert rtt.seconds == pytest.approx(0.021) and rtt.least == 0.020
+    rtt.note(10.0)  # a slow sender's pace: counts for SPREAD round trips at most
+    assert rtt.seconds == pytest.approx(0.021 + (SPREAD * 0.020 - 0.021) / 8)
+    rtt.note(0.0)  # never below the floor
+    assert rtt.least == MIN_RTT
 
 
 def test_a_grant_is_timed_to_the_first_item_that_needed_it() -> None:

@@ -26,9 +26,10 @@ round trips to arrive.
 
 The round trip is measured from credit: a grant (not a stream's first) is timed
 until the first item that could only be sent with it arrives, the sender having
-used all the credit granted before it. That takes a round trip or more, so the
-connection keeps the least sample, at least :data:`MIN_RTT`; the I/O layer may
-add its own (:meth:`RoundTrip.note`). A time counts only if the sender was
+used all the credit granted before it. That takes a round trip or more: the
+connection smooths its samples (:class:`RoundTrip`), each counted for at most
+:data:`SPREAD` times the least, itself at least :data:`MIN_RTT`; the I/O layer
+may add its own (:meth:`RoundTrip.note`). A time counts only if the sender was
 waiting for the grant: the credit before it was spent within the first quarter
 of the time; spent later, the sender went at its own pace, which is what the
 time would measure. Without a sample no window grows. One case remains that
@@ -43,11 +44,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-__all__ = ["MIN_RTT", "Pace", "RoundTrip", "grown", "shrunk"]
+__all__ = ["MIN_RTT", "SPREAD", "Pace", "RoundTrip", "grown", "shrunk"]
 
 MIN_RTT = 0.001
 """The least round trip the windows assume (s): below a millisecond, what a
 credit round trip measures is how soon two event loops get to run."""
+
+
+SPREAD = 16
+"""How many times the least round trip one sample may count for: what an event
+loop's turns add to a round trip, not a slow sender's pace."""
 
 
 class Pace:
@@ -146,19 +152,32 @@ class Pace:
 
 
 class RoundTrip:
-    """One connection's round trip, measured: the least sample (see above)."""
+    """One connection's round trip, measured (see above): samples smoothed as
+    TCP's and QUIC's ``smoothed_rtt`` (7/8 of the old, 1/8 of the new), each
+    taken at most :data:`SPREAD` times the least seen. The least alone is too
+    short when two busy processes answer each other (every round trip also
+    waits for each side's event loop to come round), and windows sized from it
+    starve a fast stream; an unbounded average would take a trickling sender's
+    pace for the round trip."""
 
-    __slots__ = ("seconds",)
+    __slots__ = ("least", "seconds")
 
     def __init__(self) -> None:
         self.seconds: float | None = None
-        """The round trip (s), ``None`` before a sample."""
+        """The smoothed round trip (s), ``None`` before a sample."""
+        self.least: float | None = None
+        """The least sample (s)."""
 
     def note(self, sample: float) -> None:
-        """Take a round-trip sample (s): the least is kept, never below MIN_RTT."""
+        """Take a round-trip sample (s), never below MIN_RTT."""
         sample = max(sample, MIN_RTT)
-        if self.seconds is None or sample < self.seconds:
+        if self.least is None or sample < self.least:
+            self.least = sample
+        sample = min(sample, SPREAD * self.least)
+        if self.seconds is None:
             self.seconds = sample
+        else:
+            self.seconds += (sample - self.seconds) / 8
 
 
 def grown(window: int, consumed: int, per_rtt: float, limit: int) -> int:
