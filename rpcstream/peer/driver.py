@@ -493,9 +493,9 @@ class Driver:
                     await self._wakeup.wait()
                     continue
                 self._coalesce = False  # something leaves: a later burst may coalesce
-                if transport.can_send_now():
-                    # As _flush: no await, so nothing can cut it, and none of the
-                    # cost of the transport's own send() (a lock, a context).
+                # asyncio: as _flush, nothing awaited. trio: a burst's answers that
+                # come while the writer's send awaits wait for it, not go alone.
+                if self._eager is not None and transport.can_send_now():
                     transport.send_now(message, text=text)
                 else:
                     self._inflight = len(message)
