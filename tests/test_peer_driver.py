@@ -132,7 +132,7 @@ async def test_what_a_handler_enters_before_its_first_await_is_its_own(anyio_bac
                 tg.cancel_scope.cancel()  # the call's cancel crosses the wire
             # The lock was released by the cancelled handler: a new call gets it.
             again = await peer.call("guarded", False)
-            assert again["child_parent"] == again["task"] != answer["task"]
+            assert again["child_parent"] == again["task"]  # (ids of ended tasks are reused)
     assert finished == ["cancelled"]
 
 
