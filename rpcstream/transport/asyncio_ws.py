@@ -32,9 +32,9 @@ from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.client import connect as ws_connect
 from websockets.asyncio.server import ServerConnection
 from websockets.asyncio.server import serve as ws_serve
-from websockets.frames import CloseCode, Frame, Opcode
+from websockets.frames import CloseCode, Frame
 
-from .connection import TextCheck, never_requested, tracked
+from .connection import MESSAGE_OPCODES, Assembly, never_requested, tracked
 
 __all__ = [
     "UNREACHABLE",
@@ -48,7 +48,6 @@ UNREACHABLE: tuple[type[BaseException], ...] = (OSError, TimeoutError)
 """What ``connect`` raises when the server cannot be reached."""
 
 _EARLY_MAX = 16  # messages held before a receiver is registered; then reading pauses
-_DATA = (Opcode.TEXT, Opcode.BINARY)
 
 
 class _Delivering:
@@ -60,8 +59,7 @@ class _Delivering:
         self._received: list[bytes] = []  # completed by the current read
         self._on_lost: Callable[[], None] | None = None
         self._early: deque[bytes] = deque()
-        self._fragments: list[bytes] | None = None
-        self._text_check = TextCheck()
+        self._assembly = Assembly()
         self._failed = False  # invalid data: nothing more is delivered
         self._lost = False
         self._early_paused = False
@@ -91,27 +89,15 @@ class _Delivering:
             return
         if self._failed:
             return  # what the same read held after invalid text (RFC 6455, 7.1.7)
-        opcode = event.opcode
-        if opcode is Opcode.TEXT or opcode is Opcode.CONT:  # binary: no check at all
-            try:
-                self._text_check.check(event)
-            except UnicodeDecodeError as exc:
-                self._fail_invalid_data(exc)
-                return
-        if opcode in _DATA:
-            if not event.fin:
-                self._fragments = [bytes(event.data)]
-                return
-            message = bytes(event.data)
-        elif opcode is Opcode.CONT:
-            assert self._fragments is not None  # websockets checked the order
-            self._fragments.append(bytes(event.data))
-            if not event.fin:
-                return
-            message = b"".join(self._fragments)
-            self._fragments = None
-        else:  # ping, pong, close: websockets' business
+        if event.opcode not in MESSAGE_OPCODES:  # ping, pong, close: websockets' business
             super().process_event(event)  # type: ignore[misc]
+            return
+        try:
+            message = self._assembly.take(event)
+        except UnicodeDecodeError as exc:
+            self._fail_invalid_data(exc)
+            return
+        if message is None:
             return
         if self._on_messages is not None:
             self._received.append(message)

@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 from websockets.frames import Frame, Opcode
 from websockets.protocol import State
 
-__all__ = ["TextCheck", "never_requested"]
+__all__ = ["MESSAGE_OPCODES", "Assembly", "TextCheck", "never_requested"]
 
 _utf8 = codecs.getincrementaldecoder("utf-8")
 
@@ -45,6 +45,41 @@ class TextCheck:
         if frame.fin:
             self._decoder = None
         decoder.decode(data, final=frame.fin)
+
+
+MESSAGE_OPCODES = (Opcode.TEXT, Opcode.BINARY, Opcode.CONT)
+"""The frames that make messages; the others (ping, pong, close) are websockets'."""
+
+
+class Assembly:
+    """Whole messages from the data frames of one connection, as they arrive:
+    text checked for UTF-8 frame by frame (:class:`TextCheck`), fragments joined."""
+
+    __slots__ = ("_fragments", "_text")
+
+    def __init__(self) -> None:
+        self._text = TextCheck()
+        self._fragments: list[bytes] | None = None  # of the message being received
+
+    def take(self, frame: Frame) -> bytes | None:
+        """The message a data frame (one of :data:`MESSAGE_OPCODES`) completes, or
+        ``None`` while it is incomplete. Raises ``UnicodeDecodeError`` for text
+        that is not UTF-8."""
+        opcode = frame.opcode
+        if opcode is not Opcode.BINARY:  # binary: no check at all
+            self._text.check(frame)
+        if opcode is Opcode.CONT:
+            assert self._fragments is not None  # websockets checked the order
+            self._fragments.append(bytes(frame.data))
+            if not frame.fin:
+                return None
+            message = b"".join(self._fragments)
+            self._fragments = None
+            return message
+        if not frame.fin:
+            self._fragments = [bytes(frame.data)]
+            return None
+        return bytes(frame.data)
 
 
 _C = TypeVar("_C")

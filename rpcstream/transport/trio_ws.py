@@ -66,14 +66,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import trio
-from websockets.frames import CloseCode, Frame, Opcode
+from websockets.frames import CloseCode, Frame
 from websockets.protocol import State
 from websockets.trio.client import ClientConnection
 from websockets.trio.client import connect as ws_connect
 from websockets.trio.server import ServerConnection
 from websockets.trio.server import serve as ws_serve
 
-from .connection import TextCheck, never_requested, tracked
+from .connection import MESSAGE_OPCODES, Assembly, never_requested, tracked
 
 __all__ = [
     "UNREACHABLE",
@@ -90,7 +90,6 @@ UNREACHABLE: tuple[type[BaseException], ...] = (OSError, TimeoutError, trio.Brok
 """What ``connect`` raises when the server cannot be reached."""
 
 _EARLY_MAX = 16  # messages held before a receiver is registered; then reading pauses
-_DATA = (Opcode.TEXT, Opcode.BINARY)
 _WRITE_NOW = sys.platform != "win32"  # os.write takes a socket's descriptor
 
 _reading = contextvars.ContextVar("rpcstream_ws_reading", default=False)
@@ -108,12 +107,11 @@ class _Delivering:
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)  # starts recv_events, which runs only later
         ws: Any = self
-        self._text_check = TextCheck()
+        self._assembly = Assembly()
         self._on_messages: Callable[[list[bytes]], None] | None = None
         self._on_lost: Callable[[], None] | None = None
         self._received: list[bytes] = []  # completed by the current read
         self._early: deque[bytes] = deque()
-        self._fragments: list[bytes] | None = None
         self._plain = _WRITE_NOW and type(ws.stream) is trio.SocketStream
         # recv_events hands process_event() the events of one read, one by one:
         # counting them down tells where a read ends, to deliver its messages.
@@ -167,27 +165,15 @@ class _Delivering:
             return
         if self._failed:
             return  # what the same read held after invalid text (RFC 6455, 7.1.7)
-        opcode = event.opcode
-        if opcode is Opcode.TEXT or opcode is Opcode.CONT:  # binary: no check at all
-            try:
-                self._text_check.check(event)
-            except UnicodeDecodeError as exc:
-                self._fail_invalid_data(exc)
-                return
-        if opcode in _DATA:
-            if not event.fin:
-                self._fragments = [bytes(event.data)]
-                return
-            message = bytes(event.data)
-        elif opcode is Opcode.CONT:
-            assert self._fragments is not None  # websockets checked the order
-            self._fragments.append(bytes(event.data))
-            if not event.fin:
-                return
-            message = b"".join(self._fragments)
-            self._fragments = None
-        else:  # ping, pong, close: websockets' business
+        if event.opcode not in MESSAGE_OPCODES:  # ping, pong, close: websockets' business
             super().process_event(event)  # type: ignore[misc]
+            return
+        try:
+            message = self._assembly.take(event)
+        except UnicodeDecodeError as exc:
+            self._fail_invalid_data(exc)
+            return
+        if message is None:
             return
         if self._on_messages is not None:
             self._received.append(message)
