@@ -7,11 +7,13 @@ from contextlib import aclosing
 from pathlib import Path
 
 import anyio
+import anyio.lowlevel
 import pytest
 
 # Show values in the shared suite's failed asserts too (it lives outside tests/);
 # this must run before the suite is imported.
 from rpcstream.errors import RunExpired, RunNotFound
+from rpcstream.store.base import StoredEvent, _Live, _Tap
 from rpcstream.store.memory import MemoryStore
 from rpcstream.testing.store_suite import EventStoreConformance, FakeClock, StoreFactory
 
@@ -105,6 +107,61 @@ async def test_the_live_cache_is_bounded() -> None:
         ids = [i async for i in receive]
     # The follower fell behind the cache and caught up from storage, missing nothing.
     assert ids == list(range(2, 3 * store.live_cache_size + 3))
+
+
+@pytest.mark.anyio
+async def test_a_caught_up_tail_gets_each_event_within_the_append_that_stored_it() -> None:
+    store = MemoryStore()
+    await store.create_run("r", "flow")
+    await store.append("r", "progress", b"1")
+    pushed: list[int] = []
+    first = anyio.Event()
+
+    def push(event: StoredEvent) -> None:
+        pushed.append(event.id)
+        first.set()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(store.tail, "r", 0, push)
+        await first.wait()
+        while not store._live["r"].taps:  # the tail's task taps once it finds nothing new
+            await anyio.lowlevel.checkpoint()
+        for i in range(2, 50):
+            # A memory append does not await after it publishes, so the tail's task
+            # cannot have run in between: the tap handed the event over.
+            await store.append("r", "progress", b"1")
+            assert pushed[-1] == i
+        await store.append("r", "complete", b"null", terminal=True)
+        assert pushed[-1] == 50
+    assert pushed == list(range(1, 51))
+    assert store._live == {}
+
+
+def _event(event_id: int, type: str = "progress") -> StoredEvent:
+    return StoredEvent(event_id, type, b"1", 0.0)
+
+
+def test_a_tap_stops_at_a_gap_and_keeps_the_position_it_reached() -> None:
+    live = _Live(16)
+    got: list[int] = []
+    tap = _Tap(0, lambda event: got.append(event.id))
+    live.taps[tap] = None
+    live.push([_event(1), _event(2)], None)
+    assert (got, tap.position, tap.stopped.is_set()) == ([1, 2], 2, False)
+    live.push([_event(2)], None)  # a late duplicate is not handed over again
+    assert got == [1, 2]
+    live.push([_event(4)], None)  # 3 is missing: the tap's task must read storage
+    assert (got, tap.position, tap.stopped.is_set()) == ([1, 2], 2, True)
+    assert not live.taps and not tap.ended
+
+
+def test_a_tap_ends_at_the_terminal_event_and_ignores_what_follows() -> None:
+    live = _Live(16)
+    got: list[int] = []
+    tap = _Tap(0, lambda event: got.append(event.id))
+    live.taps[tap] = None
+    live.push([_event(1), _event(2, "complete"), _event(3)], None)
+    assert (got, tap.ended, tap.stopped.is_set(), live.taps) == ([1, 2], True, True, {})
 
 
 def test_stores_import_only_errors_the_run_vocabulary_anyio_msgspec_and_the_stdlib() -> None:

@@ -482,8 +482,9 @@ async def test_an_append_redis_refuses_fails_alone_in_its_group(
 # -- Redis going away --------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("how", ["follow", "tail"])
 async def test_appends_fail_clearly_while_redis_is_down_and_followers_recover(
-    tmp_path: Path, prefix: str
+    tmp_path: Path, prefix: str, how: str
 ) -> None:
     server = RedisServer(tmp_path / "redis", appendonly=True)
     server.start()
@@ -496,6 +497,10 @@ async def test_appends_fail_clearly_while_redis_is_down_and_followers_recover(
             send, receive = anyio.create_memory_object_stream[StoredEvent](100)
 
             async def follow() -> None:
+                if how == "tail":  # what the publish hands over counts as given out
+                    async with send:
+                        await b.tail("r", 0, send.send_nowait)
+                    return
                 async with send, aclosing(b.follow("r")) as events:
                     async for event in events:
                         await send.send(event)

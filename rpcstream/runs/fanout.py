@@ -4,7 +4,8 @@ Theory of operation
 -------------------
 Every ``runs.subscribe`` of a running run on this process shares one :class:`Hub`
 per run. The hub is the run's only follower of the event store here: one task
-runs ``store.follow(run_id, after=<the last id when the hub began>)`` and keeps
+runs ``store.tail(run_id, after=<the last id when the hub began>, hub.push)``
+(once caught up, the store calls ``push`` from each append itself) and keeps
 the newest events in a bounded deque of :class:`_Entry`, each holding the
 stored event and, per codec, the event already encoded as it goes on the wire
 (a ``msgspec.Raw``: the codec's encoder embeds those bytes as they are). The
@@ -162,7 +163,7 @@ class Hub:
         self.final_id: int | None = None
         self.failed = False
         self.users = 0
-        self.wake = anyio.Event()
+        self._wake: anyio.Event | None = None  # made when a subscription first waits
         self.scope = anyio.CancelScope()
         self.parked: dict[_Parked, None] = {}  # in the order they parked
 
@@ -170,10 +171,9 @@ class Hub:
         """Follow the run in the store until its terminal event (the hub's task)."""
         try:
             with self.scope:
-                follow = self.store.follow(self.info.run_id, self.seen)
-                async with contextlib.aclosing(follow) as events:
-                    async for event in events:
-                        self.push(event)
+                # Once caught up, each append hands the hub its event in the
+                # appender's own call: no task switch per event.
+                await self.store.tail(self.info.run_id, self.seen, self.push)
         except Exception as exc:
             # Each subscriber follows on its own from now on, and meets the error itself.
             log.debug("fan-out of run %s stopped: %r", self.info.run_id, exc)
@@ -227,10 +227,20 @@ class Hub:
         for p in parked:
             p.woken.set()
 
+    @property
+    def wake(self) -> anyio.Event:
+        """The event the next push sets (take it before looking at the entries)."""
+        wake = self._wake
+        if wake is None:
+            wake = self._wake = anyio.Event()
+        return wake
+
     def notify(self) -> None:
         """Wake everyone waiting now; later waiters get a fresh event."""
-        self.wake.set()
-        self.wake = anyio.Event()
+        wake = self._wake
+        if wake is not None:
+            self._wake = None
+            wake.set()
 
     def after(self, position: int) -> list[_Entry] | None:
         """The entries after ``position``; ``[]`` when none is stored yet; ``None``

@@ -43,13 +43,21 @@ use pub/sub for this). The hooks a backend has for that, and the only ones:
 :meth:`EventStore._publish` (hand events to this process's followers),
 :meth:`EventStore._newest_published` (what they hold already, or ``None`` when
 nobody follows the run here), and overriding ``_follow`` around
-``super()._follow`` (to learn when a run gains or loses its followers here).
+``super()._follow`` (to learn when a run gains or loses its followers here; pass
+its ``push`` on, and count what it hands over as given out).
+
+:meth:`EventStore.tail` is ``follow`` for one follower that serves many (a run's
+fan-out hub): once caught up it *taps* the live record, and each publish hands
+it the new events in the publisher's own call, so an event reaches the hub
+without waking its task. A tap that cannot take an event (a gap, or its
+``push`` raised) is stopped, and its task goes back to the loop above.
 The live records themselves stay private to this module.
 """
 
 from __future__ import annotations
 
 import abc
+import contextlib
 import time
 from collections import deque
 from collections.abc import AsyncGenerator, Callable, Collection, Iterable
@@ -123,22 +131,49 @@ class RunInfo(msgspec.Struct, frozen=True):
     """When retention removes the run (``finished + expire_after``); ``None`` while running."""
 
 
-class _Live:
-    """What the followers of one run share: recent events and one wake-up event."""
+class _Tap:
+    """A caught-up follower that takes new events from the publish itself
+    (see :meth:`EventStore.tail`)."""
 
-    __slots__ = ("events", "expires", "final_id", "followers", "wake")
+    __slots__ = ("ended", "error", "position", "push", "stopped")
+
+    def __init__(self, position: int, push: Callable[[StoredEvent], object]) -> None:
+        self.position = position
+        self.push = push
+        self.stopped = anyio.Event()
+        self.ended = False
+        self.error: Exception | None = None
+
+
+class _Live:
+    """What the followers of one run share: recent events, one wake-up event, and
+    the taps of the caught-up followers that take events from the publish itself."""
+
+    __slots__ = ("_wake", "events", "expires", "final_id", "followers", "taps")
 
     def __init__(self, size: int) -> None:
         # Always contiguous ids, oldest first; bounded by ``size``.
         self.events: deque[StoredEvent] = deque(maxlen=size)
-        self.wake = anyio.Event()
+        # Made when a follower first waits: a publish nobody waits for makes none.
+        self._wake: anyio.Event | None = None
         self.followers = 0
         self.final_id: int | None = None
         self.expires: float | None = None
+        self.taps: dict[_Tap, None] = {}
+
+    @property
+    def wake(self) -> anyio.Event:
+        """The event the next publish sets (take it before looking at the deque)."""
+        wake = self._wake
+        if wake is None:
+            wake = self._wake = anyio.Event()
+        return wake
 
     def push(self, events: Iterable[StoredEvent], expires: float | None) -> None:
-        """Add published events (ascending ids) and wake every follower once."""
+        """Add published events (ascending ids), hand them to the taps and wake
+        every follower once."""
         cached = self.events
+        fresh: list[StoredEvent] = []
         for event in events:
             if cached:
                 last = cached[-1].id
@@ -148,15 +183,47 @@ class _Live:
                     # A gap: the deque may only answer for ranges it holds entirely.
                     cached.clear()
             cached.append(event)
+            fresh.append(event)
             if event.type in TERMINAL_TYPES:
                 self.final_id = event.id
                 self.expires = expires
+        if self.taps and fresh:
+            self._hand_over(fresh)
         self.notify()
+
+    def _hand_over(self, fresh: list[StoredEvent]) -> None:
+        """Give each tap the events that follow its position; stop the taps that
+        cannot take them (a gap: their task reads storage) or have ended."""
+        for tap in list(self.taps):
+            for event in fresh:
+                if event.id <= tap.position:
+                    continue
+                if event.id != tap.position + 1:
+                    self.untap(tap)
+                    break
+                try:
+                    tap.push(event)
+                except Exception as exc:  # raised to the follower, never to the appender
+                    tap.error = exc
+                    self.untap(tap)
+                    break
+                tap.position = event.id
+                if event.type in TERMINAL_TYPES:
+                    tap.ended = True
+                    self.untap(tap)
+                    break
+
+    def untap(self, tap: _Tap) -> None:
+        """Stop handing events to ``tap`` and wake its follower."""
+        self.taps.pop(tap, None)
+        tap.stopped.set()
 
     def notify(self) -> None:
         """Wake everyone waiting now; later waiters get a fresh event."""
-        self.wake.set()
-        self.wake = anyio.Event()
+        wake = self._wake
+        if wake is not None:
+            self._wake = None
+            wake.set()
 
     def after(self, position: int, limit: int, now: float) -> list[StoredEvent] | None:
         """Cached events after ``position``, or ``None`` when the cache cannot tell.
@@ -246,6 +313,8 @@ class EventStore(abc.ABC):
             return
         self._closed = True
         for live in self._live.values():
+            for tap in list(live.taps):
+                live.untap(tap)
             live.notify()
         with anyio.CancelScope(shield=True):
             await self._aclose()
@@ -358,6 +427,23 @@ class EventStore(abc.ABC):
         """
         _check_after(after)
         return self._follow(run_id, after)
+
+    async def tail(self, run_id: str, after: int, push: Callable[[StoredEvent], object]) -> None:
+        """Call ``push(event)`` for every event after ``after``, in order, as
+        :meth:`follow` would yield them; return right after the terminal event.
+
+        Stored events are read and pushed by this task. Once it has caught up,
+        the store hands each newly published event to ``push`` itself, within the
+        call that published it (an append on this process, or what brings other
+        processes' events): no task switch per event, which is what a run's
+        fan-out to many subscribers needs. So ``push`` must be quick and must not
+        block; an exception it raises stops the tail and is raised here (never to
+        the appender). Raises like :meth:`follow`.
+        """
+        _check_after(after)
+        async with contextlib.aclosing(self._follow(run_id, after, push)) as events:
+            async for event in events:
+                push(event)
 
     async def sweep(self) -> int:
         """Remove the runs whose ``expires`` has passed; return how many were removed.
@@ -505,7 +591,11 @@ class EventStore(abc.ABC):
 
     # -- follow -----------------------------------------------------------------
 
-    async def _follow(self, run_id: str, after: int) -> AsyncGenerator[StoredEvent, None]:
+    async def _follow(
+        self, run_id: str, after: int, push: Callable[[StoredEvent], object] | None = None
+    ) -> AsyncGenerator[StoredEvent, None]:
+        """The loop of :meth:`follow`; with ``push``, that of :meth:`tail`: events
+        published while caught up go to ``push`` from the publish, not yielded."""
         live = self._live.get(run_id)
         if live is None:
             size = self.live_cache_size
@@ -536,8 +626,28 @@ class EventStore(abc.ABC):
                     position = event.id
                     if event.type in TERMINAL_TYPES:
                         return
-                if not batch:
+                if batch:
+                    continue
+                if push is None:
                     await wake.wait()
+                    continue
+                if wake.is_set():
+                    # Published (or closed) while this task awaited storage above:
+                    # look again, or the tap would start behind what it missed.
+                    continue
+                # Caught up, and nothing can be published between that check and
+                # tapping (no await): from here the publish hands events over.
+                tap = _Tap(position, push)
+                live.taps[tap] = None
+                try:
+                    await tap.stopped.wait()
+                finally:
+                    live.untap(tap)
+                    position = tap.position
+                if tap.error is not None:
+                    raise tap.error
+                if tap.ended:
+                    return
         finally:
             live.followers -= 1
             if live.followers == 0 and self._live.get(run_id) is live:

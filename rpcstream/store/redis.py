@@ -536,16 +536,32 @@ class RedisStore(EventStore):
 
     # -- live follow across nodes ---------------------------------------------------------
 
-    async def _follow(self, run_id: str, after: int) -> AsyncGenerator[StoredEvent, None]:
+    async def _follow(
+        self, run_id: str, after: int, push: Callable[[StoredEvent], object] | None = None
+    ) -> AsyncGenerator[StoredEvent, None]:
         # Subscribe before the base loop first looks at storage; the subscription's
         # confirmation catches up whatever it missed meanwhile.
         self._listener.watch(run_id)
         position = after
         delay = self.reconnect_delay
+        pushed: Callable[[StoredEvent], None] | None = None
+        if push is not None:
+            hand_over = push
+
+            def counted(event: StoredEvent) -> None:
+                # Events the publish hands over count as given out, as yielded ones do.
+                nonlocal position, delay
+                hand_over(event)
+                position = event.id
+                delay = self.reconnect_delay
+
+            pushed = counted
+
         try:
             while True:
                 try:
-                    async with contextlib.aclosing(super()._follow(run_id, position)) as events:
+                    follow = super()._follow(run_id, position, pushed)
+                    async with contextlib.aclosing(follow) as events:
                         async for event in events:
                             yield event
                             position = event.id
