@@ -16,7 +16,10 @@ and drives the server through a control connection:
   server (:mod:`benchmarks.runs_raw`) broadcasting each tick to as many connections
   at the same pace, then prints a line of medians (``summary``);
 * ``runs``: 500 and 1,000 runs at once (``--runs``), each ticking at ``--rates``
-  (20 and 50) events/s, one subscriber each on its own connection;
+  (20 and 50) events/s, one subscriber each on its own connection; ``runs_raw``:
+  the same in ``--rounds`` rounds interleaved with raw websockets, where every
+  connection gets its own ticking run (``await ws.send`` per event), then a
+  ``summary`` line of medians;
 * ``append``: 100 runs of a flow that sends 500 events as fast as it can
   (``--append-runs``, ``--append-events``), released together: total events/s, in
   ``--rounds`` (3) rounds interleaved with the same appends on the store alone in the
@@ -76,6 +79,7 @@ from .peer_measure import proc_cpu_s
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKLOADS = ("fanout", "fanout_shared", "runs", "append", "replay")
+OPTIONAL_WORKLOADS = ("runs_raw",)  # asked for by name: rounds beside raw websockets
 STORES = ("memory", "sqlite")
 OPTIONAL_STORES = ("redis",)  # needs redis-server: asked for by name
 
@@ -278,12 +282,22 @@ def client_figures(
     }
 
 
-async def raw_fanout(raw: Child, raw_url: str, head: Figures, args: argparse.Namespace) -> Figures:
+async def raw_fanout(
+    raw: Child,
+    raw_url: str,
+    head: Figures,
+    args: argparse.Namespace,
+    count: int | None = None,
+    rate: float | None = None,
+    each: bool = False,
+) -> Figures:
     """The baseline of ``fanout``: raw websockets broadcasting each tick to as many
-    connections, at the same pace, the clients spread over as many processes."""
+    connections, at the same pace, the clients spread over as many processes.
+    ``each``: the baseline of ``runs`` instead, every connection its own ticking run."""
     s: Sizes = args.sizes
-    n = max(1, int(s.fanout_rate * s.seconds))
-    count = s.fanout_connections
+    rate = s.fanout_rate if rate is None else rate
+    count = s.fanout_connections if count is None else count
+    n = max(1, int(rate * s.seconds))
     procs = max(1, min(s.client_procs, count))
     pid = raw.process.pid
     stdin = raw.process.stdin
@@ -299,7 +313,7 @@ async def raw_fanout(raw: Child, raw_url: str, head: Figures, args: argparse.Nam
             assert ready.get("ready"), ready
         cpu = proc_cpu_s(pid)
         go = time.monotonic()
-        await stdin.send(json.dumps({"n": n, "rate": s.fanout_rate}).encode() + b"\n")
+        await stdin.send(json.dumps({"n": n, "rate": rate, "each": each}).encode() + b"\n")
         results = [await client.line() for client in clients]
         wall = time.monotonic() - go
         server_cpu = (proc_cpu_s(pid) or 0.0) - (cpu or 0.0)
@@ -307,10 +321,10 @@ async def raw_fanout(raw: Child, raw_url: str, head: Figures, args: argparse.Nam
     record = {
         **head,
         "code": "raw websockets",
-        "runs": 1,
+        "runs": count if each else 1,
         "subscribers": count,
         "connections": count,
-        "rate": s.fanout_rate,
+        "rate": rate,
         "events_per_run": n + 2,
         **client_figures(results, wall, server_cpu, latencies),
     }
@@ -324,25 +338,34 @@ async def fanout_rounds(
     head: Figures,
     args: argparse.Namespace,
     out: Callable[[Figures], None],
+    runs: int | None = None,
+    rate: float | None = None,
 ) -> None:
     """``fanout`` beside its raw-websockets baseline: ``--rounds`` rounds, the two
-    alternating which goes first, each line printed, then one line of medians."""
+    alternating which goes first, each line printed, then one line of medians.
+    With ``runs``: the ``runs`` workload (that many runs at ``rate``, one subscriber
+    each on its own connection) beside raw websockets ticking each connection alone."""
     s: Sizes = args.sizes
     mine: list[Figures] = []
     base: list[Figures] = []
+    each = runs is not None
+    conns = s.fanout_connections if runs is None else runs
+    rate = s.fanout_rate if rate is None else rate
     async with spawn(["--raw-serve"], args.loop) as raw:
         raw_url = (await raw.line())["url"]
         for r in range(s.rounds):
             for which in ("raw", "this") if r % 2 == 0 else ("this", "raw"):
                 at = {**head, "round": r}
                 if which == "raw":
-                    base.append(await raw_fanout(raw, raw_url, at, args))
+                    base.append(await raw_fanout(raw, raw_url, at, args, conns, rate, each))
                     emit(base[-1])
                 else:
-                    conns, rate = s.fanout_connections, s.fanout_rate
-                    mine.append(await paced(nodes, control, at, args, 1, conns, rate))
+                    count = runs if runs is not None else 1
+                    mine.append(await paced(nodes, control, at, args, count, conns, rate))
                     out(mine[-1])
     summary: Figures = {**head, "summary": f"medians of {s.rounds} rounds"}
+    if runs is not None:
+        summary.update(runs=runs, rate=rate)
     for key in ("p50_us", "p99_us", "server_cpu_us_per_delivery"):
         ours = statistics.median(x[key] for x in mine)
         theirs = statistics.median(x[key] for x in base)
@@ -532,6 +555,10 @@ async def run_store(store: str, args: argparse.Namespace, directory: Path) -> No
                         for runs in s.runs:
                             for rate in s.rates:
                                 out(await paced(nodes, controls[0], work, args, runs, runs, rate))
+                    elif workload == "runs_raw":  # the same beside raw websockets, in rounds
+                        for runs in s.runs:
+                            for rate in s.rates:
+                                await fanout_rounds(nodes, controls[0], work, args, out, runs, rate)
                     elif workload == "append":
                         await appends(nodes, controls, work, args, base_appends)
                     elif workload == "replay" and store == "memory":
@@ -592,7 +619,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.sizes = Sizes(**{**vars(sizes), **changes})
     args.stores = [x for x in args.stores.split(",") if x]
     args.workloads = [x for x in args.workloads.split(",") if x]
-    for values, allowed in ((args.stores, STORES + OPTIONAL_STORES), (args.workloads, WORKLOADS)):
+    for values, allowed in ((args.stores, STORES + OPTIONAL_STORES), (args.workloads, WORKLOADS + OPTIONAL_WORKLOADS)):
         unknown = sorted(set(values) - set(allowed))
         if unknown:
             parser.error(f"unknown {', '.join(unknown)}; choose from {', '.join(allowed)}")

@@ -12,7 +12,10 @@ connection without waiting, the cheapest way websockets offers).
   ``started`` event (id 1), then reads commands from stdin, one JSON line each:
   ``{"n": N, "rate": R}`` ticks N events (ids 2 to N + 1, ``data.t`` the
   ``time.monotonic()`` taken just before the broadcast) and a ``complete``
-  event (id N + 2) to every connection open then. Ends when stdin closes.
+  event (id N + 2) to every connection open then. With ``"each": true`` every
+  connection gets its own run instead: N ticks at R from a random phase, each
+  sent with ``await ws.send`` (the baseline of the ``runs`` workload: one run
+  and one subscriber per connection). Ends when stdin closes.
 * ``--raw-client SPEC``: opens ``SPEC["connections"]`` connections, prints
   ``{"ready": true}`` once each has its ``started`` event, reads to
   ``complete`` and prints the same figures as the rpcstream client child
@@ -24,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import sys
 import time
 from typing import Any
@@ -92,6 +96,11 @@ async def serve_child() -> None:
             command = json.loads(line)
             n, rate = int(command["n"]), float(command["rate"])
             targets = set(connections)
+            if command.get("each"):
+                async with anyio.create_task_group() as tg:
+                    for ws in targets:
+                        tg.start_soon(_tick_one, ws, n, rate)
+                continue
             start = time.monotonic()
             for i in range(n):
                 delay = start + i / rate - time.monotonic()
@@ -99,6 +108,18 @@ async def serve_child() -> None:
                     await anyio.sleep(delay)
                 await _broadcast(targets, _event(i + 2, "tick", {"t": time.monotonic()}))
             await _broadcast(targets, _event(n + 2, "complete", None))
+
+
+async def _tick_one(ws: Any, n: int, rate: float) -> None:
+    """One connection's own run: ``n`` ticks at ``rate`` from a random phase, as the
+    ``paced`` flow of :mod:`benchmarks.runs_procs` ticks (the ``runs`` baseline)."""
+    start = time.monotonic() + random.random() / rate
+    for i in range(n):
+        delay = start + i / rate - time.monotonic()
+        if delay > 0:
+            await anyio.sleep(delay)
+        await ws.send(_event(i + 2, "tick", {"t": time.monotonic()}))
+    await ws.send(_event(n + 2, "complete", None))
 
 
 async def client_child(spec: Figures) -> None:
