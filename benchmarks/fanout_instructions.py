@@ -65,6 +65,7 @@ __all__ = ["main"]
 
 WARMUP = 5  # events before counting starts, in both runs of a pair
 IMPLS = ("raw", "rpcstream")
+RUNS_IMPLS = ("runs_raw", "runs_rpcstream")  # --impls runs_raw,runs_rpcstream
 _TOTALS = re.compile(r"^(?:summary|totals):\s*(\d+)", re.MULTILINE)
 
 
@@ -72,7 +73,7 @@ class Clients:
     """The subscribers, in a thread with an asyncio loop of its own. :meth:`round`
     (in the server's loop) waits until every connection has one more message."""
 
-    def __init__(self, url: str, connections: int, hello: bytes | None) -> None:
+    def __init__(self, url: str, connections: int, hello: bytes | list[bytes] | None) -> None:
         self.url, self.connections, self.hello = url, connections, hello
         self.token = anyio.lowlevel.current_token()
         self.ready = anyio.Event()  # set in the server's loop, from the clients' thread
@@ -111,9 +112,11 @@ class Clients:
             options["subprotocols"] = [MSGPACK.subprotocol]
         async with contextlib.AsyncExitStack() as stack:
             tasks = []
-            for _ in range(self.connections):
+            for i in range(self.connections):
                 ws = await stack.enter_async_context(connect(self.url, **options))
-                if self.hello is not None:
+                if isinstance(self.hello, list):  # one subscription each (``runs``)
+                    await ws.send(self.hello[i])
+                elif self.hello is not None:
                     await ws.send(self.hello)
                 tasks.append(asyncio.create_task(self._read(ws)))
             await self._stop.wait()
@@ -205,9 +208,73 @@ async def fanout_rpcstream(connections: int, events: int) -> None:
         await clients.stop()
 
 
+async def runs_raw(connections: int, events: int) -> None:
+    """The baseline of ``runs`` (one run per connection): each connection's own
+    task sends each event with ``await ws.send``, as ``runs_raw`` does."""
+    encode = msgspec.msgpack.Encoder().encode
+    total = WARMUP + events
+    ticks = [anyio.Event() for _ in range(total)]
+
+    async def handler(ws: Any) -> None:
+        await ws.send(encode({"id": 1, "type": "started"}))
+        with contextlib.suppress(Exception):  # the clients drop at the end
+            for i, tick in enumerate(ticks):
+                await tick.wait()
+                await ws.send(encode({"id": i + 2, "type": "tick", "data": {"i": i}}))
+            async for _ in ws:
+                pass
+
+    async def send(tick: anyio.Event) -> None:
+        tick.set()
+
+    async with serve_raw(handler) as url:
+        clients = Clients(url, connections, None)
+        await clients.start()
+        for tick in ticks:
+            await clients.round(functools.partial(send, tick))
+        await clients.stop()
+
+
+async def runs_rpcstream(connections: int, events: int) -> None:
+    """``runs``: as many runs as connections, each with one subscriber on its own
+    connection; every round each run's flow sends one event."""
+    total = WARMUP + events
+    ticks = [anyio.Event() for _ in range(total)]
+    runs = rpcstream.RunServer(MemoryStore())
+
+    @runs.flow("lockstep")
+    async def lockstep(ctx: rpcstream.RunContext, n: int) -> None:
+        for i in range(n):
+            await ticks[i].wait()
+            await ctx.client.send("tick", {"i": i})
+
+    async def send(tick: anyio.Event) -> None:
+        tick.set()
+
+    async with (
+        rpcstream.serve(runs, "127.0.0.1", 0) as server,
+        rpcstream.connect(server.url) as control,
+    ):
+        hellos = []
+        for _ in range(connections):
+            run_id = (await control.call("runs.start", "lockstep", {"n": total}))["run_id"]
+            args = MSGPACK.encode_raw([run_id])
+            kwargs = MSGPACK.encode_raw({"after": 0, "batch": True})
+            call = StreamCall(1, "runs.subscribe", args, kwargs)
+            credit = Credit(1, 1 << 30, 1 << 30)  # never runs out: no credit frames
+            hellos.append(MSGPACK.encode_batch([call, credit]))
+        clients = Clients(server.url, connections, hellos)
+        await clients.start()
+        for tick in ticks:
+            await clients.round(functools.partial(send, tick))
+        await clients.stop()
+
+
 CHILDREN: dict[str, Callable[[int, int], Awaitable[None]]] = {
     "raw": fanout_raw,
     "rpcstream": fanout_rpcstream,
+    "runs_raw": runs_raw,
+    "runs_rpcstream": runs_rpcstream,
 }
 
 
@@ -262,12 +329,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--loop", choices=["asyncio", "trio", "all"], default="asyncio")
     parser.add_argument("--connections", type=int, default=100)
     parser.add_argument("--events", type=int, default=30, help="counted events per run")
-    parser.add_argument("--impls", default=",".join(IMPLS), help="raw (the baseline), rpcstream")
+    parser.add_argument(
+        "--impls",
+        default=",".join(IMPLS),
+        help="raw (the baseline), rpcstream; or runs_raw, runs_rpcstream (a run per connection)",
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     impls = tuple(x for x in args.impls.split(",") if x)
-    if not set(impls) <= set(IMPLS):
-        parser.error(f"--impls: choose from {', '.join(IMPLS)}")
+    if not set(impls) <= set(IMPLS + RUNS_IMPLS):
+        parser.error(f"--impls: choose from {', '.join(IMPLS + RUNS_IMPLS)}")
     if args.child:
         impl, loop, connections, events = args.child.split(":")
         anyio.run(CHILDREN[impl], int(connections), int(events), backend=loop)

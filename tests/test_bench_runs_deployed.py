@@ -96,3 +96,20 @@ def test_subscribers_without_batches_are_measured_too() -> None:
     results = lines[1:]
     assert {r["workload"] for r in results} == {"runs", "replay"}
     assert all(r["verified"] is True and r["batch"] is False for r in results)
+
+
+@pytest.mark.timeout(120)
+def test_runs_beside_raw_websockets_alternate_and_end_with_a_line_of_medians() -> None:
+    lines = _run("--stores", "memory", "--workloads", "runs_raw", "--rounds", "2")
+    results = lines[1:]
+    rounds = [r for r in results if "summary" not in r]
+    # Rounds alternate which goes first: raw, this, then this, raw.
+    assert [r["code"] for r in rounds] == ["raw websockets", "this", "this", "raw websockets"]
+    for r in rounds:
+        assert r["verified"] is True, r
+        # One run per connection on both sides: each subscriber got its own run's events.
+        assert r["runs"] == r["subscribers"] == r["connections"]
+        assert r["deliveries"] == r["subscribers"] * r["events_per_run"]
+    (summary,) = [r for r in results if "summary" in r]
+    assert summary["workload"] == "runs_raw" and summary["verified"] is True
+    assert len(summary["baseline_p99_us_rounds"]) == len(summary["p99_us_rounds"]) == 2
