@@ -619,7 +619,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.sizes = Sizes(**{**vars(sizes), **changes})
     args.stores = [x for x in args.stores.split(",") if x]
     args.workloads = [x for x in args.workloads.split(",") if x]
-    for values, allowed in ((args.stores, STORES + OPTIONAL_STORES), (args.workloads, WORKLOADS + OPTIONAL_WORKLOADS)):
+    choices = ((args.stores, STORES + OPTIONAL_STORES),
+               (args.workloads, WORKLOADS + OPTIONAL_WORKLOADS))  # fmt: skip
+    for values, allowed in choices:
         unknown = sorted(set(values) - set(allowed))
         if unknown:
             parser.error(f"unknown {', '.join(unknown)}; choose from {', '.join(allowed)}")
