@@ -13,7 +13,8 @@ import pytest
 # Show values in the shared suite's failed asserts too (it lives outside tests/);
 # this must run before the suite is imported.
 from rpcstream.errors import RunExpired, RunNotFound
-from rpcstream.store.base import StoredEvent, _Live, _Tap
+from rpcstream.store.base import StoredEvent
+from rpcstream.store.live import Live, Tap
 from rpcstream.store.memory import MemoryStore
 from rpcstream.testing.store_suite import EventStoreConformance, FakeClock, StoreFactory
 
@@ -142,9 +143,9 @@ def _event(event_id: int, type: str = "progress") -> StoredEvent:
 
 
 def test_a_tap_stops_at_a_gap_and_keeps_the_position_it_reached() -> None:
-    live = _Live(16)
+    live = Live(16)
     got: list[int] = []
-    tap = _Tap(0, lambda event: got.append(event.id))
+    tap = Tap(0, lambda event: got.append(event.id))
     live.taps[tap] = None
     live.push([_event(1), _event(2)], None)
     assert (got, tap.position, tap.stopped.is_set()) == ([1, 2], 2, False)
@@ -156,9 +157,9 @@ def test_a_tap_stops_at_a_gap_and_keeps_the_position_it_reached() -> None:
 
 
 def test_a_tap_ends_at_the_terminal_event_and_ignores_what_follows() -> None:
-    live = _Live(16)
+    live = Live(16)
     got: list[int] = []
-    tap = _Tap(0, lambda event: got.append(event.id))
+    tap = Tap(0, lambda event: got.append(event.id))
     live.taps[tap] = None
     live.push([_event(1), _event(2, "complete"), _event(3)], None)
     assert (got, tap.ended, tap.stopped.is_set(), live.taps) == ([1, 2], True, True, {})
@@ -170,10 +171,11 @@ def test_stores_import_only_errors_the_run_vocabulary_anyio_msgspec_and_the_stdl
     # observe.hooks (how stores report appends and failures), for the same reason.
     # trio is imported only when running on it, to start the group commit's drainer.
     allowed = {
-        "anyio", "msgspec", "trio", "errors", "base", "commit", "runs.events", "observe.hooks"
+        "anyio", "msgspec", "trio", "errors", "base", "commit", "live", "runs.events",
+        "observe.hooks",
     }  # fmt: skip
     store_dir = Path(__file__).parent.parent / "rpcstream" / "store"
-    for module in ("base.py", "commit.py", "memory.py", "sqlite.py"):
+    for module in ("base.py", "commit.py", "live.py", "memory.py", "sqlite.py"):
         tree = ast.parse((store_dir / module).read_text())
         for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom) and node.level:

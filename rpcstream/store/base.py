@@ -51,7 +51,7 @@ fan-out hub): once caught up it *taps* the live record, and each publish hands
 it the new events in the publisher's own call, so an event reaches the hub
 without waking its task. A tap that cannot take an event (a gap, or its
 ``push`` raised) is stopped, and its task goes back to the loop above.
-The live records themselves stay private to this module.
+The live records themselves (:mod:`rpcstream.store.live`) stay private to the stores.
 """
 
 from __future__ import annotations
@@ -59,9 +59,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import time
-from collections import deque
 from collections.abc import AsyncGenerator, Callable, Collection, Iterable
-from itertools import islice
 from types import TracebackType
 from typing import Final, NewType, Self
 
@@ -71,6 +69,7 @@ import msgspec
 from ..errors import EventsTrimmed, RunExpired, RunFinished, RunNotFound
 from ..observe.hooks import events_appended, store_error
 from ..runs.events import MAX_EVENT_ID, TERMINAL_TYPES, RunStatus
+from .live import Live, Tap
 
 __all__ = [
     "RUNNING",
@@ -131,119 +130,6 @@ class RunInfo(msgspec.Struct, frozen=True):
     """When retention removes the run (``finished + expire_after``); ``None`` while running."""
 
 
-class _Tap:
-    """A caught-up follower that takes new events from the publish itself
-    (see :meth:`EventStore.tail`)."""
-
-    __slots__ = ("ended", "error", "position", "push", "stopped")
-
-    def __init__(self, position: int, push: Callable[[StoredEvent], object]) -> None:
-        self.position = position
-        self.push = push
-        self.stopped = anyio.Event()
-        self.ended = False
-        self.error: Exception | None = None
-
-
-class _Live:
-    """What the followers of one run share: recent events, one wake-up event, and
-    the taps of the caught-up followers that take events from the publish itself."""
-
-    __slots__ = ("_wake", "events", "expires", "final_id", "followers", "taps")
-
-    def __init__(self, size: int) -> None:
-        # Always contiguous ids, oldest first; bounded by ``size``.
-        self.events: deque[StoredEvent] = deque(maxlen=size)
-        # Made when a follower first waits: a publish nobody waits for makes none.
-        self._wake: anyio.Event | None = None
-        self.followers = 0
-        self.final_id: int | None = None
-        self.expires: float | None = None
-        self.taps: dict[_Tap, None] = {}
-
-    @property
-    def wake(self) -> anyio.Event:
-        """The event the next publish sets (take it before looking at the deque)."""
-        wake = self._wake
-        if wake is None:
-            wake = self._wake = anyio.Event()
-        return wake
-
-    def push(self, events: Iterable[StoredEvent], expires: float | None) -> None:
-        """Add published events (ascending ids), hand them to the taps and wake
-        every follower once."""
-        cached = self.events
-        fresh: list[StoredEvent] = []
-        for event in events:
-            if cached:
-                last = cached[-1].id
-                if event.id <= last:
-                    continue  # already cached; a late duplicate must not reorder the deque
-                if event.id != last + 1:
-                    # A gap: the deque may only answer for ranges it holds entirely.
-                    cached.clear()
-            cached.append(event)
-            fresh.append(event)
-            if event.type in TERMINAL_TYPES:
-                self.final_id = event.id
-                self.expires = expires
-        if self.taps and fresh:
-            self._hand_over(fresh)
-        self.notify()
-
-    def _hand_over(self, fresh: list[StoredEvent]) -> None:
-        """Give each tap the events that follow its position; stop the taps that
-        cannot take them (a gap: their task reads storage) or have ended."""
-        for tap in list(self.taps):
-            for event in fresh:
-                if event.id <= tap.position:
-                    continue
-                if event.id != tap.position + 1:
-                    self.untap(tap)
-                    break
-                try:
-                    tap.push(event)
-                except Exception as exc:  # raised to the follower, never to the appender
-                    tap.error = exc
-                    self.untap(tap)
-                    break
-                tap.position = event.id
-                if event.type in TERMINAL_TYPES:
-                    tap.ended = True
-                    self.untap(tap)
-                    break
-
-    def untap(self, tap: _Tap) -> None:
-        """Stop handing events to ``tap`` and wake its follower."""
-        self.taps.pop(tap, None)
-        tap.stopped.set()
-
-    def notify(self) -> None:
-        """Wake everyone waiting now; later waiters get a fresh event."""
-        wake = self._wake
-        if wake is not None:
-            self._wake = None
-            wake.set()
-
-    def after(self, position: int, limit: int, now: float) -> list[StoredEvent] | None:
-        """Cached events after ``position``, or ``None`` when the cache cannot tell.
-
-        An empty list is authoritative: nothing after ``position`` was published.
-        """
-        cached = self.events
-        if not cached or (self.expires is not None and now >= self.expires):
-            return None
-        last = cached[-1].id
-        if position >= last:
-            return []
-        if position + 1 < cached[0].id:
-            return None
-        # Live followers sit near the tail, so walk in from the right end.
-        newer = list(islice(reversed(cached), last - position))
-        newer.reverse()
-        return newer[:limit]
-
-
 class EventStore(abc.ABC):
     """Where runs and their events are kept; see the module docstring.
 
@@ -282,7 +168,7 @@ class EventStore(abc.ABC):
         self.max_events = max_events
         self.expire_after = float(expire_after)
         self.clock = clock
-        self._live: dict[str, _Live] = {}
+        self._live: dict[str, Live] = {}
         self._closed = False
 
     # -- lifecycle ------------------------------------------------------------
@@ -429,17 +315,11 @@ class EventStore(abc.ABC):
         return self._follow(run_id, after)
 
     async def tail(self, run_id: str, after: int, push: Callable[[StoredEvent], object]) -> None:
-        """Call ``push(event)`` for every event after ``after``, in order, as
-        :meth:`follow` would yield them; return right after the terminal event.
-
-        Stored events are read and pushed by this task. Once it has caught up,
-        the store hands each newly published event to ``push`` itself, within the
-        call that published it (an append on this process, or what brings other
-        processes' events): no task switch per event, which is what a run's
-        fan-out to many subscribers needs. So ``push`` must be quick and must not
-        block; an exception it raises stops the tail and is raised here (never to
-        the appender). Raises like :meth:`follow`.
-        """
+        """Call ``push(event)`` for each event :meth:`follow` would yield, in order,
+        and return after the terminal event. Once caught up, the store calls ``push``
+        itself from the call that published the event (no task switch per event: a
+        run's fan-out hub uses it), so ``push`` must be quick and never block; what
+        it raises stops the tail and is raised here, never to the appender."""
         _check_after(after)
         async with contextlib.aclosing(self._follow(run_id, after, push)) as events:
             async for event in events:
@@ -602,7 +482,7 @@ class EventStore(abc.ABC):
             if self.max_events is not None:
                 # Never hold events that storage has already trimmed.
                 size = min(size, self.max_events)
-            live = self._live[run_id] = _Live(size)
+            live = self._live[run_id] = Live(size)
         live.followers += 1
         position = after
         try:
@@ -626,18 +506,15 @@ class EventStore(abc.ABC):
                     position = event.id
                     if event.type in TERMINAL_TYPES:
                         return
-                if batch:
+                # Set: published (or closed) while this task read storage above.
+                if batch or wake.is_set():
                     continue
                 if push is None:
                     await wake.wait()
                     continue
-                if wake.is_set():
-                    # Published (or closed) while this task awaited storage above:
-                    # look again, or the tap would start behind what it missed.
-                    continue
                 # Caught up, and nothing can be published between that check and
                 # tapping (no await): from here the publish hands events over.
-                tap = _Tap(position, push)
+                tap = Tap(position, push)
                 live.taps[tap] = None
                 try:
                     await tap.stopped.wait()

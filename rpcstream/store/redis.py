@@ -405,8 +405,7 @@ class RedisStore(EventStore):
         now = self.clock()
         expires = now + self.expire_after if terminal else None
         flag = b"2" if lapsed_only else b"1" if terminal else b"0"
-        # Timestamps travel as repr() strings: Redis stores and publishes them as
-        # written, so every reader parses back the very float appended.
+        # Timestamps travel as repr() strings: every reader parses back the very float.
         command = b"".join(
             [
                 b"\x96",  # a msgpack array of 6
@@ -539,33 +538,23 @@ class RedisStore(EventStore):
     async def _follow(
         self, run_id: str, after: int, push: Callable[[StoredEvent], object] | None = None
     ) -> AsyncGenerator[StoredEvent, None]:
-        # Subscribe before the base loop first looks at storage; the subscription's
-        # confirmation catches up whatever it missed meanwhile.
+        # Subscribe before the base loop looks at storage; its confirmation catches up.
         self._listener.watch(run_id)
-        position = after
-        delay = self.reconnect_delay
-        pushed: Callable[[StoredEvent], None] | None = None
-        if push is not None:
-            hand_over = push
+        position, delay = after, self.reconnect_delay
 
-            def counted(event: StoredEvent) -> None:
-                # Events the publish hands over count as given out, as yielded ones do.
-                nonlocal position, delay
-                hand_over(event)
-                position = event.id
-                delay = self.reconnect_delay
-
-            pushed = counted
+        def pushed(event: StoredEvent) -> None:  # given out, as yielded events are
+            nonlocal position, delay
+            push(event)  # type: ignore[misc]  # passed on only when there is one
+            position, delay = event.id, self.reconnect_delay
 
         try:
             while True:
                 try:
-                    follow = super()._follow(run_id, position, pushed)
+                    follow = super()._follow(run_id, position, push and pushed)
                     async with contextlib.aclosing(follow) as events:
                         async for event in events:
                             yield event
-                            position = event.id
-                            delay = self.reconnect_delay
+                            position, delay = event.id, self.reconnect_delay
                     return
                 except StoreUnavailable as exc:
                     # Ride through the outage: resume from the last event given out.

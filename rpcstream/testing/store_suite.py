@@ -29,7 +29,7 @@ from anyio.abc import TaskGroup
 from ..errors import RunFinished, RunNotFound
 from ..runs.events import MAX_EVENT_ID
 from ..store.base import RUNNING, TERMINAL_TYPES, EventStore, RunInfo, StoredEvent
-from .store_suite_follow import FollowAndRetain
+from .store_suite_follow import FollowAndRetain, Tail
 from .store_suite_runs import (
     EXPIRE_AFTER,
     CreateOrGet,
@@ -274,7 +274,9 @@ class _Fixtures:
             yield store
 
 
-class EventStoreConformance(_Fixtures, _AppendAndRead, FollowAndRetain, CreateOrGet, NoLeases):
+class EventStoreConformance(
+    _Fixtures, _AppendAndRead, FollowAndRetain, Tail, CreateOrGet, NoLeases
+):
     """The contract every :class:`~rpcstream.store.base.EventStore` backend without
     leases (``lease_ttl=None``: one process) must meet.
 
@@ -283,6 +285,6 @@ class EventStoreConformance(_Fixtures, _AppendAndRead, FollowAndRetain, CreateOr
     """
 
 
-class LeasedStoreConformance(_Fixtures, _AppendAndRead, FollowAndRetain, CreateOrGet, Leases):
+class LeasedStoreConformance(_Fixtures, _AppendAndRead, FollowAndRetain, Tail, CreateOrGet, Leases):
     """The same contract for a backend with leases (several nodes share it): its
     ``store_factory`` must make stores with ``lease_ttl`` set."""

@@ -24,7 +24,7 @@ from .store_suite_runs import (
     _ids,
 )
 
-__all__ = ["FollowAndRetain"]
+__all__ = ["FollowAndRetain", "Tail"]
 
 
 class FollowAndRetain:
@@ -153,123 +153,6 @@ class FollowAndRetain:
         assert all(ids == expected for ids in got)
         # Live followers are served from memory: storage is not queried per follower per event.
         assert queries - before < followers
-
-    async def test_tail_pushes_stored_then_live_events_in_order_and_returns_after_the_end(
-        self, store: EventStore
-    ) -> None:
-        await store.create_run("r", "flow")
-        await _fill(store, "r", 3)
-        pushed: list[StoredEvent] = []
-        arrived = anyio.Event()
-        wanted = 3
-
-        def push(event: StoredEvent) -> None:
-            pushed.append(event)
-            if len(pushed) >= wanted:
-                arrived.set()
-
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(store.tail, "r", 0, push)
-            await arrived.wait()  # the stored ones; the tail is caught up now or soon
-            # Appends from several tasks at once: the tail sees each once, in id order.
-            async with anyio.create_task_group() as appenders:
-                for _ in range(4):
-                    appenders.start_soon(_fill, store, "r", 25)
-            wanted, arrived = 103, anyio.Event()
-            if len(pushed) < wanted:  # the store may have pushed them all already
-                await arrived.wait()
-            await _finish(store, "r")
-        # The task group waited for tail() to return: it ends with the terminal event.
-        assert _ids(pushed) == list(range(1, 105))
-        assert pushed[-1].type == "complete"
-
-    @pytest.mark.parametrize("method", ["read", "info"])
-    async def test_tail_does_not_miss_an_event_appended_while_it_looks(
-        self, store: EventStore, monkeypatch: pytest.MonkeyPatch, method: str
-    ) -> None:
-        """An append right after the tail's read (or info), before it taps the
-        publish, must still reach it, and before the next append does."""
-        await store.create_run("r", "flow")
-        original = getattr(store, method)
-        appended = False
-
-        async def look_then_append(*args: Any, **kwargs: Any) -> Any:
-            nonlocal appended
-            result = await original(*args, **kwargs)
-            if not appended:
-                appended = True
-                await store.append("r", "progress", b"sneaky")
-            return result
-
-        monkeypatch.setattr(store, method, look_then_append)
-        pushed: list[StoredEvent] = []
-        first = anyio.Event()
-
-        def push(event: StoredEvent) -> None:
-            pushed.append(event)
-            first.set()
-
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(store.tail, "r", 0, push)
-            await first.wait()
-            assert (pushed[0].id, pushed[0].data) == (1, b"sneaky")
-            await _finish(store, "r")
-        assert _ids(pushed) == [1, 2]
-
-    async def test_tail_of_a_finished_run_pushes_it_all_and_returns(
-        self, store: EventStore
-    ) -> None:
-        await store.create_run("r", "flow")
-        stored = await _fill(store, "r", store.follow_batch + 10)
-        stored.append(await _finish(store, "r"))
-        pushed: list[StoredEvent] = []
-        await store.tail("r", 5, pushed.append)
-        assert pushed == stored[5:]
-
-    async def test_an_error_in_tail_push_is_raised_by_tail_not_by_the_append(
-        self, store: EventStore
-    ) -> None:
-        await store.create_run("r", "flow")
-        await _fill(store, "r", 1)
-        seen = anyio.Event()
-
-        def push(event: StoredEvent) -> None:
-            seen.set()
-            if event.id == 2:
-                raise LookupError("push failed")
-
-        async def tail() -> None:
-            with pytest.raises(LookupError, match="push failed"):
-                await store.tail("r", 0, push)
-
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(tail)
-            await seen.wait()
-            event = await store.append("r", "progress", b"2")  # whoever pushes it, no raise
-            assert event.id == 2
-        assert (await store.info("r")).last_id == 2
-
-    async def test_closing_the_store_ends_a_caught_up_tail(
-        self, store_factory: StoreFactory, clock: FakeClock
-    ) -> None:
-        store = store_factory(clock=clock)
-        async with store:
-            await store.create_run("r", "flow")
-            got_first = anyio.Event()
-            failed = anyio.Event()
-
-            async def tail() -> None:
-                with pytest.raises(anyio.ClosedResourceError):
-                    await store.tail("r", 0, lambda event: got_first.set())
-                failed.set()
-
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(tail)
-                await store.append("r", "progress", b"1")
-                await got_first.wait()
-                await store.aclose()
-                with anyio.fail_after(10):
-                    await failed.wait()
 
     # -- trimming ---------------------------------------------------------------
 
@@ -425,6 +308,127 @@ class FollowAndRetain:
 
             async with anyio.create_task_group() as tg:
                 tg.start_soon(follow)
+                await store.append("r", "progress", b"1")
+                await got_first.wait()
+                await store.aclose()
+                with anyio.fail_after(10):
+                    await failed.wait()
+
+
+class Tail:
+    """The contract, part 2b: ``tail``, the follow of a run's fan-out hub."""
+
+    async def test_tail_pushes_stored_then_live_events_in_order_and_returns_after_the_end(
+        self, store: EventStore
+    ) -> None:
+        await store.create_run("r", "flow")
+        await _fill(store, "r", 3)
+        pushed: list[StoredEvent] = []
+        arrived = anyio.Event()
+        wanted = 3
+
+        def push(event: StoredEvent) -> None:
+            pushed.append(event)
+            if len(pushed) >= wanted:
+                arrived.set()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(store.tail, "r", 0, push)
+            await arrived.wait()  # the stored ones; the tail is caught up now or soon
+            # Appends from several tasks at once: the tail sees each once, in id order.
+            async with anyio.create_task_group() as appenders:
+                for _ in range(4):
+                    appenders.start_soon(_fill, store, "r", 25)
+            wanted, arrived = 103, anyio.Event()
+            if len(pushed) < wanted:  # the store may have pushed them all already
+                await arrived.wait()
+            await _finish(store, "r")
+        # The task group waited for tail() to return: it ends with the terminal event.
+        assert _ids(pushed) == list(range(1, 105))
+        assert pushed[-1].type == "complete"
+
+    @pytest.mark.parametrize("method", ["read", "info"])
+    async def test_tail_does_not_miss_an_event_appended_while_it_looks(
+        self, store: EventStore, monkeypatch: pytest.MonkeyPatch, method: str
+    ) -> None:
+        """An append right after the tail's read (or info), before it taps the
+        publish, must still reach it, and before the next append does."""
+        await store.create_run("r", "flow")
+        original = getattr(store, method)
+        appended = False
+
+        async def look_then_append(*args: Any, **kwargs: Any) -> Any:
+            nonlocal appended
+            result = await original(*args, **kwargs)
+            if not appended:
+                appended = True
+                await store.append("r", "progress", b"sneaky")
+            return result
+
+        monkeypatch.setattr(store, method, look_then_append)
+        pushed: list[StoredEvent] = []
+        first = anyio.Event()
+
+        def push(event: StoredEvent) -> None:
+            pushed.append(event)
+            first.set()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(store.tail, "r", 0, push)
+            await first.wait()
+            assert (pushed[0].id, pushed[0].data) == (1, b"sneaky")
+            await _finish(store, "r")
+        assert _ids(pushed) == [1, 2]
+
+    async def test_tail_of_a_finished_run_pushes_it_all_and_returns(
+        self, store: EventStore
+    ) -> None:
+        await store.create_run("r", "flow")
+        stored = await _fill(store, "r", store.follow_batch + 10)
+        stored.append(await _finish(store, "r"))
+        pushed: list[StoredEvent] = []
+        await store.tail("r", 5, pushed.append)
+        assert pushed == stored[5:]
+
+    async def test_an_error_in_tail_push_is_raised_by_tail_not_by_the_append(
+        self, store: EventStore
+    ) -> None:
+        await store.create_run("r", "flow")
+        await _fill(store, "r", 1)
+        seen = anyio.Event()
+
+        def push(event: StoredEvent) -> None:
+            seen.set()
+            if event.id == 2:
+                raise LookupError("push failed")
+
+        async def tail() -> None:
+            with pytest.raises(LookupError, match="push failed"):
+                await store.tail("r", 0, push)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(tail)
+            await seen.wait()
+            event = await store.append("r", "progress", b"2")  # whoever pushes it, no raise
+            assert event.id == 2
+        assert (await store.info("r")).last_id == 2
+
+    async def test_closing_the_store_ends_a_caught_up_tail(
+        self, store_factory: StoreFactory, clock: FakeClock
+    ) -> None:
+        store = store_factory(clock=clock)
+        async with store:
+            await store.create_run("r", "flow")
+            got_first = anyio.Event()
+            failed = anyio.Event()
+
+            async def tail() -> None:
+                with pytest.raises(anyio.ClosedResourceError):
+                    await store.tail("r", 0, lambda event: got_first.set())
+                failed.set()
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(tail)
                 await store.append("r", "progress", b"1")
                 await got_first.wait()
                 await store.aclose()
