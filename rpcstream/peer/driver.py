@@ -52,10 +52,20 @@ from ..protocol import (
     StreamWritable,
     shorten,
 )
-from ..transport import EagerTasks
+from ..transport import EagerTasks, NurseryTasks
 from ..transport.base import Transport
 
-__all__ = ["ANSWER", "HANDLER", "PUMP", "READABLE", "WRITABLE", "Driver", "Lifecycle", "Waiters"]
+__all__ = [
+    "ANSWER",
+    "HANDLER",
+    "NOTIFIED",
+    "PUMP",
+    "READABLE",
+    "WRITABLE",
+    "Driver",
+    "Lifecycle",
+    "Waiters",
+]
 
 log = logging.getLogger("rpcstream.peer")
 
@@ -67,6 +77,9 @@ HANDLER: Final = 1  # a handler runs for the peer's call id (wake: cancel its sc
 READABLE: Final = 2  # a consumer waits for items of an incoming stream id (set)
 WRITABLE: Final = 3  # a sender waits for credit on an outgoing stream id (set)
 PUMP: Final = 4  # a sender task runs for an outgoing stream id (cancel its scope)
+# A notification's handler runs (cancel its scope), keyed by its slot's id(): a
+# notification has no id, and nothing wakes it but the connection's end.
+NOTIFIED: Final = 5
 
 
 class Lifecycle(enum.Enum):
@@ -88,7 +101,7 @@ class Waiters:
     def __init__(self) -> None:
         # One dict per kind rather than (kind, id) keys: no tuple to build and
         # hash on every call and every stream item.
-        self._by_kind: tuple[dict[int, Callable[[], None]], ...] = tuple({} for _ in range(5))
+        self._by_kind: tuple[dict[int, Callable[[], None]], ...] = tuple({} for _ in range(6))
 
     def add(self, kind: int, id_: int, wake: Callable[[], None]) -> None:
         """Register a waiter; it replaces any other for the same key."""
@@ -146,7 +159,10 @@ class Driver:
         proto.outbox.on_data = self._wake_writer
         self._text = not proto.codec.binary
         self._tg: TaskGroup | None = None
-        self._eager: EagerTasks | None = None
+        # Where handler tasks start (spawn_eager): beside the task group on
+        # asyncio, in a nursery inside it on trio. Both cost less than start_soon.
+        self._handlers: EagerTasks | NurseryTasks | None = None
+        self._asyncio = False  # the writer may write without awaiting (see _write_loop)
         self._stack: contextlib.AsyncExitStack | None = None
         self._tasks = 0
         # Writer mechanics: the writer waits on _wakeup; _quiet means queueing a
@@ -169,11 +185,22 @@ class Driver:
     # -- lifecycle ---------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Start the reader and the writer in a task group this driver owns."""
+        """Start the reader and the writer in a task group this driver owns, and
+        open what handler tasks start in (on trio a nursery, inside that group)."""
         stack = contextlib.AsyncExitStack()
-        self._tg = await stack.enter_async_context(task_group())
+        self._tg = tg = await stack.enter_async_context(task_group())
+        # Leaving, the handlers end first (see stop), then this cancels the
+        # group's own tasks (the reader and the writer), then the group ends.
+        stack.callback(tg.cancel_scope.cancel)
+        eager = EagerTasks.here()
+        if eager is not None:
+            self._handlers = eager
+            self._asyncio = True
+        else:
+            # Entering a nursery does not wait (no checkpoint), so nothing can
+            # cancel us between the two: the stack is whole or not entered.
+            self._handlers = await stack.enter_async_context(NurseryTasks.open())
         self._stack = stack
-        self._eager = EagerTasks.here()
         self.state = Lifecycle.OPEN
         self.spawn(self._read_loop)
         self.spawn(self._write_loop)
@@ -184,11 +211,19 @@ class Driver:
         try:
             await self.aclose()
         finally:
-            if self._eager:  # closing cancelled them, through their own scopes
-                with anyio.CancelScope(shield=True):
-                    await self._eager.wait()
-            self._tg.cancel_scope.cancel()
-            suppress = await self._stack.__aexit__(*exc_info)
+            # Closing cancelled every handler, through its own scope (the
+            # waiters table); they end before the task group's tasks. On asyncio
+            # nothing else holds them: wait here. On trio leaving the nursery
+            # waits for them, as the stack unwinds; cancelling it too ends any
+            # that closing did not reach.
+            handlers = self._handlers
+            if isinstance(handlers, EagerTasks):
+                if handlers:
+                    with anyio.CancelScope(shield=True):
+                        await handlers.wait()
+            elif handlers is not None:
+                handlers.cancel()
+            suppress = await self._stack.__aexit__(*exc_info)  # cancels the group
         return suppress
 
     def spawn(self, func: Callable[..., Any], *args: Any) -> None:
@@ -198,15 +233,16 @@ class Driver:
         self._tg.start_soon(self._counted, func, args)
 
     def spawn_eager(self, func: Callable[..., Any], *args: Any) -> None:
-        """As :meth:`spawn`, for handlers: on asyncio a plain task beside the task
-        group (a third of the cost) whose first step runs now, before this returns
-        (see EagerTasks). Its owner must be able to cancel it through a cancel
-        scope of its own: the driver's task group does not hold it."""
-        if self._eager is None:
-            self.spawn(func, *args)
-            return
-        self._tasks += 1
-        self._eager.start(self._counted(func, args))
+        """As :meth:`spawn`, for handlers, for less than anyio's ``start_soon``:
+        on asyncio a plain task beside the task group (a third of the cost) whose
+        first step runs now, before this returns (see EagerTasks); on trio a
+        task in the driver's nursery (see NurseryTasks). Its owner must be able
+        to cancel it through a cancel scope of its own: on asyncio nothing else
+        does, and on trio the nursery is cancelled only when the driver stops.
+        Counted in ``tasks`` through the handlers' own count, not ``_counted``
+        (a coroutine less per handler)."""
+        assert self._handlers is not None
+        self._handlers.start(func, *args)
 
     async def _counted(self, func: Callable[..., Any], args: tuple[Any, ...]) -> None:
         try:
@@ -217,7 +253,7 @@ class Driver:
     @property
     def tasks(self) -> int:
         """Tasks the driver owns that have not finished."""
-        return self._tasks
+        return self._tasks + (len(self._handlers) if self._handlers is not None else 0)
 
     def check_open(self) -> None:
         """Raise unless new work may start on this connection."""
@@ -495,7 +531,7 @@ class Driver:
                 self._coalesce = False  # something leaves: a later burst may coalesce
                 # asyncio: as _flush, nothing awaited. trio: a burst's answers that
                 # come while the writer's send awaits wait for it, not go alone.
-                if self._eager is not None and transport.can_send_now():
+                if self._asyncio and transport.can_send_now():
                     transport.send_now(message, text=text)
                 else:
                     self._inflight = len(message)
