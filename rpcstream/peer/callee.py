@@ -392,7 +392,7 @@ class _Slot:
         callee.running += 1
         self.callee = callee
         self.held = True
-        self.scope = anyio.CancelScope()
+        self.scope = callee._driver.new_scope()
 
     def cancel(self) -> None:
         self.scope.cancel()

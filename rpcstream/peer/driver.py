@@ -163,6 +163,10 @@ class Driver:
         # asyncio, in a nursery inside it on trio. Both cost less than start_soon.
         self._handlers: EagerTasks | NurseryTasks | None = None
         self._asyncio = False  # the writer may write without awaiting (see _write_loop)
+        # What each call makes one of (see NurseryTasks.primitives): anyio's,
+        # but the loop's own on trio, which anyio's only wrap.
+        self.new_event: Callable[[], Any] = anyio.Event
+        self.new_scope: Callable[[], Any] = anyio.CancelScope
         self._stack: contextlib.AsyncExitStack | None = None
         self._tasks = 0
         # Writer mechanics: the writer waits on _wakeup; _quiet means queueing a
@@ -200,6 +204,7 @@ class Driver:
             # Entering a nursery does not wait (no checkpoint), so nothing can
             # cancel us between the two: the stack is whole or not entered.
             self._handlers = await stack.enter_async_context(NurseryTasks.open())
+            self.new_event, self.new_scope = NurseryTasks.primitives()
         self._stack = stack
         self.state = Lifecycle.OPEN
         self.spawn(self._read_loop)
