@@ -25,6 +25,12 @@ handlers, their frames wait for the writer instead and leave together.
 The driver's task group's cancel scope encloses the body of ``async with
 peer:``, so it is only ever cancelled on exit: a lost connection fails pending
 work with :class:`ConnectionClosed` instead of silently cancelling user code.
+
+Handler tasks start for less than the task group's ``start_soon``: on asyncio
+beside the group (:class:`~rpcstream.transport.EagerTasks`), on trio in a nursery
+inside it (:class:`~rpcstream.transport.NurseryTasks`). Each has a cancel scope
+in the waiters table, which the connection's end wakes; when the peer stops they
+end before the group's reader and writer.
 """
 
 from __future__ import annotations
@@ -52,7 +58,7 @@ from ..protocol import (
     StreamWritable,
     shorten,
 )
-from ..transport import EagerTasks, NurseryTasks
+from ..transport import EagerTasks, NurseryTasks, open_handler_tasks
 from ..transport.base import Transport
 
 __all__ = [
@@ -159,14 +165,8 @@ class Driver:
         proto.outbox.on_data = self._wake_writer
         self._text = not proto.codec.binary
         self._tg: TaskGroup | None = None
-        # Where handler tasks start (spawn_eager): beside the task group on
-        # asyncio, in a nursery inside it on trio. Both cost less than start_soon.
+        # Where handler tasks start (see transport/loop.py and start()).
         self._handlers: EagerTasks | NurseryTasks | None = None
-        self._asyncio = False  # the writer may write without awaiting (see _write_loop)
-        # What each call makes one of (see NurseryTasks.primitives): anyio's,
-        # but the loop's own on trio, which anyio's only wrap.
-        self.new_event: Callable[[], Any] = anyio.Event
-        self.new_scope: Callable[[], Any] = anyio.CancelScope
         self._stack: contextlib.AsyncExitStack | None = None
         self._tasks = 0
         # Writer mechanics: the writer waits on _wakeup; _quiet means queueing a
@@ -189,22 +189,14 @@ class Driver:
     # -- lifecycle ---------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Start the reader and the writer in a task group this driver owns, and
-        open what handler tasks start in (on trio a nursery, inside that group)."""
+        """Start the reader and writer in a task group, and open where handlers start."""
         stack = contextlib.AsyncExitStack()
         self._tg = tg = await stack.enter_async_context(task_group())
-        # Leaving, the handlers end first (see stop), then this cancels the
-        # group's own tasks (the reader and the writer), then the group ends.
+        # Leaving: the handlers end (see stop), then the reader and the writer.
         stack.callback(tg.cancel_scope.cancel)
-        eager = EagerTasks.here()
-        if eager is not None:
-            self._handlers = eager
-            self._asyncio = True
-        else:
-            # Entering a nursery does not wait (no checkpoint), so nothing can
-            # cancel us between the two: the stack is whole or not entered.
-            self._handlers = await stack.enter_async_context(NurseryTasks.open())
-            self.new_event, self.new_scope = NurseryTasks.primitives()
+        self._handlers = handlers = await open_handler_tasks(stack)
+        self.new_event: Callable[[], Any] = handlers.new_event
+        self.new_scope: Callable[[], Any] = handlers.new_scope
         self._stack = stack
         self.state = Lifecycle.OPEN
         self.spawn(self._read_loop)
@@ -212,22 +204,12 @@ class Driver:
 
     async def stop(self, exc_info: tuple[Any, Any, Any]) -> bool | None:
         """Close, then end every task this driver owns (leaving ``async with``)."""
-        assert self._tg is not None and self._stack is not None
+        assert self._stack is not None and self._handlers is not None
         try:
             await self.aclose()
         finally:
-            # Closing cancelled every handler, through its own scope (the
-            # waiters table); they end before the task group's tasks. On asyncio
-            # nothing else holds them: wait here. On trio leaving the nursery
-            # waits for them, as the stack unwinds; cancelling it too ends any
-            # that closing did not reach.
-            handlers = self._handlers
-            if isinstance(handlers, EagerTasks):
-                if handlers:
-                    with anyio.CancelScope(shield=True):
-                        await handlers.wait()
-            elif handlers is not None:
-                handlers.cancel()
+            # Closing cancelled each handler (its scope); they end before the group.
+            await self._handlers.end()
             suppress = await self._stack.__aexit__(*exc_info)  # cancels the group
         return suppress
 
@@ -238,14 +220,9 @@ class Driver:
         self._tg.start_soon(self._counted, func, args)
 
     def spawn_eager(self, func: Callable[..., Any], *args: Any) -> None:
-        """As :meth:`spawn`, for handlers, for less than anyio's ``start_soon``:
-        on asyncio a plain task beside the task group (a third of the cost) whose
-        first step runs now, before this returns (see EagerTasks); on trio a
-        task in the driver's nursery (see NurseryTasks). Its owner must be able
-        to cancel it through a cancel scope of its own: on asyncio nothing else
-        does, and on trio the nursery is cancelled only when the driver stops.
-        Counted in ``tasks`` through the handlers' own count, not ``_counted``
-        (a coroutine less per handler)."""
+        """As :meth:`spawn`, for handlers, for less (see transport/loop.py): its
+        owner cancels it through a cancel scope of its own (nothing else does
+        before the driver stops). Counted in ``tasks`` by the handlers' count."""
         assert self._handlers is not None
         self._handlers.start(func, *args)
 
@@ -512,6 +489,7 @@ class Driver:
 
     async def _write_loop(self) -> None:
         outbox, transport, text = self.proto.outbox, self.transport, self._text
+        on_asyncio = isinstance(self._handlers, EagerTasks)  # see the send below
         try:
             while True:
                 if self._write_error is not None:
@@ -536,7 +514,7 @@ class Driver:
                 self._coalesce = False  # something leaves: a later burst may coalesce
                 # asyncio: as _flush, nothing awaited. trio: a burst's answers that
                 # come while the writer's send awaits wait for it, not go alone.
-                if self._asyncio and transport.can_send_now():
+                if on_asyncio and transport.can_send_now():
                     transport.send_now(message, text=text)
                 else:
                     self._inflight = len(message)

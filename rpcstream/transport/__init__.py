@@ -19,7 +19,7 @@ knows websockets, or which event loop runs.
 from .asgi import AsgiTransport, serve_asgi_http, serve_asgi_websocket
 from .base import Transport
 from .http import HttpRequest, HttpResponse, Upgrade
-from .loop import EagerTasks, NurseryTasks, is_trio
+from .loop import EagerTasks, NurseryTasks, is_trio, open_handler_tasks
 from .memory import MemoryTransport, memory_transport_pair
 from .options import WebSocketOptions
 from .websocket import WebSocketTransport, open_websocket, serve_websocket
@@ -37,6 +37,7 @@ __all__ = [
     "WebSocketTransport",
     "is_trio",
     "memory_transport_pair",
+    "open_handler_tasks",
     "open_websocket",
     "serve_asgi_http",
     "serve_asgi_websocket",

@@ -12,12 +12,13 @@ import sys
 from collections.abc import AsyncIterator, Callable, Coroutine, Generator
 from typing import TYPE_CHECKING, Any
 
+import anyio
 import sniffio
 
 if TYPE_CHECKING:
     import trio
 
-__all__ = ["EagerTasks", "NurseryTasks", "is_trio"]
+__all__ = ["EagerTasks", "NurseryTasks", "is_trio", "open_handler_tasks"]
 
 log = logging.getLogger("rpcstream.peer")
 
@@ -32,6 +33,20 @@ if not _EAGER:
 def is_trio() -> bool:
     """Whether the current task runs on trio (otherwise asyncio)."""
     return sniffio.current_async_library() == "trio"
+
+
+async def open_handler_tasks(stack: contextlib.AsyncExitStack) -> EagerTasks | NurseryTasks:
+    """Where a peer's handler tasks start on the running loop; entered on
+    ``stack`` (inside the peer's task group) where it has a block to leave.
+
+    Whichever it is, its owner cancels each task through the task's own cancel
+    scope, and calls :meth:`end` before it cancels its task group."""
+    eager = EagerTasks.here()
+    if eager is not None:
+        return eager
+    # Entering a nursery does not wait (no checkpoint), so nothing can cancel
+    # the owner between entering its task group and this: the stack is whole.
+    return await stack.enter_async_context(NurseryTasks.open())
 
 
 class EagerTasks:
@@ -52,6 +67,10 @@ class EagerTasks:
     escapes with an exception is logged here (``rpcstream task failed``): nothing
     else would see it. :class:`NurseryTasks` is the same for trio.
     """
+
+    # What each call makes one of (a caller's answer event, a handler's scope).
+    new_event: Callable[[], Any] = anyio.Event
+    new_scope: Callable[[], Any] = anyio.CancelScope
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -90,6 +109,12 @@ class EagerTasks:
         while self._tasks:
             await asyncio.wait(set(self._tasks))
 
+    async def end(self) -> None:
+        """Wait, shielded, for the tasks left (their owner cancelled them)."""
+        if self._tasks:
+            with anyio.CancelScope(shield=True):
+                await self.wait()
+
 
 class NurseryTasks:
     """Handler tasks on trio, started in a trio nursery of their owner's rather
@@ -111,10 +136,20 @@ class NurseryTasks:
     own ``Cancelled`` out of what it raises, so a lone exception stays alone.
     """
 
-    __slots__ = ("_nursery",)
+    __slots__ = ("_nursery", "new_event", "new_scope")
 
     def __init__(self, nursery: trio.Nursery) -> None:
+        import trio
+
         self._nursery = nursery
+        # What each call makes one of (a caller's answer event, a handler's
+        # scope): trio's own. anyio's are wrappers around them, each made
+        # through a lookup of the running backend, and every use goes through
+        # the wrapper (about 30k instructions a call in all). The interface
+        # rpcstream uses is the same: set, is_set and wait; cancel and
+        # cancelled_caught, as a context manager.
+        self.new_event: Callable[[], Any] = trio.Event
+        self.new_scope: Callable[[], Any] = trio.CancelScope
 
     @classmethod
     @contextlib.asynccontextmanager
@@ -142,21 +177,12 @@ class NurseryTasks:
         """Cancel every task here (the nursery's own scope, not its owner's)."""
         self._nursery.cancel_scope.cancel()
 
+    async def end(self) -> None:
+        """Cancel what is left; leaving :meth:`open`'s block waits for it."""
+        self.cancel()
+
     def __len__(self) -> int:
         return len(self._nursery.child_tasks)
-
-    @staticmethod
-    def primitives() -> tuple[Callable[[], Any], Callable[[], Any]]:
-        """trio's own ``Event`` and ``CancelScope``, for what every call makes
-        one of (a caller's answer event, a handler's scope): anyio's are
-        wrappers around them, each made through a lookup of the running
-        backend, and every use goes through the wrapper (about 20k
-        instructions a call in all). The same interface for what rpcstream
-        uses: ``set``, ``is_set`` and ``wait``; ``cancel`` and
-        ``cancelled_caught``, as a context manager."""
-        import trio
-
-        return trio.Event, trio.CancelScope
 
 
 def _report(task: asyncio.Task[None]) -> None:
