@@ -11,7 +11,9 @@ import pytest
 
 import rpcstream
 from rpcstream.messages import MSGPACK, Credit, Notify, StreamCall, StreamData, StreamEnd
+from rpcstream.peer import PING, Lifecycle
 from tests.raw import raw_connect
+from tests.tcp_proxy import tcp_proxy
 
 pytestmark = pytest.mark.anyio
 
@@ -184,3 +186,180 @@ async def test_stream_items_queued_together_leave_in_one_message_and_a_lone_one_
             notify = Notify("release", MSGPACK.encode_raw([1]), MSGPACK.empty_map)
             await ws.send(MSGPACK.encode_batch([notify]))
             assert frames(await ws.recv()) == [StreamEnd(1)]
+
+
+# -- handler tasks: on asyncio beside the driver's task group, on trio in its nursery --
+
+
+def cleaning_router(
+    started: list[str], cleaning: list[str], finished: list[str], release: anyio.Event
+) -> rpcstream.Router:
+    """Handlers of each kind that park until cancelled, then clean up, shielded,
+    until ``release`` is set: their peer's exit must wait for them."""
+    router = rpcstream.Router()
+
+    async def park(kind: str) -> None:
+        started.append(kind)
+        try:
+            await anyio.sleep_forever()
+        finally:
+            cleaning.append(kind)
+            with anyio.CancelScope(shield=True):
+                await release.wait()
+                finished.append(kind)
+
+    @router.method
+    async def call_park(tag: str) -> None:
+        await park(tag)
+
+    @router.method
+    async def note_park(tag: str) -> None:
+        await park(tag)
+
+    @router.method
+    async def stream_park(tag: str) -> AsyncIterator[int]:
+        await park(tag)
+        yield 0  # never reached
+
+    @router.method
+    def echo(x: int) -> int:
+        return x
+
+    return router
+
+
+async def wait_until(condition: Any) -> None:
+    """Let other tasks run until ``condition()`` holds (each handler's steps are
+    events of its own; the caller's fail_after bounds the wait)."""
+    while not condition():
+        await anyio.lowlevel.checkpoint()
+
+
+async def test_a_handler_is_cancelled_by_its_callers_cancel_and_by_its_deadline_and_frees_its_slot(
+    anyio_backend: str,
+) -> None:
+    """On trio the handler runs in the driver's nursery, which nobody cancels
+    before the peer's exit: only its own cancel scope can end it here."""
+    started: list[str] = []
+    cleaning: list[str] = []
+    finished: list[str] = []
+    release = anyio.Event()
+    release.set()  # no cleanup to hold: this test is about the cancel reaching it
+    with anyio.fail_after(10):
+        async with (
+            rpcstream.serve(cleaning_router(started, cleaning, finished, release)) as server,
+            rpcstream.connect(server.url) as peer,
+        ):
+            [served] = server.peers
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(peer.call, "call_park", "cancelled")
+                await wait_until(lambda: started == ["cancelled"])
+                assert served.stats["running_handlers"] == 1
+                tg.cancel_scope.cancel()  # a Cancel frame crosses the wire
+            await wait_until(lambda: finished == ["cancelled"])
+
+            with pytest.raises(rpcstream.DeadlineExceeded):
+                await peer.call("call_park", "deadline", timeout=0.05)
+            await wait_until(lambda: finished == ["cancelled", "deadline"])
+
+            assert await peer.call("echo", 1) == 1  # the ended tasks' last steps ran
+            assert served.stats["running_handlers"] == 0
+            assert served.stats["tasks"] == 2  # the reader and the writer
+            assert served.state is Lifecycle.OPEN
+
+
+async def test_a_dropped_connection_cancels_every_handler_and_the_peer_waits_for_them(
+    anyio_backend: str,
+) -> None:
+    """A call's, a notification's and a stream's handler: the connection's end
+    cancels each, and the served peer's exit (on trio, its nursery's) waits for
+    their cleanup; none outlives the peer."""
+    started: list[str] = []
+    cleaning: list[str] = []
+    finished: list[str] = []
+    release = anyio.Event()
+    kinds = ["call", "note", "stream"]
+    with anyio.fail_after(15):
+        async with rpcstream.serve(cleaning_router(started, cleaning, finished, release)) as server:
+            try:
+                async with tcp_proxy(server.port) as proxy:
+                    url = f"ws://127.0.0.1:{proxy.port}"
+                    async with rpcstream.connect(url) as peer, anyio.create_task_group() as tg:
+
+                        async def call() -> None:
+                            with pytest.raises(rpcstream.ConnectionClosed):
+                                await peer.call("call_park", "call")
+
+                        async def stream() -> None:
+                            with pytest.raises(rpcstream.ConnectionClosed):
+                                async with peer.stream("stream_park", "stream") as items:
+                                    async for _ in items:
+                                        pass
+
+                        tg.start_soon(call)
+                        tg.start_soon(stream)
+                        await peer.notify("note_park", "note")
+                        await wait_until(lambda: sorted(started) == kinds)
+                        [served] = server.peers
+                        assert served.stats["running_handlers"] == 3
+                        proxy.cut()  # both sides lose the connection under their feet
+                        await wait_until(lambda: sorted(cleaning) == kinds)  # all cancelled
+                        tg.cancel_scope.cancel()
+                await served.wait_closed()
+                # Many turns of the loop (a new connection, a call): a peer that did
+                # not wait for its handlers would have left by now.
+                async with rpcstream.connect(server.url) as other:
+                    assert await other.call("echo", 2) == 2
+                assert served in server.peers
+                assert served.stats["tasks"] >= 3  # the three handlers, still cleaning up
+                assert finished == []
+            finally:  # also when it fails: else the peer would wait for them forever
+                release.set()
+    assert sorted(finished) == kinds
+    assert server.stats == {"connections": 0, "tasks": 0}
+
+
+class Boom(BaseException):
+    """Not an Exception: a handler cannot turn it into an answer."""
+
+
+async def test_a_base_exception_from_a_handler_ends_the_peer_on_trio_and_is_logged_on_asyncio(
+    anyio_backend: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """As before handlers started in the driver's own nursery on trio: there it
+    cancels the body of ``async with peer`` and comes out of it as itself (not
+    in an exception group); on asyncio the task is logged and the peer goes on."""
+    server_router = rpcstream.Router()
+    client_router = rpcstream.Router()
+    raised = anyio.Event()
+
+    @server_router.method
+    async def trigger() -> None:
+        await rpcstream.current_peer().notify("boom")
+
+    @client_router.method
+    async def boom() -> None:
+        await anyio.lowlevel.checkpoint()  # a task of its own on both loops
+        raised.set()
+        raise Boom("handler")
+
+    body: list[str] = []
+    with anyio.fail_after(10):
+        async with rpcstream.serve(server_router) as server:
+            if anyio_backend == "trio":
+                with pytest.raises(Boom):
+                    async with rpcstream.connect(server.url, router=client_router) as peer:
+                        try:
+                            await peer.call("trigger")
+                            await anyio.sleep_forever()
+                        finally:
+                            body.append("cancelled")
+                assert body == ["cancelled"]
+            else:
+                async with rpcstream.connect(server.url, router=client_router) as peer:
+                    await peer.call("trigger")
+                    await raised.wait()
+                    await wait_until(lambda: "rpcstream task failed" in caplog.messages)
+                    assert await peer.call(PING) is None  # still open
+                [record] = [r for r in caplog.records if r.message == "rpcstream task failed"]
+                assert record.exc_info is not None and isinstance(record.exc_info[1], Boom)

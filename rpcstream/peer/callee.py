@@ -41,7 +41,7 @@ from ..observe.outcomes import outcome_of
 from ..protocol import shorten, wire_error
 from ..router import Method, Router
 from .admission import PING, SETTINGS, parse_settings
-from .driver import HANDLER, PUMP, Driver
+from .driver import HANDLER, NOTIFIED, PUMP, Driver
 from .streams import IncomingStream, Senders, deadline
 
 if TYPE_CHECKING:
@@ -136,6 +136,8 @@ class Callee:
             driver.waiters.add(HANDLER, frame.id, slot.cancel)
         elif type(frame) is StreamCall:
             driver.waiters.add(PUMP, frame.stream_id, slot.cancel)
+        else:  # so that the connection's end cancels it too, as it does the others
+            driver.waiters.add(NOTIFIED, id(slot), slot.cancel)
         driver.spawn_eager(self._run, frame, method, slot)
 
     def _settings(self, frame: Notify) -> None:
@@ -232,6 +234,8 @@ class Callee:
                 self._driver.waiters.discard(HANDLER, frame.id)
             elif type(frame) is StreamCall:
                 self._driver.waiters.discard(PUMP, frame.stream_id)
+            else:
+                self._driver.waiters.discard(NOTIFIED, id(slot))
             self._finish(frame, answer, failure, call)
             self._close_stream_args(frame, opened)
 
@@ -388,7 +392,7 @@ class _Slot:
         callee.running += 1
         self.callee = callee
         self.held = True
-        self.scope = anyio.CancelScope()
+        self.scope = callee._driver.new_scope()
 
     def cancel(self) -> None:
         self.scope.cancel()

@@ -80,7 +80,7 @@ class Caller:
             stream_args,
             None if call is None else call.meta,
         )
-        event = anyio.Event()
+        event = driver.new_event()
         driver.waiters.add(ANSWER, cid, event.set)
         try:
             if timeout is None:

@@ -25,6 +25,12 @@ handlers, their frames wait for the writer instead and leave together.
 The driver's task group's cancel scope encloses the body of ``async with
 peer:``, so it is only ever cancelled on exit: a lost connection fails pending
 work with :class:`ConnectionClosed` instead of silently cancelling user code.
+
+Handler tasks start for less than the task group's ``start_soon``: on asyncio
+beside the group (:class:`~rpcstream.transport.EagerTasks`), on trio in a nursery
+inside it (:class:`~rpcstream.transport.NurseryTasks`). Each has a cancel scope
+in the waiters table, which the connection's end wakes; when the peer stops they
+end before the group's reader and writer.
 """
 
 from __future__ import annotations
@@ -52,10 +58,20 @@ from ..protocol import (
     StreamWritable,
     shorten,
 )
-from ..transport import EagerTasks
+from ..transport import EagerTasks, NurseryTasks, open_handler_tasks
 from ..transport.base import Transport
 
-__all__ = ["ANSWER", "HANDLER", "PUMP", "READABLE", "WRITABLE", "Driver", "Lifecycle", "Waiters"]
+__all__ = [
+    "ANSWER",
+    "HANDLER",
+    "NOTIFIED",
+    "PUMP",
+    "READABLE",
+    "WRITABLE",
+    "Driver",
+    "Lifecycle",
+    "Waiters",
+]
 
 log = logging.getLogger("rpcstream.peer")
 
@@ -67,6 +83,9 @@ HANDLER: Final = 1  # a handler runs for the peer's call id (wake: cancel its sc
 READABLE: Final = 2  # a consumer waits for items of an incoming stream id (set)
 WRITABLE: Final = 3  # a sender waits for credit on an outgoing stream id (set)
 PUMP: Final = 4  # a sender task runs for an outgoing stream id (cancel its scope)
+# A notification's handler runs (cancel its scope), keyed by its slot's id(): a
+# notification has no id, and nothing wakes it but the connection's end.
+NOTIFIED: Final = 5
 
 
 class Lifecycle(enum.Enum):
@@ -88,7 +107,7 @@ class Waiters:
     def __init__(self) -> None:
         # One dict per kind rather than (kind, id) keys: no tuple to build and
         # hash on every call and every stream item.
-        self._by_kind: tuple[dict[int, Callable[[], None]], ...] = tuple({} for _ in range(5))
+        self._by_kind: tuple[dict[int, Callable[[], None]], ...] = tuple({} for _ in range(6))
 
     def add(self, kind: int, id_: int, wake: Callable[[], None]) -> None:
         """Register a waiter; it replaces any other for the same key."""
@@ -146,7 +165,8 @@ class Driver:
         proto.outbox.on_data = self._wake_writer
         self._text = not proto.codec.binary
         self._tg: TaskGroup | None = None
-        self._eager: EagerTasks | None = None
+        # Where handler tasks start (see transport/loop.py and start()).
+        self._handlers: EagerTasks | NurseryTasks | None = None
         self._stack: contextlib.AsyncExitStack | None = None
         self._tasks = 0
         # Writer mechanics: the writer waits on _wakeup; _quiet means queueing a
@@ -169,26 +189,28 @@ class Driver:
     # -- lifecycle ---------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Start the reader and the writer in a task group this driver owns."""
+        """Start the reader and writer in a task group, and open where handlers start."""
         stack = contextlib.AsyncExitStack()
-        self._tg = await stack.enter_async_context(task_group())
+        self._tg = tg = await stack.enter_async_context(task_group())
+        # Leaving: the handlers end (see stop), then the reader and the writer.
+        stack.callback(tg.cancel_scope.cancel)
+        self._handlers = handlers = await open_handler_tasks(stack)
+        self.new_event: Callable[[], Any] = handlers.new_event
+        self.new_scope: Callable[[], Any] = handlers.new_scope
         self._stack = stack
-        self._eager = EagerTasks.here()
         self.state = Lifecycle.OPEN
         self.spawn(self._read_loop)
         self.spawn(self._write_loop)
 
     async def stop(self, exc_info: tuple[Any, Any, Any]) -> bool | None:
         """Close, then end every task this driver owns (leaving ``async with``)."""
-        assert self._tg is not None and self._stack is not None
+        assert self._stack is not None and self._handlers is not None
         try:
             await self.aclose()
         finally:
-            if self._eager:  # closing cancelled them, through their own scopes
-                with anyio.CancelScope(shield=True):
-                    await self._eager.wait()
-            self._tg.cancel_scope.cancel()
-            suppress = await self._stack.__aexit__(*exc_info)
+            # Closing cancelled each handler (its scope); they end before the group.
+            await self._handlers.end()
+            suppress = await self._stack.__aexit__(*exc_info)  # cancels the group
         return suppress
 
     def spawn(self, func: Callable[..., Any], *args: Any) -> None:
@@ -198,15 +220,11 @@ class Driver:
         self._tg.start_soon(self._counted, func, args)
 
     def spawn_eager(self, func: Callable[..., Any], *args: Any) -> None:
-        """As :meth:`spawn`, for handlers: on asyncio a plain task beside the task
-        group (a third of the cost) whose first step runs now, before this returns
-        (see EagerTasks). Its owner must be able to cancel it through a cancel
-        scope of its own: the driver's task group does not hold it."""
-        if self._eager is None:
-            self.spawn(func, *args)
-            return
-        self._tasks += 1
-        self._eager.start(self._counted(func, args))
+        """As :meth:`spawn`, for handlers, for less (see transport/loop.py): its
+        owner cancels it through a cancel scope of its own (nothing else does
+        before the driver stops). Counted in ``tasks`` by the handlers' count."""
+        assert self._handlers is not None
+        self._handlers.start(func, *args)
 
     async def _counted(self, func: Callable[..., Any], args: tuple[Any, ...]) -> None:
         try:
@@ -217,7 +235,7 @@ class Driver:
     @property
     def tasks(self) -> int:
         """Tasks the driver owns that have not finished."""
-        return self._tasks
+        return self._tasks + (len(self._handlers) if self._handlers is not None else 0)
 
     def check_open(self) -> None:
         """Raise unless new work may start on this connection."""
@@ -471,6 +489,7 @@ class Driver:
 
     async def _write_loop(self) -> None:
         outbox, transport, text = self.proto.outbox, self.transport, self._text
+        on_asyncio = isinstance(self._handlers, EagerTasks)  # see the send below
         try:
             while True:
                 if self._write_error is not None:
@@ -495,7 +514,7 @@ class Driver:
                 self._coalesce = False  # something leaves: a later burst may coalesce
                 # asyncio: as _flush, nothing awaited. trio: a burst's answers that
                 # come while the writer's send awaits wait for it, not go alone.
-                if self._eager is not None and transport.can_send_now():
+                if on_asyncio and transport.can_send_now():
                     transport.send_now(message, text=text)
                 else:
                     self._inflight = len(message)

@@ -173,7 +173,7 @@ class IncomingStream(AsyncIterator[Any]):
                     self._observation.end(client_outcome(exc), exc)
                 self.close()
                 raise
-            ev = anyio.Event()
+            ev = driver.new_event()
             waiters.add(READABLE, sid, ev.set)
             timed_out = False
             try:
@@ -287,7 +287,7 @@ class Senders:
         streams = driver.proto.streams
         sid = StreamId(streams.next_stream_id() if stream_id is None else stream_id)
         streams.open_outgoing(sid)
-        scope = anyio.CancelScope()
+        scope = driver.new_scope()
         driver.waiters.add(PUMP, sid, scope.cancel)
         driver.spawn(self._run, sid, scope, items)
         return sid
@@ -304,7 +304,7 @@ class Senders:
             if not streams.is_cancelled(sid) and not streams.can_send(sid):
                 self.abort(sid)
 
-    async def _run(self, sid: StreamId, scope: anyio.CancelScope, items: Any) -> None:
+    async def _run(self, sid: StreamId, scope: Any, items: Any) -> None:
         driver = self._driver
         error: RemoteError | None = None
         try:
@@ -341,7 +341,7 @@ class Senders:
                         return
                     if driver.observer is not None:  # observe: held back by the receiver
                         driver.observer.stream_stalled(driver.owner, sid)
-                    ev = anyio.Event()
+                    ev = driver.new_event()
                     waiters.add(WRITABLE, sid, ev.set)
                     try:
                         await ev.wait()

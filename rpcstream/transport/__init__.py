@@ -12,13 +12,14 @@ knows websockets, or which event loop runs.
 - ``asgi``: :class:`AsgiTransport` over the ASGI WebSocket interface, and
   :func:`serve_asgi_websocket` / :func:`serve_asgi_http` for ASGI scopes.
 - ``memory``: two peers joined in one process, for tests.
-- ``loop``: :func:`is_trio`, and :class:`EagerTasks` where the loop starts tasks eagerly.
+- ``loop``: :func:`is_trio`, and where handler tasks start: :class:`EagerTasks` on
+  asyncio (eagerly), :class:`NurseryTasks` on trio (in a nursery of the peer's).
 """
 
 from .asgi import AsgiTransport, serve_asgi_http, serve_asgi_websocket
 from .base import Transport
 from .http import HttpRequest, HttpResponse, Upgrade
-from .loop import EagerTasks, is_trio
+from .loop import EagerTasks, NurseryTasks, is_trio, open_handler_tasks
 from .memory import MemoryTransport, memory_transport_pair
 from .options import WebSocketOptions
 from .websocket import WebSocketTransport, open_websocket, serve_websocket
@@ -29,12 +30,14 @@ __all__ = [
     "HttpRequest",
     "HttpResponse",
     "MemoryTransport",
+    "NurseryTasks",
     "Transport",
     "Upgrade",
     "WebSocketOptions",
     "WebSocketTransport",
     "is_trio",
     "memory_transport_pair",
+    "open_handler_tasks",
     "open_websocket",
     "serve_asgi_http",
     "serve_asgi_websocket",

@@ -5,15 +5,20 @@ has one module per loop, and only the transport needs to know which (as anyio's
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import logging
 import sys
-from collections.abc import Coroutine, Generator
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Coroutine, Generator
+from typing import TYPE_CHECKING, Any
 
+import anyio
 import sniffio
 
-__all__ = ["EagerTasks", "is_trio"]
+if TYPE_CHECKING:
+    import trio
+
+__all__ = ["EagerTasks", "NurseryTasks", "is_trio", "open_handler_tasks"]
 
 log = logging.getLogger("rpcstream.peer")
 
@@ -30,6 +35,20 @@ def is_trio() -> bool:
     return sniffio.current_async_library() == "trio"
 
 
+async def open_handler_tasks(stack: contextlib.AsyncExitStack) -> EagerTasks | NurseryTasks:
+    """Where a peer's handler tasks start on the running loop; entered on
+    ``stack`` (inside the peer's task group) where it has a block to leave.
+
+    Whichever it is, its owner cancels each task through the task's own cancel
+    scope, and calls :meth:`end` before it cancels its task group."""
+    eager = EagerTasks.here()
+    if eager is not None:
+        return eager
+    # Entering a nursery does not wait (no checkpoint), so nothing can cancel
+    # the owner between entering its task group and this: the stack is whole.
+    return await stack.enter_async_context(NurseryTasks.open())
+
+
 class EagerTasks:
     """Handler tasks on asyncio, started outside anyio's task groups because a
     handler task is the largest cost of a call (``benchmarks/bench_instructions``:
@@ -44,8 +63,14 @@ class EagerTasks:
     cancel scopes and locks), unlike a plain function call.
 
     Their owner cancels these tasks through their own cancel scopes (a task group
-    does not hold them) and waits for them with :meth:`wait`.
+    does not hold them) and waits for them with :meth:`wait`. A task that
+    escapes with an exception is logged here (``rpcstream task failed``): nothing
+    else would see it. :class:`NurseryTasks` is the same for trio.
     """
+
+    # What each call makes one of (a caller's answer event, a handler's scope).
+    new_event: Callable[[], Any] = anyio.Event
+    new_scope: Callable[[], Any] = anyio.CancelScope
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -59,8 +84,9 @@ class EagerTasks:
             return None
         return cls(asyncio.get_running_loop())
 
-    def start(self, coro: Coroutine[Any, Any, None]) -> None:
-        """Run ``coro`` as a task of the loop, its first step now where Python can."""
+    def start(self, func: Callable[..., Coroutine[Any, Any, None]], *args: Any) -> None:
+        """Run ``func(*args)`` as a task of the loop, its first step now where Python can."""
+        coro = func(*args)
         if _EAGER:
             task = asyncio.Task(coro, loop=self._loop, eager_start=True)  # type: ignore[call-arg]
         else:
@@ -82,6 +108,81 @@ class EagerTasks:
         """Wait until every task started here has finished."""
         while self._tasks:
             await asyncio.wait(set(self._tasks))
+
+    async def end(self) -> None:
+        """Wait, shielded, for the tasks left (their owner cancelled them)."""
+        if self._tasks:
+            with anyio.CancelScope(shield=True):
+                await self.wait()
+
+
+class NurseryTasks:
+    """Handler tasks on trio, started in a trio nursery of their owner's rather
+    than through anyio's task group: ``TaskGroup.start_soon`` costs about 193k
+    instructions per task on trio (anyio 4.14+ gives each task a handle with a
+    cancel scope and an event of its own), trio's own spawn about 80k
+    (``benchmarks/bench_instructions``, the ``spawn`` rows).
+
+    Open it with :meth:`open`, inside the owner's task group, so that the task
+    group's cancel scope encloses the nursery: cancelling the group cancels these
+    tasks too. The nursery's own scope encloses the rest of the owner's ``async
+    with`` body, as a task group's does: a task that escapes with an exception
+    (a ``BaseException``; handlers turn every ``Exception`` into an answer)
+    cancels the others and that body, and comes out of the owner's exit as
+    itself, as it did from the task group. As with :class:`EagerTasks`, the
+    owner cancels a task through the task's own cancel scope, and ends what is
+    left (:meth:`cancel`, then leaving :meth:`open`'s block) before its task
+    group: cancelled by its own scope, not the group's, the nursery takes its
+    own ``Cancelled`` out of what it raises, so a lone exception stays alone.
+    """
+
+    __slots__ = ("_nursery", "new_event", "new_scope")
+
+    def __init__(self, nursery: trio.Nursery) -> None:
+        import trio
+
+        self._nursery = nursery
+        # What each call makes one of (a caller's answer event, a handler's
+        # scope): trio's own. anyio's are wrappers around them, each made
+        # through a lookup of the running backend, and every use goes through
+        # the wrapper (about 30k instructions a call in all). The interface
+        # rpcstream uses is the same: set, is_set and wait; cancel and
+        # cancelled_caught, as a context manager.
+        self.new_event: Callable[[], Any] = trio.Event
+        self.new_scope: Callable[[], Any] = trio.CancelScope
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def open(cls) -> AsyncIterator[NurseryTasks]:
+        """A nursery for the duration of the block; leaving waits for its tasks.
+        A lone exception comes out as itself, not in a group (as from
+        ``rpcstream._tasks.task_group``): the task group around it unwraps only one
+        level."""
+        import trio  # only here: trio is an optional dependency
+
+        try:
+            async with trio.open_nursery() as nursery:
+                yield cls(nursery)
+        except BaseExceptionGroup as group:
+            if len(group.exceptions) == 1:
+                raise group.exceptions[0] from group.exceptions[0].__cause__
+            raise
+
+    def start(self, func: Callable[..., Coroutine[Any, Any, None]], *args: Any) -> None:
+        """Start ``func(*args)`` in the nursery; it runs in the loop's next batch."""
+        # A name, so that trio need not format one from the function per task.
+        self._nursery.start_soon(func, *args, name="rpcstream handler")
+
+    def cancel(self) -> None:
+        """Cancel every task here (the nursery's own scope, not its owner's)."""
+        self._nursery.cancel_scope.cancel()
+
+    async def end(self) -> None:
+        """Cancel what is left; leaving :meth:`open`'s block waits for it."""
+        self.cancel()
+
+    def __len__(self) -> int:
+        return len(self._nursery.child_tasks)
 
 
 def _report(task: asyncio.Task[None]) -> None:
