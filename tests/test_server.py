@@ -84,3 +84,40 @@ async def test_the_default_check_only_asks_that_the_store_is_open() -> None:
         await store.check()
     with pytest.raises(anyio.ClosedResourceError):
         await store.check()
+
+
+class _Boom(BaseException):
+    """Not an Exception: a handler's failure that the peer does not turn into an answer."""
+
+
+async def test_a_handler_raising_a_base_exception_does_not_hang_the_server(
+    anyio_backend_name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    router = rpcstream.Router()
+
+    @router.method
+    async def boom() -> None:
+        raise _Boom
+
+    left: BaseException | None = None
+    try:
+        async with rpcstream.serve(router, "127.0.0.1", 0) as server:
+            async with rpcstream.connect(server.url) as peer:
+                # trio: the exception ends the connection, as a task group would;
+                # asyncio: the handler's task ends alone (logged), the call is never
+                # answered, and the caller's deadline ends the wait.
+                expected = rpcstream.ConnectionClosed if anyio_backend_name == "trio" else (
+                    rpcstream.DeadlineExceeded
+                )
+                with pytest.raises(expected):
+                    await peer.call("boom", timeout=0.5)
+    except BaseException as exc:  # what leaving serve() raised (trio)
+        left = exc
+    # Leaving serve() once hung for ever on trio: websockets' server, ended by the
+    # exception, never set what its aclose() waits for.
+    if anyio_backend_name == "trio":
+        assert isinstance(left, BaseExceptionGroup), repr(left)
+        assert left.subgroup(_Boom) is not None
+    else:
+        assert left is None
+        assert "rpcstream task failed" in caplog.text

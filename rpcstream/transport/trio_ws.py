@@ -57,7 +57,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import functools
 import logging
 import os
 import sys
@@ -323,23 +322,30 @@ async def serve(
     """websockets' ``serve`` with these connections; yields the bound port.
     On the way out, sockets that never sent their request are dropped at once."""
     opening, create_connection = tracked(ReadNeverWaitsServerConnection)
+    stopped = trio.Event()
+
+    async def run(task_status: Any) -> None:
+        try:
+            await ws_serve(
+                handler, port, host=host, create_connection=create_connection,
+                task_status=task_status, **kwargs,
+            )  # fmt: skip
+        finally:
+            stopped.set()
 
     async with trio.open_nursery() as nursery:
-        ws_server = await nursery.start(
-            functools.partial(
-                ws_serve,
-                handler,
-                port,
-                host=host,
-                create_connection=create_connection,
-                **kwargs,
-            )
-        )
+        ws_server = await nursery.start(run)
         try:
             yield int(ws_server.listeners[0].socket.getsockname()[1])
         finally:
             with trio.CancelScope(shield=True):
                 for connection in never_requested(opening):
                     await trio.aclose_forcefully(connection.stream)  # no TLS goodbye
-                await ws_server.aclose()
+                # Waiting for serve_forever to end, not for aclose(): a handler
+                # that raised a BaseException ended it without setting what
+                # aclose() waits for (websockets 17.4), which hung here for ever.
+                async with trio.open_nursery() as closing:
+                    closing.start_soon(ws_server.aclose)
+                    await stopped.wait()
+                    closing.cancel_scope.cancel()
             nursery.cancel_scope.cancel()
