@@ -101,16 +101,20 @@ async def test_a_handler_raising_a_base_exception_does_not_hang_the_server(
 
     left: BaseException | None = None
     try:
-        async with rpcstream.serve(router, "127.0.0.1", 0) as server:
-            async with rpcstream.connect(server.url) as peer:
-                # trio: the exception ends the connection, as a task group would;
-                # asyncio: the handler's task ends alone (logged), the call is never
-                # answered, and the caller's deadline ends the wait.
-                expected = rpcstream.ConnectionClosed if anyio_backend_name == "trio" else (
-                    rpcstream.DeadlineExceeded
-                )
-                with pytest.raises(expected):
-                    await peer.call("boom", timeout=0.5)
+        async with (
+            rpcstream.serve(router, "127.0.0.1", 0) as server,
+            rpcstream.connect(server.url) as peer,
+        ):
+            # trio: the exception ends the connection, as a task group would;
+            # asyncio: the handler's task ends alone (logged), the call is never
+            # answered, and the caller's deadline ends the wait.
+            expected = (
+                rpcstream.ConnectionClosed
+                if anyio_backend_name == "trio"
+                else (rpcstream.DeadlineExceeded)
+            )
+            with pytest.raises(expected):
+                await peer.call("boom", timeout=0.5)
     except BaseException as exc:  # what leaving serve() raised (trio)
         left = exc
     # Leaving serve() once hung for ever on trio: websockets' server, ended by the
