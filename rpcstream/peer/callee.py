@@ -221,6 +221,13 @@ class Callee:
                         answer = self._result(frame, result)
                 except Exception as exc:
                     failure = exc
+                except BaseException as exc:
+                    # Not the handler's to answer with (KeyboardInterrupt, ...): it
+                    # goes on up, but its caller is answered (and it is logged) first,
+                    # not left waiting. A cancellation is not a failure of the handler.
+                    if not isinstance(exc, anyio.get_cancelled_exc_class()):
+                        failure = exc
+                    raise
             if (
                 type(frame) is StreamCall
                 and scope.cancelled_caught

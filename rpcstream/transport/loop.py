@@ -186,9 +186,10 @@ class NurseryTasks:
 
 
 def _report(task: asyncio.Task[None]) -> None:
-    # The coroutines started here catch their own failures; one that still
-    # escapes is a bug, and must not vanish as "exception never retrieved".
-    if not task.cancelled() and task.exception() is not None:
+    # The coroutines started here catch their own failures; an Exception that
+    # still escapes is a bug, and must not vanish as "exception never retrieved".
+    # A BaseException goes on up on purpose, logged where it was raised (the callee).
+    if not task.cancelled() and isinstance(task.exception(), Exception):
         log.error("rpcstream task failed", exc_info=task.exception())
 
 

@@ -334,7 +334,8 @@ async def serve(
             stopped.set()
 
     async with trio.open_nursery() as nursery:
-        ws_server = await nursery.start(run)
+        # Named for what it runs (websockets' server), not for this closure.
+        ws_server = await nursery.start(run, name=f"{ws_serve.__module__}.serve")
         try:
             yield int(ws_server.listeners[0].socket.getsockname()[1])
         finally:
