@@ -72,6 +72,7 @@ import msgspec
 
 from ..observe.hooks import events_delivered as delivered
 from ..store.base import RUNNING, EventStore, RunInfo, StoredEvent
+from ..store.live import Wakeup
 from .events import TERMINAL_TYPES, RunEvent, decode_data
 
 if TYPE_CHECKING:
@@ -151,10 +152,12 @@ class _Parked:
         self.woken = anyio.Event()
 
 
-class Hub:
-    """The shared follower of one run in this process (see the module docstring)."""
+class Hub(Wakeup):
+    """The shared follower of one run in this process (see the module docstring);
+    subscriptions that wait take its :attr:`wake`, each push notifies them."""
 
     def __init__(self, store: EventStore, info: RunInfo, size: int = HUB_SIZE) -> None:
+        super().__init__()
         self.store = store
         self.info = info
         self.entries: deque[_Entry] = deque(maxlen=size)
@@ -163,7 +166,6 @@ class Hub:
         self.final_id: int | None = None
         self.failed = False
         self.users = 0
-        self._wake: anyio.Event | None = None  # made when a subscription first waits
         self.scope = anyio.CancelScope()
         self.parked: dict[_Parked, None] = {}  # in the order they parked
 
@@ -226,21 +228,6 @@ class Hub:
         parked, self.parked = self.parked, {}
         for p in parked:
             p.woken.set()
-
-    @property
-    def wake(self) -> anyio.Event:
-        """The event the next push sets (take it before looking at the entries)."""
-        wake = self._wake
-        if wake is None:
-            wake = self._wake = anyio.Event()
-        return wake
-
-    def notify(self) -> None:
-        """Wake everyone waiting now; later waiters get a fresh event."""
-        wake = self._wake
-        if wake is not None:
-            self._wake = None
-            wake.set()
 
     def after(self, position: int) -> list[_Entry] | None:
         """The entries after ``position``; ``[]`` when none is stored yet; ``None``

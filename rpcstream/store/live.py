@@ -21,7 +21,7 @@ from ..runs.events import TERMINAL_TYPES
 if TYPE_CHECKING:
     from .base import StoredEvent
 
-__all__ = ["Live", "Tap"]
+__all__ = ["Live", "Tap", "Wakeup"]
 
 
 class Tap:
@@ -38,35 +38,52 @@ class Tap:
         self.error: Exception | None = None
 
 
-class Live:
-    """What the followers of one run share: recent events, one wake-up event, and
-    the taps of the caught-up followers that take events from the publish itself."""
+class Wakeup:
+    """What waiters take before they look, and a notify sets: one ``anyio.Event``
+    at a time, made only when someone asks for it (a notify nobody waits for makes
+    none). Followers of a store's run and subscriptions of a fan-out hub use it."""
 
-    __slots__ = ("_wake", "events", "expires", "final_id", "followers", "taps")
+    __slots__ = ("_wake",)
 
-    def __init__(self, size: int) -> None:
-        # Always contiguous ids, oldest first; bounded by ``size``.
-        self.events: deque[StoredEvent] = deque(maxlen=size)
-        # Made when a follower first waits: a publish nobody waits for makes none.
+    def __init__(self) -> None:
         self._wake: anyio.Event | None = None
-        self.followers = 0
-        self.final_id: int | None = None
-        self.expires: float | None = None
-        self.taps: dict[Tap, None] = {}
 
     @property
     def wake(self) -> anyio.Event:
-        """The event the next publish sets (take it before looking at the deque)."""
+        """The event the next :meth:`notify` sets (take it before looking)."""
         wake = self._wake
         if wake is None:
             wake = self._wake = anyio.Event()
         return wake
 
+    def notify(self) -> None:
+        """Wake everyone waiting now; later waiters get a fresh event."""
+        wake = self._wake
+        if wake is not None:
+            self._wake = None
+            wake.set()
+
+
+class Live(Wakeup):
+    """What the followers of one run share: recent events, one wake-up event, and
+    the taps of the caught-up followers that take events from the publish itself."""
+
+    __slots__ = ("events", "expires", "final_id", "followers", "taps")
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        # Always contiguous ids, oldest first; bounded by ``size``.
+        self.events: deque[StoredEvent] = deque(maxlen=size)
+        self.followers = 0
+        self.final_id: int | None = None
+        self.expires: float | None = None
+        self.taps: dict[Tap, None] = {}
+
     def push(self, events: Iterable[StoredEvent], expires: float | None) -> None:
         """Add published events (ascending ids), hand them to the taps and wake
         every follower once."""
         cached = self.events
-        fresh: list[StoredEvent] = []
+        fresh: list[StoredEvent] | None = [] if self.taps else None  # for the taps only
         for event in events:
             if cached:
                 last = cached[-1].id
@@ -76,11 +93,12 @@ class Live:
                     # A gap: the deque may only answer for ranges it holds entirely.
                     cached.clear()
             cached.append(event)
-            fresh.append(event)
+            if fresh is not None:
+                fresh.append(event)
             if event.type in TERMINAL_TYPES:
                 self.final_id = event.id
                 self.expires = expires
-        if self.taps and fresh:
+        if fresh:
             self._hand_over(fresh)
         self.notify()
 
@@ -110,13 +128,6 @@ class Live:
         """Stop handing events to ``tap`` and wake its follower."""
         self.taps.pop(tap, None)
         tap.stopped.set()
-
-    def notify(self) -> None:
-        """Wake everyone waiting now; later waiters get a fresh event."""
-        wake = self._wake
-        if wake is not None:
-            self._wake = None
-            wake.set()
 
     def after(self, position: int, limit: int, now: float) -> list[StoredEvent] | None:
         """Cached events after ``position``, or ``None`` when the cache cannot tell.

@@ -27,6 +27,23 @@ from .store_suite_runs import (
 __all__ = ["FollowAndRetain", "Tail"]
 
 
+def _append_after_first(store: EventStore, monkeypatch: pytest.MonkeyPatch, method: str) -> None:
+    """Make the first call of ``store.<method>`` append an event to run "r" right
+    after it has looked: what a follower must not miss."""
+    original = getattr(store, method)
+    appended = False
+
+    async def look_then_append(*args: Any, **kwargs: Any) -> Any:
+        nonlocal appended
+        result = await original(*args, **kwargs)
+        if not appended:
+            appended = True
+            await store.append("r", "progress", b"sneaky")
+        return result
+
+    monkeypatch.setattr(store, method, look_then_append)
+
+
 class FollowAndRetain:
     """The contract, part 2: follow, trimming, retention, lifecycle."""
 
@@ -93,18 +110,7 @@ class FollowAndRetain:
     ) -> None:
         """An append right after the follower's read (or info) must still reach it."""
         await store.create_run("r", "flow")
-        original = getattr(store, method)
-        appended = False
-
-        async def look_then_append(*args: Any, **kwargs: Any) -> Any:
-            nonlocal appended
-            result = await original(*args, **kwargs)
-            if not appended:
-                appended = True
-                await store.append("r", "progress", b"sneaky")
-            return result
-
-        monkeypatch.setattr(store, method, look_then_append)
+        _append_after_first(store, monkeypatch, method)
         send, receive = anyio.create_memory_object_stream[StoredEvent](10)
         async with receive, anyio.create_task_group() as tg:
             tg.start_soon(_forward, store, "r", 0, send)
@@ -354,18 +360,7 @@ class Tail:
         """An append right after the tail's read (or info), before it taps the
         publish, must still reach it, and before the next append does."""
         await store.create_run("r", "flow")
-        original = getattr(store, method)
-        appended = False
-
-        async def look_then_append(*args: Any, **kwargs: Any) -> Any:
-            nonlocal appended
-            result = await original(*args, **kwargs)
-            if not appended:
-                appended = True
-                await store.append("r", "progress", b"sneaky")
-            return result
-
-        monkeypatch.setattr(store, method, look_then_append)
+        _append_after_first(store, monkeypatch, method)
         pushed: list[StoredEvent] = []
         first = anyio.Event()
 
