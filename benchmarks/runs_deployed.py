@@ -44,6 +44,13 @@ minus the ``time.monotonic()`` the flow took just before appending each tick.
 1.0 would be the bottleneck (the subscribers are spread over ``--client-procs``
 processes so that none is). The machine's cores are shared: say so with figures.
 
+``--clients-nice N`` starts the client processes under ``nice -n N``. On a machine
+with fewer cores than processes (two here: one server, four clients) the kernel
+shares them out fairly, and each client, lighter than the server, is woken ahead
+of it: the server waits for a core its clients hold, which it would not on a
+machine of its own. With the clients niced the server gets a core first and the
+figures show what it does with one; raw websockets' rounds get the same.
+
 ``--server-code DIR`` runs the server on another copy of the package (e.g. the
 merge base, ``git archive 89a3cfc rpcstream | tar -x -C DIR``), the clients staying
 on this checkout, for a before/after comparison in the same run; ``--no-batch``
@@ -146,12 +153,17 @@ class Child:
 
 
 @contextlib.asynccontextmanager
-async def spawn(args: list[str], loop: str, code: Path | None = None) -> AsyncIterator[Child]:
-    """Start ``python -m benchmarks.runs_procs ARGS``; close its stdin and wait on the way out."""
+async def spawn(
+    args: list[str], loop: str, code: Path | None = None, nice: int = 0
+) -> AsyncIterator[Child]:
+    """Start ``python -m benchmarks.runs_procs ARGS`` (under ``nice -n NICE`` when
+    given); close its stdin and wait on the way out."""
     env = dict(os.environ)
     paths = [str(code)] if code is not None else []
     env["PYTHONPATH"] = os.pathsep.join([*paths, str(ROOT), env.get("PYTHONPATH", "")])
     argv = [sys.executable, "-m", "benchmarks.runs_procs", *args, "--loop", loop]
+    if nice:
+        argv = ["nice", "-n", str(nice), *argv]
     process = await anyio.open_process(argv, env=env, cwd=ROOT, stderr=None)
     try:
         yield Child(process)
@@ -229,7 +241,8 @@ async def paced(
                 spec = {"url": node.url, "runs": share, "batch": args.batch}
                 spec["per_connection"] = per_connection
                 argv = ["--client", json.dumps(spec)]
-                clients.append((node, await stack.enter_async_context(spawn(argv, args.loop))))
+                child = spawn(argv, args.loop, nice=args.clients_nice)
+                clients.append((node, await stack.enter_async_context(child)))
         for _, client in clients:
             ready = await client.line()
             assert ready.get("ready"), ready
@@ -277,6 +290,7 @@ def client_figures(
         "server_cpu_us_per_delivery": round(server_cpu * 1e6 / measured, 1) if measured else None,
         "busy": {f"client{i}": round(r["cpu_s"] / r["wall_s"], 2) for i, r in enumerate(results)},
         "client_procs": len(results),
+        "clients_nice": max(r["nice"] for r in results) if results else None,
         "verified": all(r["verified"] for r in results),
         "wrong": [w for r in results for w in r["wrong"]][:3],
     }
@@ -307,7 +321,8 @@ async def raw_fanout(
         for p in range(procs):
             spec = {"url": raw_url, "connections": len(range(p, count, procs))}
             argv = ["--raw-client", json.dumps(spec)]
-            clients.append(await stack.enter_async_context(spawn(argv, args.loop)))
+            child = spawn(argv, args.loop, nice=args.clients_nice)
+            clients.append(await stack.enter_async_context(child))
         for client in clients:
             ready = await client.line()
             assert ready.get("ready"), ready
@@ -390,7 +405,8 @@ async def replay(
     for batch in (True, False) if args.batch else (False,):
         spec = {"url": node.url, "runs": [run_id], "batch": batch, "expect": events}
         cpu = proc_cpu_s(pid)
-        async with spawn(["--replay", json.dumps(spec)], args.loop) as client:
+        replay = spawn(["--replay", json.dumps(spec)], args.loop, nice=args.clients_nice)
+        async with replay as client:
             result = await client.line()
         server_cpu = (proc_cpu_s(pid) or 0.0) - (cpu or 0.0)
         emit(
@@ -576,6 +592,7 @@ def environment(args: argparse.Namespace) -> Figures:
         "loop": args.loop,
         "sizes": vars(args.sizes),
         "server_code": str(args.server_code) if args.server_code else None,
+        "clients_nice": args.clients_nice,
     }
 
 
@@ -603,6 +620,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--rounds", type=int, default=None, help="of `append` and `fanout`, beside their baselines"
     )
     parser.add_argument("--server-code", type=Path, default=None)
+    parser.add_argument(
+        "--clients-nice",
+        type=int,
+        default=0,
+        help="run the client processes under `nice -n N`: the server gets a core first",
+    )
     parser.add_argument("--no-batch", dest="batch", action="store_false")
     args = parser.parse_args(argv)
     sizes = TINY if args.tiny else QUICK if args.quick else FULL

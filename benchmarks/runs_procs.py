@@ -267,6 +267,7 @@ def client_record(subs: list[Any], messages: int, cpu: float, wall: float) -> Fi
         "last_receipt": max((s.last_at for s in subs), default=None),
         "cpu_s": round(cpu, 3),
         "wall_s": round(wall, 3),
+        "nice": os.nice(0),
         "verified": not wrong and all(s.ended for s in subs),
         "wrong": wrong[:3],
         "latencies_us": [x for s in subs for x in s.latencies_us],

@@ -113,3 +113,14 @@ def test_runs_beside_raw_websockets_alternate_and_end_with_a_line_of_medians() -
     (summary,) = [r for r in results if "summary" in r]
     assert summary["workload"] == "runs_raw" and summary["verified"] is True
     assert len(summary["baseline_p99_us_rounds"]) == len(summary["p99_us_rounds"]) == 2
+
+
+@pytest.mark.timeout(120)
+def test_clients_can_run_niced_so_that_the_server_gets_a_core_first() -> None:
+    lines = _run("--stores", "memory", "--workloads", "runs_raw", "--clients-nice", "5")
+    assert lines[0]["clients_nice"] == 5
+    rounds = [r for r in lines[1:] if "summary" not in r]
+    assert {r["code"] for r in rounds} == {"this", "raw websockets"}
+    for r in rounds:
+        assert r["verified"] is True, r
+        assert r["clients_nice"] == 5, r  # what each client process read of itself
