@@ -7,8 +7,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import functools
 import logging
 import sys
+import weakref
 from collections.abc import AsyncIterator, Callable, Coroutine, Generator
 from typing import TYPE_CHECKING, Any
 
@@ -18,7 +20,16 @@ import sniffio
 if TYPE_CHECKING:
     import trio
 
-__all__ = ["EagerTasks", "NurseryTasks", "is_trio", "open_handler_tasks"]
+__all__ = [
+    "EagerTasks",
+    "NextTurn",
+    "NurseryTasks",
+    "TrioNextTurn",
+    "is_trio",
+    "next_turn",
+    "open_handler_tasks",
+    "trio_next_turn",
+]
 
 log = logging.getLogger("rpcstream.peer")
 
@@ -183,6 +194,126 @@ class NurseryTasks:
 
     def __len__(self) -> int:
         return len(self._nursery.child_tasks)
+
+
+class NextTurn:
+    """Callbacks for an asyncio loop's next turn, any number of them for the price
+    of one loop handle: what the connections of a fan-out ask for at once (each
+    writes what a burst queued, see the driver's ``_wake_writer``) costs one
+    ``call_soon`` per turn, not one per connection. Each callback runs in the
+    context it was given, in the order given; one that raises is reported to the
+    loop's exception handler, as a failing ``call_soon`` callback is, and the rest
+    still run. One per loop (:func:`next_turn`)."""
+
+    __slots__ = ("_loop", "_pending")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._pending: list[tuple[Callable[[], None], contextvars.Context]] | None = None
+
+    def add(self, callback: Callable[[], None], context: contextvars.Context) -> None:
+        """Run ``callback`` in ``context`` in the loop's next turn."""
+        pending = self._pending
+        if pending is None:
+            pending = self._pending = []
+            self._loop.call_soon(self._run, pending, context=_BARE)
+        pending.append((callback, context))
+
+    def _run(self, pending: list[tuple[Callable[[], None], contextvars.Context]]) -> None:
+        # What is added while these run is for the turn after (a fresh list).
+        if self._pending is pending:
+            self._pending = None
+        for callback, context in pending:
+            try:
+                context.run(callback)
+            except (SystemExit, KeyboardInterrupt):
+                raise
+            except BaseException as exc:
+                self._loop.call_exception_handler(
+                    {"message": f"Exception in callback {callback!r}", "exception": exc}
+                )
+
+
+_BARE = contextvars.Context()  # NextTurn._run reads no context variable
+_next_turns: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, NextTurn] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def next_turn(loop: asyncio.AbstractEventLoop) -> NextTurn:
+    """The loop's :class:`NextTurn` (made on first use, gone with the loop)."""
+    turn = _next_turns.get(loop)
+    if turn is None:
+        turn = _next_turns[loop] = NextTurn(loop)
+    return turn
+
+
+class TrioNextTurn:
+    """:class:`NextTurn` on trio, which has no ``call_soon``: one system task per
+    trio run runs the callbacks, woken by a ``reschedule`` when the first of a
+    turn comes (no task switch per connection, no wake-up socket). Callbacks
+    added while it runs a batch wait for its next one, after a checkpoint, as
+    on asyncio they wait for the next turn. One per run (:func:`trio_next_turn`)."""
+
+    __slots__ = ("_pending", "_sleeping")
+
+    def __init__(self) -> None:
+        self._pending: list[tuple[Callable[[], None], contextvars.Context]] | None = None
+        self._sleeping: Any = None  # the task, while it waits for work
+
+    def add(self, callback: Callable[[], None], context: contextvars.Context) -> None:
+        """Run ``callback`` in ``context`` in the run's next batch of tasks."""
+        pending = self._pending
+        if pending is None:
+            pending = self._pending = []
+            task, self._sleeping = self._sleeping, None
+            if task is not None:
+                import trio
+
+                trio.lowlevel.reschedule(task)
+        pending.append((callback, context))
+
+    async def run(self) -> None:
+        """The system task: run each batch, sleep while there is none."""
+        import trio
+
+        while True:
+            if self._pending is None:
+                self._sleeping = trio.lowlevel.current_task()
+                await trio.lowlevel.wait_task_rescheduled(_abort)
+            else:
+                await trio.lowlevel.checkpoint()
+            pending, self._pending = self._pending, None
+            for callback, context in pending or ():
+                try:
+                    context.run(callback)
+                except Exception:  # a system task's exception would end the whole run
+                    log.exception("rpcstream: a callback of the next turn failed")
+
+
+def _abort(_: Any) -> Any:
+    import trio
+
+    return trio.lowlevel.Abort.SUCCEEDED  # cancelled (the run ends): nothing to undo
+
+
+def trio_next_turn() -> TrioNextTurn:
+    """The running trio run's :class:`TrioNextTurn` (its task started on first use)."""
+    import trio
+
+    turn: TrioNextTurn | None = _trio_turn().get(None)
+    if turn is None:
+        turn = TrioNextTurn()
+        _trio_turn().set(turn)
+        trio.lowlevel.spawn_system_task(turn.run, name="rpcstream next turn")
+    return turn
+
+
+@functools.cache
+def _trio_turn() -> Any:
+    import trio
+
+    return trio.lowlevel.RunVar("rpcstream_next_turn")
 
 
 def _report(task: asyncio.Task[None]) -> None:

@@ -30,7 +30,7 @@ from websockets.protocol import State
 from ..errors import ConnectionClosed, HandshakeRefused
 from .base import Transport
 from .http import HttpRequest, HttpResponse, OnRequest
-from .loop import is_trio
+from .loop import NextTurn, TrioNextTurn, is_trio, next_turn, trio_next_turn
 from .options import WebSocketOptions
 
 __all__ = ["WebSocketTransport", "open_websocket", "serve_websocket"]
@@ -53,6 +53,12 @@ class WebSocketTransport(Transport):
         self._context = contextvars.copy_context()
         # On trio the connections of trio_ws write at once themselves, when they can.
         self._trio: Any = ws if self._direct is None and hasattr(ws, "send_now") else None
+        # For run_soon: the loop's one handle a turn that the connections share.
+        self._next_turn: NextTurn | TrioNextTurn | None = None
+        if self._direct is not None:
+            self._next_turn = next_turn(self._direct.loop)
+        elif self._trio is not None:
+            self._next_turn = trio_next_turn()
 
     async def send(self, message: bytes, *, text: bool) -> None:
         """Send one message (a text frame when ``text``)."""
@@ -114,11 +120,15 @@ class WebSocketTransport(Transport):
             ws.transport.abort()
 
     def run_soon(self, callback: Callable[[], None]) -> bool:
-        """asyncio only: ``loop.call_soon`` (a callback costs less than waking a task)."""
-        ws = self._direct
-        if ws is None:
+        """Run ``callback`` in the loop's next turn (a callback costs less than
+        waking a task; the loop's connections share one handle a turn, see
+        :class:`~rpcstream.transport.loop.NextTurn`); ``False`` for a connection
+        this package's asyncio and trio modules did not make, which has no way to
+        write without awaiting."""
+        turn = self._next_turn
+        if turn is None:
             return False
-        ws.loop.call_soon(callback, context=self._context)
+        turn.add(callback, self._context)
         return True
 
     async def aclose(self, code: int = 1000, reason: str = "") -> None:
