@@ -193,3 +193,49 @@ def _stdlib() -> frozenset[str]:
     import sys
 
     return frozenset(sys.stdlib_module_names)
+
+
+@pytest.mark.anyio
+async def test_a_task_appending_in_a_loop_still_gives_the_loop_up() -> None:
+    # Appends are schedule points only every yield_interval (a millisecond): 20,000
+    # of them take far longer than that on any machine, so the other task runs
+    # while the loop goes on; with yield_interval 0, at every append.
+    store = MemoryStore()
+    await store.create_run("r", "flow")
+    turns = 0
+    stop = False
+
+    async def other() -> None:
+        nonlocal turns
+        while not stop:
+            turns += 1
+            await anyio.lowlevel.checkpoint()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(other)
+        await anyio.lowlevel.checkpoint()  # `other` has started
+        before = turns
+        for _ in range(20_000):
+            await store.append("r", "tick", b"1")
+        assert turns > before
+        store.yield_interval = 0
+        before = turns
+        for _ in range(10):
+            await store.append("r", "tick", b"1")
+        # Each append a batch of the other's turns (trio may run the two of a batch
+        # in either order: one turn either way at the ends).
+        assert turns >= before + 9
+        stop = True
+
+
+@pytest.mark.anyio
+async def test_an_append_in_a_cancelled_scope_is_cancelled_and_stores_nothing() -> None:
+    store = MemoryStore()
+    await store.create_run("r", "flow")
+    await store.append("r", "tick", b"1")  # the store gave the loop up just now
+    with anyio.CancelScope() as scope:
+        scope.cancel()
+        await store.append("r", "tick", b"2")
+        pytest.fail("append went on in a cancelled scope")  # pragma: no cover
+    assert scope.cancelled_caught
+    assert [e.data for e in await store.read("r", 0)] == [b"1"]

@@ -13,9 +13,15 @@ there and then. Either way its id moves to a bounded tombstone map (oldest
 dropped first), which is how ``RunExpired`` is told apart from ``RunNotFound``.
 
 Every operation starts with an anyio checkpoint, as any async call should, so a
-task appending in a loop still lets followers (and cancellation) in. After the
-checkpoint the operation runs without awaiting, so it is atomic with respect to
-other tasks: ids are contiguous without any lock.
+task appending in a loop still lets followers (and cancellation) in; ``append``,
+the hot path, is a cancellation point on every call but gives the loop up only
+when the store has not for :attr:`MemoryStore.yield_interval` (a millisecond):
+a schedule point costs a trip through the event loop, most of what an append
+costs (fanout_instructions, one run per connection: 8% of the server's
+instructions per delivery on asyncio, 22% on trio), and a flow's events reach
+live subscribers from the append itself (``EventStore.tail``), not from their
+tasks. After the checkpoint the operation runs without awaiting, so it is
+atomic with respect to other tasks: ids are contiguous without any lock.
 """
 
 from __future__ import annotations
@@ -86,6 +92,11 @@ class MemoryStore(EventStore):
         self._tombstones: OrderedDict[str, None] = OrderedDict()
         # (expires, run_id) of finished runs; entries for runs already gone are skipped.
         self._expiry: list[tuple[float, str]] = []
+        self._gave_up_loop = time.monotonic()  # when an append last did (see _append)
+
+    yield_interval: float = 0.001
+    """Seconds a task may go on appending before an append gives the event loop up
+    (see the module docstring); 0: at every append."""
 
     async def _create_or_get_run(
         self, run_id: str, flow: str, owner: str | None, lease: bool
@@ -99,7 +110,12 @@ class MemoryStore(EventStore):
         return self._run_info(run_id, run), True
 
     async def _append(self, run_id: str, type: str, data: bytes, terminal: bool) -> StoredEvent:
-        await anyio.lowlevel.checkpoint()
+        mono = time.monotonic()
+        if mono - self._gave_up_loop >= self.yield_interval:
+            self._gave_up_loop = mono
+            await anyio.lowlevel.checkpoint()
+        else:
+            await anyio.lowlevel.checkpoint_if_cancelled()
         now = self.clock()
         run = self._get(run_id, now)
         if run.status != RUNNING:
