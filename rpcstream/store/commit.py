@@ -37,13 +37,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Coroutine
+import types
+from collections.abc import Awaitable, Callable, Coroutine, Generator
 from typing import Any, Generic, TypeVar
 
 import anyio
 import anyio.lowlevel
 
-__all__ = ["GroupCommit", "Request"]
+__all__ = ["GroupCommit", "Request", "checkpoint"]
 
 log = logging.getLogger("rpcstream.store")
 
@@ -110,7 +111,7 @@ class GroupCommit(Generic[R]):
         self._pending: list[R] = []
         self._pending_bytes = 0
         self._committing = False
-        self._group_done = anyio.Event()
+        self._group_done = _signal()
         self.groups = 0
         """Groups taken so far (statistics for tests and benchmarks)."""
         self.requests = 0
@@ -129,7 +130,8 @@ class GroupCommit(Generic[R]):
         """
         while self._full(request.size):
             await self._group_done.wait()  # backpressure: wait for a group to leave
-        self._queue(request)
+        self._pending.append(request)
+        self._pending_bytes += request.size
         try:
             while not request.done:
                 if self._committing:
@@ -142,7 +144,7 @@ class GroupCommit(Generic[R]):
                     self._committing = False
                     # Wake the waiters: theirs may be done, or one must commit next.
                     self._group_done.set()
-                    self._group_done = anyio.Event()
+                    self._group_done = _signal()
         except BaseException:
             if not request.taken:
                 self._pending.remove(request)  # never written: safe to withdraw
@@ -150,6 +152,11 @@ class GroupCommit(Generic[R]):
             raise
         if request.error is not None:
             raise request.error
+
+    def has_room(self, size: int = 0) -> bool:
+        """Whether one more request of ``size`` bytes fits now (:meth:`wait_for_room`
+        would return at once)."""
+        return not self._full(size)
 
     async def wait_for_room(self, size: int = 0) -> None:
         """Return once the pending list has room for one more request of ``size`` bytes."""
@@ -159,9 +166,9 @@ class GroupCommit(Generic[R]):
     def put_nowait(self, request: R) -> None:
         """Queue ``request`` and return at once; a drainer task will write it.
 
-        Call it right after :meth:`wait_for_room` (with no await in between): the
-        pending list stays bounded. The request cannot be withdrawn; its outcome
-        is set on it for whoever looks (nobody is told).
+        Call it right after :meth:`wait_for_room` or :meth:`has_room` (with no await
+        in between): the pending list stays bounded. The request cannot be
+        withdrawn; its outcome is set on it for whoever looks (nobody is told).
         """
         if self._full(request.size):
             raise anyio.WouldBlock("no room: await wait_for_room() first")
@@ -193,20 +200,20 @@ class GroupCommit(Generic[R]):
                     await self._commit()
                 finally:
                     self._group_done.set()
-                    self._group_done = anyio.Event()
+                    self._group_done = _signal()
         except Exception:  # a write that broke its promise to never raise: say so
             log.exception("a group commit failed")
         finally:
             self._committing = False
             self._group_done.set()
-            self._group_done = anyio.Event()
+            self._group_done = _signal()
 
     async def _commit(self) -> None:
         # One more turn of the event loop lets the tasks just woken by the previous
         # group queue their next request (trio runs them in random order, so some
         # may not have run yet): the group is taken as late, and so as large, as
         # it can be. A committer cancelled here leaves having taken nothing.
-        await anyio.lowlevel.checkpoint()
+        await checkpoint()
         group: list[R] = []
 
         def take() -> list[R]:
@@ -228,6 +235,62 @@ class GroupCommit(Generic[R]):
             for request in group:
                 if not request.done:
                     request.fail(RuntimeError("the group write ended without an outcome"))
+
+
+def checkpoint() -> Awaitable[None]:
+    """``anyio.lowlevel.checkpoint()``, without its look-up of the running library per call.
+
+    A store's appends checkpoint on their hot path, where anyio's dispatch (sniffio,
+    then the backend) costs about as much as the task switch itself. On asyncio it
+    is what anyio does there, ``sleep(0)``: one bare yield (the task is rescheduled,
+    and a pending cancellation is delivered as it resumes); elsewhere, anyio's.
+    """
+    if asyncio._get_running_loop() is not None:
+        return _yield()
+    return anyio.lowlevel.checkpoint()
+
+
+@types.coroutine
+def _yield() -> Generator[None, None, None]:
+    yield  # asyncio: a bare yield gives up the loop for one iteration (as sleep(0))
+
+
+class _Signal:
+    """What ``anyio.Event`` does for a group's waiters, at less cost on asyncio.
+
+    Every request waits on its group's end, so waiting is on the hot path of an
+    append: one bare future per waiter, awaited directly, and nothing to undo on
+    wake-up (the list goes with the signal; a cancelled waiter's future stays in
+    it, done). Cancelling a waiter cancels only its own future.
+    """
+
+    __slots__ = ("_is_set", "_waiters")
+
+    def __init__(self) -> None:
+        self._is_set = False
+        self._waiters: list[asyncio.Future[None]] = []
+
+    def set(self) -> None:
+        self._is_set = True
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        self._waiters.clear()
+
+    def wait(self) -> Awaitable[None]:
+        # The future itself, not a coroutine around it: one frame less to resume.
+        if self._is_set:
+            return checkpoint()
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        return waiter
+
+
+def _signal() -> _Signal | anyio.Event:
+    """A new group-end signal: a :class:`_Signal` on asyncio, an ``anyio.Event`` on trio."""
+    if asyncio._get_running_loop() is None:  # trio (or no loop yet: in __init__)
+        return anyio.Event()
+    return _Signal()
 
 
 # The drainers running now: asyncio keeps only weak references to its tasks.
