@@ -103,7 +103,6 @@ import logging
 import math
 import time
 from collections.abc import AsyncGenerator, Callable, Iterator
-from typing import Any
 
 import anyio
 import anyio.abc
@@ -126,8 +125,8 @@ from .redis_scripts import (
     FETCH,
     RENEW,
     SWEEP,
+    pack_append,
     pack_array,
-    pack_str,
     parse_fetch,
 )
 
@@ -154,7 +153,11 @@ class _Pending(Request):
         expires: float | None,
         command: bytes,
     ) -> None:
-        super().__init__()
+        # Request's fields, set here rather than by super().__init__(): one call
+        # less per append.
+        self.size = 0
+        self.taken = self.done = False
+        self.error: BaseException | None = None
         self.client = client  # the connection pool it was queued for
         self.run_id = run_id
         self.type = type
@@ -373,13 +376,14 @@ class RedisStore(EventStore):
                 replies = await self._run_appends(client, batch)
             stale = []
             for request, reply in zip(batch, replies, strict=True):
-                if isinstance(reply, Exception):
-                    raise StoreUnavailable(f"Redis refused an append: {reply}") from reply
-                if reply[0] == 0:
-                    event = StoredEvent(int(reply[1]), _ERROR, data, request.now)
+                if type(reply) is not int:
+                    error = StoreUnavailable(f"Redis refused an append: {reply}")
+                    raise error from ResponseError(reply)
+                if reply > 0:
+                    event = StoredEvent(reply, _ERROR, data, request.now)
                     self._publish(request.run_id, (event,), request.expires)
                     ended.append(request.run_id)
-                elif reply[0] != 4:  # gone or finished: its lease entry is stale
+                elif reply != -4:  # gone or finished: its lease entry is stale
                     stale.append(request.run_id)
             if stale:
                 with _mapped(self, "drop stale leases in"):
@@ -406,16 +410,13 @@ class RedisStore(EventStore):
         expires = now + self.expire_after if terminal else None
         flag = b"2" if lapsed_only else b"1" if terminal else b"0"
         # Timestamps travel as repr() strings: every reader parses back the very float.
-        command = b"".join(
-            [
-                b"\x96",  # a msgpack array of 6
-                pack_str(run_id.encode()),
-                pack_str(type.encode()),
-                pack_str(data),
-                pack_str(repr(now).encode()),
-                pack_str(flag),
-                pack_str(b"" if expires is None else repr(expires).encode()),
-            ]
+        command = pack_append(
+            run_id.encode(),
+            type.encode(),
+            data,
+            repr(now).encode(),
+            flag,
+            b"" if expires is None else repr(expires).encode(),
         )
         return _Pending(client, run_id, type, data, now, expires, command)
 
@@ -443,24 +444,23 @@ class RedisStore(EventStore):
                 request.fail(exc)
             return
         errors = (self._not_found, self._expired, self._finished)
+        publish = self._publish
         for request, reply in zip(batch, replies, strict=True):
             request.done = True
-            if isinstance(reply, Exception):
-                request.error = StoreUnavailable(f"Redis refused an append: {reply}")
-                request.error.__cause__ = reply
-            elif reply[0] != 0:
-                request.error = errors[reply[0] - 1](request.run_id)
+            if type(reply) is int and reply > 0:
+                event = request.event = StoredEvent(reply, request.type, request.data, request.now)
+                publish(request.run_id, (event,), request.expires)
+            elif type(reply) is int:
+                request.error = errors[-reply - 1](request.run_id)
             else:
-                event = request.event = StoredEvent(
-                    int(reply[1]), request.type, request.data, request.now
-                )
-                self._publish(request.run_id, (event,), request.expires)
+                request.error = StoreUnavailable(f"Redis refused an append: {reply}")
+                request.error.__cause__ = ResponseError(reply)
 
-    async def _run_appends(self, client: Redis, batch: list[_Pending]) -> list[Any]:
+    async def _run_appends(self, client: Redis, batch: list[_Pending]) -> list[int | str]:
         """Run the append script ONCE for the whole batch: one round trip, one script run.
 
-        Returns one reply per request: ``[0, id]``, ``[code]`` (1 not found, 2 expired,
-        3 finished, 4 lease held), or the :class:`ResponseError` Redis answered for it.
+        Returns one reply per request: its id (> 0), ``-code`` (1 not found, 2 expired,
+        3 finished, 4 lease held), or the error message Redis answered for it.
         """
         args = (
             self.prefix,
@@ -474,12 +474,7 @@ class RedisStore(EventStore):
         except NoScriptError:  # Redis restarted and lost its scripts: nothing ran
             self._append_sha = await client.script_load(APPEND)
             packed = await client.evalsha(self._append_sha, 0, *args)
-        return [
-            [0, reply] if isinstance(reply, int) and reply > 0
-            else [-reply] if isinstance(reply, int)
-            else ResponseError(reply)
-            for reply in _DECODE(packed)
-        ]  # fmt: skip
+        return _DECODE(packed)
 
     async def _fetch(
         self, run_id: str, after: int, limit: int
