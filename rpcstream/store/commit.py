@@ -42,7 +42,6 @@ from collections.abc import Awaitable, Callable, Coroutine, Generator
 from typing import Any, Generic, TypeVar
 
 import anyio
-import anyio.lowlevel
 
 __all__ = ["GroupCommit", "Request", "checkpoint"]
 
@@ -156,7 +155,10 @@ class GroupCommit(Generic[R]):
     def has_room(self, size: int = 0) -> bool:
         """Whether one more request of ``size`` bytes fits now (:meth:`wait_for_room`
         would return at once)."""
-        return not self._full(size)
+        if len(self._pending) >= self.max_pending:
+            return False
+        limit = self.max_pending_bytes
+        return limit is None or not self._pending or self._pending_bytes + size <= limit
 
     async def wait_for_room(self, size: int = 0) -> None:
         """Return once the pending list has room for one more request of ``size`` bytes."""
@@ -170,23 +172,17 @@ class GroupCommit(Generic[R]):
         in between): the pending list stays bounded. The request cannot be
         withdrawn; its outcome is set on it for whoever looks (nobody is told).
         """
-        if self._full(request.size):
+        if not self.has_room(request.size):
             raise anyio.WouldBlock("no room: await wait_for_room() first")
-        self._queue(request)
+        self._pending.append(request)
+        self._pending_bytes += request.size
         if not self._committing:
             self._committing = True
             _spawn(self._drain)
 
     def _full(self, size: int) -> bool:
         """No room for a request of ``size`` bytes (one is always let into an empty list)."""
-        if len(self._pending) >= self.max_pending:
-            return True
-        limit = self.max_pending_bytes
-        return limit is not None and bool(self._pending) and self._pending_bytes + size > limit
-
-    def _queue(self, request: R) -> None:
-        self._pending.append(request)
-        self._pending_bytes += request.size
+        return not self.has_room(size)
 
     async def flush(self) -> None:
         """Wait until every request queued so far has its outcome."""
@@ -243,11 +239,20 @@ def checkpoint() -> Awaitable[None]:
     A store's appends checkpoint on their hot path, where anyio's dispatch (sniffio,
     then the backend) costs about as much as the task switch itself. On asyncio it
     is what anyio does there, ``sleep(0)``: one bare yield (the task is rescheduled,
-    and a pending cancellation is delivered as it resumes); elsewhere, anyio's.
+    and a pending cancellation is delivered as it resumes); on trio, trio's, which
+    anyio calls there.
     """
     if asyncio._get_running_loop() is not None:
         return _yield()
-    return anyio.lowlevel.checkpoint()
+    global _trio_checkpoint
+    if _trio_checkpoint is None:
+        import trio  # not asyncio, so trio (an optional dependency): anyio runs no other
+
+        _trio_checkpoint = trio.lowlevel.checkpoint  # what anyio's trio backend calls
+    return _trio_checkpoint()
+
+
+_trio_checkpoint: Callable[[], Awaitable[None]] | None = None
 
 
 @types.coroutine
