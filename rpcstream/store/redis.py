@@ -156,6 +156,7 @@ class _Pending(Request):
         # Request's fields, set here rather than by super().__init__(): one call
         # less per append.
         self.size = 0
+        self.key = run_id  # a run's appends are in one script call at a time: in order
         self.taken = self.done = False
         self.error: BaseException | None = None
         self.client = client  # the connection pool it was queued for
@@ -195,6 +196,9 @@ class RedisStore(EventStore):
     """Runs expired per round trip by :meth:`sweep`."""
     max_batch: int = 1024
     """Appends sent in one script call at most (read when the store is created)."""
+    max_calls: int = 2
+    """Append script calls in flight at once, each on its own connection (read when
+    the store is created): Redis runs one while this node prepares the next."""
 
     def __init__(
         self,
@@ -239,7 +243,10 @@ class RedisStore(EventStore):
         self._append_sha = ""
         # Appends waiting for the next script call; one call is in flight at a time.
         self._appends = GroupCommit(
-            self._send_appends, max_pending=max_pending, max_group=self.max_batch
+            self._send_appends,
+            max_pending=max_pending,
+            max_group=self.max_batch,
+            max_writes=self.max_calls,
         )
         self._listener = Listener(self)
         self._closing = anyio.Event()
