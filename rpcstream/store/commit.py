@@ -20,6 +20,18 @@ a trio system task: no task group to enter) that commits groups until the
 pending list is empty, then ends. Waiting callers treat the drainer as any
 other committer. ``flush`` waits until everything queued so far is written.
 
+Several writes at once. With ``max_writes`` above 1, up to that many
+committers write groups at the same time (Redis: one script call per
+connection), so that the store works on one group while the callers of another
+run. Groups all of one size would stay in step (every caller of the finished
+group queues again at once, and they form one group), so a committer that finds
+no group being written takes about half of what is queued, and a second
+committer takes the rest at once. Two writes may reach the store in either
+order: requests of one :attr:`Request.key` are never in two groups being
+written at once (a take stops before the first request whose key is busy), so
+they are written in the order they were queued. A waiter whose request another
+write holds is not woken when a group ends, only when its own does (asyncio).
+
 Cancellation. A request still on the pending list is withdrawn when its
 caller is cancelled: it was never written. A taken request is never put back
 (no *requeue*): ``write`` must see a taken group through to an outcome,

@@ -31,11 +31,17 @@ tombstone_ttl``), and adds the run to ``{prefix}expiring``. Last it
 run at once, its ids stay contiguous: Redis runs one script at a time.
 Concurrent appends on one node, to any runs, share ONE call of that script,
 with the SQLite store's group commit (:mod:`rpcstream.store.commit`): whoever
-finds no call in flight sends every queued append (up to ``max_batch``) as one
+finds a call slot free sends the queued appends (up to ``max_batch``) as one
 ``EVALSHA`` whose keys and arguments hold them all, publishes the results in
 order and wakes the others; what queued meanwhile forms the next call. One
 call, not a pipeline of one call per append, is what makes a group cheap: the
-client encodes and parses one command, and Redis runs one script. Each append
+client encodes and parses one command, and Redis runs one script. Up to
+``max_calls`` (2) calls are in flight at once, each on its own pooled
+connection, so that Redis runs one group while this node publishes the other's
+results and its callers queue their next appends (with one call, the two took
+turns). Two calls may run on the server in either order, so a run's appends
+are never in two calls at once (the group commit's *key*): its ids are given,
+and published, in the order its appends were queued. Each append
 runs under ``pcall``, so one that Redis refuses fails alone. A sent call runs to
 its end shielded (bounded by ``command_timeout``), so an append cancelled then
 may still be stored; one cancelled while queued is not.
@@ -241,7 +247,7 @@ class RedisStore(EventStore):
         self._pool: BlockingConnectionPool | None = None
         self._scripts: dict[str, AsyncScript] = {}
         self._append_sha = ""
-        # Appends waiting for the next script call; one call is in flight at a time.
+        # Appends waiting for a script call; max_calls calls are in flight at most.
         self._appends = GroupCommit(
             self._send_appends,
             max_pending=max_pending,
