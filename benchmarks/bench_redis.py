@@ -106,14 +106,15 @@ async def append_concurrent_runs(url: str, args: argparse.Namespace) -> None:
                 await node.append(run_id, "token", PAYLOAD)
 
         events = args.runs * args.events_per_run
-        redis_before, client_before = cpu_seconds(args.redis_pid), time.process_time()
+        redis_pid = getattr(args, "redis_pid", None)  # runs_deployed passes its own args
+        redis_before, client_before = cpu_seconds(redis_pid), time.process_time()
         start = time.perf_counter()
         async with anyio.create_task_group() as tg:
             for index in range(args.runs):
                 tg.start_soon(write, f"run-{index}")
         seconds = time.perf_counter() - start
         client = time.process_time() - client_before
-        redis_after = cpu_seconds(args.redis_pid)
+        redis_after = cpu_seconds(redis_pid)
         redis = None if redis_before is None or redis_after is None else redis_after - redis_before
         emit(
             "append_concurrent_runs",

@@ -157,7 +157,11 @@ class GroupCommit(Generic[R]):
         try:
             while not request.done:
                 if self._committers >= self.max_writes or not self._can_take():
-                    await self._wait(request)
+                    signal = self._group_done  # self._wait(request), one call less
+                    if type(signal) is _Signal:
+                        await signal.wait(request)
+                    else:
+                        await signal.wait()
                     continue
                 self._committers += 1
                 try:
@@ -232,6 +236,9 @@ class GroupCommit(Generic[R]):
     async def _drain(self) -> None:
         try:
             while self._pending:
+                if not self._can_take():  # its key is in a group being written
+                    await self._wait()
+                    continue
                 try:
                     await self._commit()
                 finally:
@@ -360,10 +367,10 @@ class _Signal:
         for request, waiter in self._waiters:
             if waiter.done():
                 continue  # cancelled
-            if request is not None and request.taken and not request.done:
-                kept.append((request, waiter))
-            else:
+            if request is None or request.done or not request.taken:
                 waiter.set_result(None)
+            else:
+                kept.append((request, waiter))
         self._waiters = []
         if kept:
             assert type(successor) is _Signal  # one loop: the same kind
