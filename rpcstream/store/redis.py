@@ -385,7 +385,7 @@ class RedisStore(EventStore):
                 self._request(client, run_id.decode(), _ERROR, data, True, lapsed_only=True)
                 for run_id in due
             ]
-            with anyio.CancelScope(shield=True), _mapped(self, "end lapsed runs in"):
+            with _mapped(self, "end lapsed runs in", shield=True):
                 replies = await self._run_appends(client, batch)
             stale = []
             for request, reply in zip(batch, replies, strict=True):
@@ -450,7 +450,7 @@ class RedisStore(EventStore):
         try:
             # Once sent, see it through (for at most command_timeout), even if the
             # caller that flushes is cancelled: the batch holds other callers' appends.
-            with anyio.CancelScope(shield=True), _mapped(self, "append to"):
+            with _mapped(self, "append to", shield=True):
                 replies = await self._run_appends(client, batch)
         except Exception as exc:  # StoreUnavailable, ClosedResourceError
             for request in batch:
@@ -576,11 +576,12 @@ class RedisStore(EventStore):
 
 
 @contextlib.contextmanager
-def _mapped(store: RedisStore, what: str) -> Iterator[None]:
-    """Turn redis-py failures into :class:`StoreUnavailable` (or closed-store errors)."""
+def _mapped(store: RedisStore, what: str, shield: bool = False) -> Iterator[None]:
+    """Turn redis-py failures into :class:`StoreUnavailable` (or closed-store errors);
+    ``shield``: and let no outer cancellation in (one cancel scope for both)."""
     try:
         # Our own deadline: redis-py's socket_timeout costs a task per command.
-        with anyio.fail_after(store.command_timeout):
+        with anyio.fail_after(store.command_timeout, shield=shield):
             yield
     except TimeoutError as exc:
         raise StoreUnavailable(

@@ -108,6 +108,7 @@ class _Pending(Request):
         # Request's fields, set here rather than by super().__init__(): one call
         # less per append.
         self.size = len(data)
+        self.key = None  # one write at a time (max_writes=1): no key needed
         self.taken = self.done = False
         self.error: BaseException | None = None
         self.run_id = run_id
