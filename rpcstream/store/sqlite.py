@@ -380,10 +380,9 @@ class SQLiteStore(EventStore):
             await self._appends.submit(request)
             assert request.event is not None
             return request.event
-        if self._lost:
-            lost = self._lost.pop(run_id, None)
-            if lost is not None:
-                raise lost
+        lost = self._lost.pop(run_id, None) if self._lost else None
+        if lost is not None:
+            raise lost
         head = self._heads.get(run_id)
         if head is None:
             head = await self._load_head(run_id)
@@ -550,11 +549,7 @@ class SQLiteStore(EventStore):
         expires: dict[str, float] = {}
         for request in group:
             request.done = True
-            head = request.head
-            if head is not None and request.error is None and head.inflight > 1:
-                head.inflight -= 1  # what _settle does, inline for the common case
-            else:
-                self._settle(request)
+            self._settle(request)
             if request.event is not None:
                 by_run.setdefault(request.run_id, []).append(request.event)
                 if request.expires is not None:
