@@ -12,7 +12,10 @@ Every measurement uses a fresh key prefix. Measurements (asyncio; Redis needs it
 
 * ``append_one_run``: one task appends ``--events`` events to one run, one at a time.
 * ``append_concurrent_runs``: ``--runs`` tasks each append ``--events-per-run`` events
-  to their own run, all at once (events per second in total).
+  to their own run, all at once (events per second in total), with the CPU time per
+  append of this process (``client_cpu_us``) and of the redis-server it started
+  (``redis_cpu_us``, from ``/proc``; ``null`` with ``--url``): figures that hold on a
+  shared machine, where the rate does not.
 * ``append_one_run_nodes``: ``--nodes`` RedisStore objects ("nodes"), ``--writers`` tasks
   each, append to ONE run at once (ids stay contiguous; the figure is the total).
 * ``cross_node_latency``: node A appends one event at a time; ``--followers`` followers on
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -63,6 +67,18 @@ def throughput(events: int, seconds: float) -> dict[str, Any]:
     }
 
 
+def cpu_seconds(pid: int | None) -> float | None:
+    """The user + system CPU time of process ``pid`` so far (Linux ``/proc``)."""
+    if pid is None:
+        return None
+    try:
+        with open(f"/proc/{pid}/stat") as file:
+            fields = file.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def store(url: str, prefix: str, args: argparse.Namespace) -> RedisStore:
     return RedisStore(url, prefix=prefix, max_connections=args.max_connections)
 
@@ -89,16 +105,25 @@ async def append_concurrent_runs(url: str, args: argparse.Namespace) -> None:
             for _ in range(args.events_per_run):
                 await node.append(run_id, "token", PAYLOAD)
 
+        events = args.runs * args.events_per_run
+        redis_pid = getattr(args, "redis_pid", None)  # runs_deployed passes its own args
+        redis_before, client_before = cpu_seconds(redis_pid), time.process_time()
         start = time.perf_counter()
         async with anyio.create_task_group() as tg:
             for index in range(args.runs):
                 tg.start_soon(write, f"run-{index}")
         seconds = time.perf_counter() - start
+        client = time.process_time() - client_before
+        redis_after = cpu_seconds(redis_pid)
+        redis = None if redis_before is None or redis_after is None else redis_after - redis_before
         emit(
             "append_concurrent_runs",
             runs=args.runs,
             max_connections=args.max_connections,
-            **throughput(args.runs * args.events_per_run, seconds),
+            calls=node._appends.groups,
+            client_cpu_us=round(client / events * 1e6, 2),
+            redis_cpu_us=None if redis is None else round(redis / events * 1e6, 2),
+            **throughput(events, seconds),
         )
 
 
@@ -206,6 +231,7 @@ def main() -> None:
     parser.add_argument("--followers", default="1,100", help="followers on node B, per run")
     parser.add_argument("--max-connections", type=int, default=16, help="pool size per node")
     args = parser.parse_args()
+    args.redis_pid = None
     if args.url is not None:
         anyio.run(run_all, args.url, args, backend="asyncio")
         return
@@ -213,6 +239,8 @@ def main() -> None:
         tempfile.TemporaryDirectory(prefix="bench-redis-") as directory,
         RedisServer(directory) as server,
     ):
+        assert server.process is not None
+        args.redis_pid = server.process.pid
         anyio.run(run_all, server.url, args, backend="asyncio")
 
 

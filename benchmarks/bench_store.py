@@ -16,6 +16,11 @@ Measurements, for each store and event loop:
   concurrently (how the replay run is built; for SQLite it is built once and reused).
 * ``replay``: one follower reads the finished ``--replay-events`` run from the start.
 
+The append measurements also give the CPU time per append of the event loop's
+thread (``loop_cpu_us``, ``time.thread_time``) and of the whole process
+(``cpu_us``: the loop plus SQLite's commit thread): figures that hold on a shared
+machine, where the rate does not.
+
 Each event carries the same small JSON payload (about 40 bytes).
 """
 
@@ -75,6 +80,20 @@ async def settle(store: EventStore) -> None:
         await store._appends.flush()
 
 
+class CPU:
+    """CPU time per event since it was made: the loop's thread, and the process."""
+
+    def __init__(self) -> None:
+        self.loop, self.process = time.thread_time(), time.process_time()
+
+    def per(self, events: int) -> dict[str, float]:
+        loop, process = time.thread_time() - self.loop, time.process_time() - self.process
+        return {
+            "loop_cpu_us": round(loop / events * 1e6, 2),
+            "cpu_us": round(process / events * 1e6, 2),
+        }
+
+
 def counters(store: EventStore) -> tuple[int, int]:
     if isinstance(store, SQLiteStore):
         return store._appends.groups, store._appends.requests
@@ -84,12 +103,21 @@ def counters(store: EventStore) -> tuple[int, int]:
 async def append_one_run(store: EventStore, name: str, backend: str, events: int) -> None:
     await store.create_run("one", "bench")
     before = counters(store)
+    cpu = CPU()
     start = time.perf_counter()
     for _ in range(events):
         await store.append("one", "token", PAYLOAD)
     await settle(store)
     seconds = time.perf_counter() - start
-    emit("append_one_run", name, backend, events, seconds, **group_stats(store, before))
+    emit(
+        "append_one_run",
+        name,
+        backend,
+        events,
+        seconds,
+        **cpu.per(events),
+        **group_stats(store, before),
+    )
 
 
 async def append_concurrent_runs(
@@ -103,6 +131,7 @@ async def append_concurrent_runs(
             await store.append(run_id, "token", PAYLOAD)
 
     before = counters(store)
+    cpu = CPU()
     start = time.perf_counter()
     async with anyio.create_task_group() as tg:
         for index in range(runs):
@@ -116,6 +145,7 @@ async def append_concurrent_runs(
         runs * each,
         seconds,
         runs=runs,
+        **cpu.per(runs * each),
         **group_stats(store, before),
     )
 

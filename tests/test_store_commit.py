@@ -20,8 +20,8 @@ STORE = Path(__file__).resolve().parent.parent / "rpcstream" / "store"
 class Item(Request):
     __slots__ = ("result", "value")
 
-    def __init__(self, value: int, size: int = 0) -> None:
-        super().__init__(size)
+    def __init__(self, value: int, size: int = 0, key: str | None = None) -> None:
+        super().__init__(size, key)
         self.value = value
         self.result: int | None = None
 
@@ -251,6 +251,101 @@ async def test_sqlite_pipelined_appends_wait_for_room_in_bytes(tmp_path: Path) -
     assert [e.data for e in events] == [b"%039d" % i for i in range(60)]
 
 
+class Overlapping:
+    """A fake store that, as Redis, works on one write at a time, each taking a
+    while: records each group, and which keys were being written at once (none
+    may be in two writes)."""
+
+    def __init__(self) -> None:
+        self.server = anyio.Lock()
+        self.groups: list[list[int]] = []
+        self.writing: set[str | None] = set()
+        self.most = 0  # writes at once, at most
+        self.now = 0
+        self.clash: list[str | None] = []
+
+    async def write(self, take: Take[Item]) -> None:
+        group = take()
+        keys = {item.key for item in group}
+        self.clash += [key for key in keys if key is not None and key in self.writing]
+        self.writing |= keys
+        self.now += 1
+        self.most = max(self.most, self.now)
+        self.groups.append([item.value for item in group])
+        async with self.server:
+            for _ in range(3):  # the store at work: the loop turns meanwhile
+                await anyio.lowlevel.checkpoint()
+        self.now -= 1
+        self.writing -= keys
+        for item in group:
+            item.result = item.value
+            item.done = True
+
+
+async def test_with_two_writes_a_second_group_is_written_beside_the_first() -> None:
+    store = Overlapping()
+    commit = GroupCommit(store.write, max_pending=100, max_writes=2)
+
+    async def submit(key: str) -> None:
+        for round in range(5):
+            await commit.submit(Item(round, key=key))
+
+    async with anyio.create_task_group() as tg:
+        for index in range(20):
+            tg.start_soon(submit, f"k{index}")
+    assert store.most == 2  # never more than max_writes, and both were used
+    assert store.clash == []
+    assert commit.requests == 100
+    # Split: one write at a time would take all 20 tasks' requests in each group.
+    assert len(store.groups) > 5, store.groups
+
+
+async def test_with_two_writes_a_key_is_in_one_write_at_a_time_in_queue_order() -> None:
+    store = Overlapping()
+    commit = GroupCommit(store.write, max_pending=100, max_writes=2)
+    queued = 0
+
+    async def submit(key: str) -> None:
+        nonlocal queued
+        for _ in range(10):
+            queued += 1  # submit queues at once (there is room): this is queue order
+            await commit.submit(Item(queued, key=key))
+
+    async with anyio.create_task_group() as tg:
+        for index in range(12):
+            tg.start_soon(submit, f"k{index % 3}")  # four tasks per key
+    assert store.clash == []
+    assert commit.requests == 120
+    written = [value for group in store.groups for value in group]
+    assert sorted(written) == list(range(1, 121))
+    # Values were handed out in queue order; each key's are written in that order.
+    keys = {value: None for value in written}  # (dict: ordered)
+    assert list(keys) == written
+    assert store.most == 2
+
+
+async def test_with_two_writes_a_request_cancelled_while_queued_is_never_written() -> None:
+    log = Log()
+    commit = GroupCommit(log.write, max_pending=10, max_writes=2)
+    await log.gate.acquire()  # both committers will wait here, before they take
+    queued = anyio.CancelScope()
+
+    async def third() -> None:
+        with queued:
+            await commit.submit(Item(3, key="c"))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(commit.submit, Item(1, key="a"))
+        tg.start_soon(commit.submit, Item(2, key="b"))
+        await anyio.wait_all_tasks_blocked()  # two committers at the gate
+        tg.start_soon(third)
+        await _until_pending(commit, 3)
+        queued.cancel()
+        await _until_pending(commit, 2)  # withdrawn
+        log.gate.release()
+    assert sorted(v for group in log.groups for v in group) == [1, 2]
+
+
 def test_bad_bounds_are_refused() -> None:
     with pytest.raises(ValueError, match="max_pending"):
         GroupCommit(Log().write, max_pending=0)
@@ -258,6 +353,8 @@ def test_bad_bounds_are_refused() -> None:
         GroupCommit(Log().write, max_pending=1, max_group=0)
     with pytest.raises(ValueError, match="max_pending_bytes"):
         GroupCommit(Log().write, max_pending=1, max_pending_bytes=0)
+    with pytest.raises(ValueError, match="max_writes"):
+        GroupCommit(Log().write, max_pending=1, max_writes=0)
 
 
 async def test_sqlite_appends_go_through_the_shared_group_commit(tmp_path: Path) -> None:

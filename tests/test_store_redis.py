@@ -438,6 +438,39 @@ async def test_concurrent_appends_share_script_calls(url: str, prefix: str) -> N
             assert [e.id for e in await store.read(f"run-{index}", 0)] == [1, 2, 3, 4]
 
 
+async def test_with_two_script_calls_in_flight_each_run_is_published_in_id_order(
+    url: str, prefix: str
+) -> None:
+    # Two calls in flight run on two connections, in either order on the server:
+    # a run's appends must never be in both, or its ids could be given out (and
+    # published to this node's followers) out of order.
+    async with RedisStore(url, prefix=prefix) as store:
+        assert store._appends.max_writes == 2
+        published: dict[str, list[int]] = {}
+        publish = store._publish
+
+        def record(run_id: str, events: Any, expires: float | None = None) -> None:
+            events = list(events)
+            published.setdefault(run_id, []).extend(event.id for event in events)
+            publish(run_id, events, expires)
+
+        store._publish = record  # type: ignore[method-assign]
+        runs = [f"run-{index}" for index in range(10)]
+        for run_id in runs:
+            await store.create_run(run_id, "flow")
+
+        async def write(run_id: str) -> None:
+            for _ in range(20):
+                await store.append(run_id, "progress", b"1")
+
+        async with anyio.create_task_group() as tg:
+            for run_id in runs:
+                for _ in range(4):  # four tasks per run, all at once
+                    tg.start_soon(write, run_id)
+        assert published == {run_id: list(range(1, 81)) for run_id in runs}
+        assert store._appends.groups > 20  # 800 appends from 40 tasks: several calls each
+
+
 async def test_event_data_of_every_size_and_any_bytes_travels_intact(url: str, prefix: str) -> None:
     # One script call carries a group's appends as msgpack strings: every length
     # header, and bytes that are not UTF-8, must come back as they went.

@@ -31,11 +31,17 @@ tombstone_ttl``), and adds the run to ``{prefix}expiring``. Last it
 run at once, its ids stay contiguous: Redis runs one script at a time.
 Concurrent appends on one node, to any runs, share ONE call of that script,
 with the SQLite store's group commit (:mod:`rpcstream.store.commit`): whoever
-finds no call in flight sends every queued append (up to ``max_batch``) as one
+finds a call slot free sends the queued appends (up to ``max_batch``) as one
 ``EVALSHA`` whose keys and arguments hold them all, publishes the results in
 order and wakes the others; what queued meanwhile forms the next call. One
 call, not a pipeline of one call per append, is what makes a group cheap: the
-client encodes and parses one command, and Redis runs one script. Each append
+client encodes and parses one command, and Redis runs one script. Up to
+``max_calls`` (2) calls are in flight at once, each on its own pooled
+connection, so that Redis runs one group while this node publishes the other's
+results and its callers queue their next appends (with one call, the two took
+turns). Two calls may run on the server in either order, so a run's appends
+are never in two calls at once (the group commit's *key*): its ids are given,
+and published, in the order its appends were queued. Each append
 runs under ``pcall``, so one that Redis refuses fails alone. A sent call runs to
 its end shielded (bounded by ``command_timeout``), so an append cancelled then
 may still be stored; one cancelled while queued is not.
@@ -103,7 +109,6 @@ import logging
 import math
 import time
 from collections.abc import AsyncGenerator, Callable, Iterator
-from typing import Any
 
 import anyio
 import anyio.abc
@@ -126,8 +131,8 @@ from .redis_scripts import (
     FETCH,
     RENEW,
     SWEEP,
+    pack_append,
     pack_array,
-    pack_str,
     parse_fetch,
 )
 
@@ -154,7 +159,12 @@ class _Pending(Request):
         expires: float | None,
         command: bytes,
     ) -> None:
-        super().__init__()
+        # Request's fields, set here rather than by super().__init__(): one call
+        # less per append.
+        self.size = 0
+        self.key = run_id  # a run's appends are in one script call at a time: in order
+        self.taken = self.done = False
+        self.error: BaseException | None = None
         self.client = client  # the connection pool it was queued for
         self.run_id = run_id
         self.type = type
@@ -192,6 +202,9 @@ class RedisStore(EventStore):
     """Runs expired per round trip by :meth:`sweep`."""
     max_batch: int = 1024
     """Appends sent in one script call at most (read when the store is created)."""
+    max_calls: int = 2
+    """Append script calls in flight at once, each on its own connection (read when
+    the store is created): Redis runs one while this node prepares the next."""
 
     def __init__(
         self,
@@ -234,9 +247,12 @@ class RedisStore(EventStore):
         self._pool: BlockingConnectionPool | None = None
         self._scripts: dict[str, AsyncScript] = {}
         self._append_sha = ""
-        # Appends waiting for the next script call; one call is in flight at a time.
+        # Appends waiting for a script call; max_calls calls are in flight at most.
         self._appends = GroupCommit(
-            self._send_appends, max_pending=max_pending, max_group=self.max_batch
+            self._send_appends,
+            max_pending=max_pending,
+            max_group=self.max_batch,
+            max_writes=self.max_calls,
         )
         self._listener = Listener(self)
         self._closing = anyio.Event()
@@ -369,17 +385,18 @@ class RedisStore(EventStore):
                 self._request(client, run_id.decode(), _ERROR, data, True, lapsed_only=True)
                 for run_id in due
             ]
-            with anyio.CancelScope(shield=True), _mapped(self, "end lapsed runs in"):
+            with _mapped(self, "end lapsed runs in", shield=True):
                 replies = await self._run_appends(client, batch)
             stale = []
             for request, reply in zip(batch, replies, strict=True):
-                if isinstance(reply, Exception):
-                    raise StoreUnavailable(f"Redis refused an append: {reply}") from reply
-                if reply[0] == 0:
-                    event = StoredEvent(int(reply[1]), _ERROR, data, request.now)
+                if type(reply) is not int:
+                    error = StoreUnavailable(f"Redis refused an append: {reply}")
+                    raise error from ResponseError(reply)
+                if reply > 0:
+                    event = StoredEvent(reply, _ERROR, data, request.now)
                     self._publish(request.run_id, (event,), request.expires)
                     ended.append(request.run_id)
-                elif reply[0] != 4:  # gone or finished: its lease entry is stale
+                elif reply != -4:  # gone or finished: its lease entry is stale
                     stale.append(request.run_id)
             if stale:
                 with _mapped(self, "drop stale leases in"):
@@ -406,16 +423,13 @@ class RedisStore(EventStore):
         expires = now + self.expire_after if terminal else None
         flag = b"2" if lapsed_only else b"1" if terminal else b"0"
         # Timestamps travel as repr() strings: every reader parses back the very float.
-        command = b"".join(
-            [
-                b"\x96",  # a msgpack array of 6
-                pack_str(run_id.encode()),
-                pack_str(type.encode()),
-                pack_str(data),
-                pack_str(repr(now).encode()),
-                pack_str(flag),
-                pack_str(b"" if expires is None else repr(expires).encode()),
-            ]
+        command = pack_append(
+            run_id.encode(),
+            type.encode(),
+            data,
+            repr(now).encode(),
+            flag,
+            b"" if expires is None else repr(expires).encode(),
         )
         return _Pending(client, run_id, type, data, now, expires, command)
 
@@ -436,31 +450,30 @@ class RedisStore(EventStore):
         try:
             # Once sent, see it through (for at most command_timeout), even if the
             # caller that flushes is cancelled: the batch holds other callers' appends.
-            with anyio.CancelScope(shield=True), _mapped(self, "append to"):
+            with _mapped(self, "append to", shield=True):
                 replies = await self._run_appends(client, batch)
         except Exception as exc:  # StoreUnavailable, ClosedResourceError
             for request in batch:
                 request.fail(exc)
             return
         errors = (self._not_found, self._expired, self._finished)
+        publish = self._publish
         for request, reply in zip(batch, replies, strict=True):
             request.done = True
-            if isinstance(reply, Exception):
-                request.error = StoreUnavailable(f"Redis refused an append: {reply}")
-                request.error.__cause__ = reply
-            elif reply[0] != 0:
-                request.error = errors[reply[0] - 1](request.run_id)
+            if type(reply) is int and reply > 0:
+                event = request.event = StoredEvent(reply, request.type, request.data, request.now)
+                publish(request.run_id, (event,), request.expires)
+            elif type(reply) is int:
+                request.error = errors[-reply - 1](request.run_id)
             else:
-                event = request.event = StoredEvent(
-                    int(reply[1]), request.type, request.data, request.now
-                )
-                self._publish(request.run_id, (event,), request.expires)
+                request.error = StoreUnavailable(f"Redis refused an append: {reply}")
+                request.error.__cause__ = ResponseError(reply)
 
-    async def _run_appends(self, client: Redis, batch: list[_Pending]) -> list[Any]:
+    async def _run_appends(self, client: Redis, batch: list[_Pending]) -> list[int | str]:
         """Run the append script ONCE for the whole batch: one round trip, one script run.
 
-        Returns one reply per request: ``[0, id]``, ``[code]`` (1 not found, 2 expired,
-        3 finished, 4 lease held), or the :class:`ResponseError` Redis answered for it.
+        Returns one reply per request: its id (> 0), ``-code`` (1 not found, 2 expired,
+        3 finished, 4 lease held), or the error message Redis answered for it.
         """
         args = (
             self.prefix,
@@ -474,12 +487,7 @@ class RedisStore(EventStore):
         except NoScriptError:  # Redis restarted and lost its scripts: nothing ran
             self._append_sha = await client.script_load(APPEND)
             packed = await client.evalsha(self._append_sha, 0, *args)
-        return [
-            [0, reply] if isinstance(reply, int) and reply > 0
-            else [-reply] if isinstance(reply, int)
-            else ResponseError(reply)
-            for reply in _DECODE(packed)
-        ]  # fmt: skip
+        return _DECODE(packed)
 
     async def _fetch(
         self, run_id: str, after: int, limit: int
@@ -568,11 +576,12 @@ class RedisStore(EventStore):
 
 
 @contextlib.contextmanager
-def _mapped(store: RedisStore, what: str) -> Iterator[None]:
-    """Turn redis-py failures into :class:`StoreUnavailable` (or closed-store errors)."""
+def _mapped(store: RedisStore, what: str, shield: bool = False) -> Iterator[None]:
+    """Turn redis-py failures into :class:`StoreUnavailable` (or closed-store errors);
+    ``shield``: and let no outer cancellation in (one cancel scope for both)."""
     try:
         # Our own deadline: redis-py's socket_timeout costs a task per command.
-        with anyio.fail_after(store.command_timeout):
+        with anyio.fail_after(store.command_timeout, shield=shield):
             yield
     except TimeoutError as exc:
         raise StoreUnavailable(

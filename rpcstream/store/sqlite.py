@@ -38,11 +38,11 @@ from itertools import starmap
 from typing import Any, TypeVar
 
 import anyio
-import anyio.lowlevel
 
 from ..errors import StoreUnavailable
 from .base import RUNNING, EventStore, RunInfo, StoredEvent
-from .commit import GroupCommit, Request, Take
+from .commit import GroupCommit, Request, Take, checkpoint
+from .live import Wakeup
 
 __all__ = ["SQLiteStore"]
 
@@ -105,7 +105,12 @@ class _Pending(Request):
         head: _Head | None = None,
         expected: StoredEvent | None = None,
     ) -> None:
-        super().__init__(len(data))
+        # Request's fields, set here rather than by super().__init__(): one call
+        # less per append.
+        self.size = len(data)
+        self.key = None  # one write at a time (max_writes=1): no key needed
+        self.taken = self.done = False
+        self.error: BaseException | None = None
         self.run_id = run_id
         self.type = type
         self.data = data
@@ -133,8 +138,9 @@ class _Head:
         self.last_id = last_id
         self.inflight = 0
         """Pipelined appends not committed yet."""
-        self.drained = anyio.Event()
-        """Set whenever ``inflight`` falls back to 0."""
+        self.drained = Wakeup()
+        """Notified whenever ``inflight`` falls back to 0 (its event is made only
+        for a reader that waits, not for every batch of appends)."""
 
 
 class _RunState:
@@ -367,13 +373,14 @@ class SQLiteStore(EventStore):
     # -- group commit -----------------------------------------------------------
 
     async def _append(self, run_id: str, type: str, data: bytes, terminal: bool) -> StoredEvent:
-        await self._ensure_open()
+        if self._conn is None:  # no coroutine call on the hot path
+            await self._ensure_open()
         if not self.pipelined:
             request = _Pending(run_id, type, data, terminal)
             await self._appends.submit(request)
             assert request.event is not None
             return request.event
-        lost = self._lost.pop(run_id, None)
+        lost = self._lost.pop(run_id, None) if self._lost else None
         if lost is not None:
             raise lost
         head = self._heads.get(run_id)
@@ -382,8 +389,9 @@ class SQLiteStore(EventStore):
         else:
             # Every append lets the event loop turn (followers, the drainer, and
             # cancellation get in), even when it need not wait for anything.
-            await anyio.lowlevel.checkpoint()
-        await self._appends.wait_for_room(len(data))
+            await checkpoint()
+        if not self._appends.has_room(len(data)):
+            await self._appends.wait_for_room(len(data))
         # From here to the queueing, no await: ids are assigned in call order.
         now = self.clock()
         if head.expires is not None and now >= head.expires:
@@ -393,8 +401,6 @@ class SQLiteStore(EventStore):
         head.last_id += 1
         event = StoredEvent(head.last_id, type, data, now)
         request = _Pending(run_id, type, data, terminal, head, event)
-        if head.inflight == 0:
-            head.drained = anyio.Event()
         head.inflight += 1
         if not terminal:
             self._appends.put_nowait(request)
@@ -433,7 +439,7 @@ class SQLiteStore(EventStore):
             return
         head.inflight -= 1
         if head.inflight == 0:
-            head.drained.set()
+            head.drained.notify()
         if request.error is not None and self._heads.get(request.run_id) is head:
             # The file no longer matches the head: reload it; the run's next append
             # learns that what it queued was lost (unless the caller is told now).
@@ -447,7 +453,7 @@ class SQLiteStore(EventStore):
         """Wait until the run's pipelined appends are committed (read your writes)."""
         head = self._heads.get(run_id)
         if head is not None and head.inflight:
-            await head.drained.wait()
+            await head.drained.wake.wait()
 
     async def _write_appends(self, take: Take[_Pending]) -> None:
         """Write a group of appends in one transaction (the GroupCommit's ``write``)."""
