@@ -28,12 +28,12 @@ class Target:
 
 
 TARGETS = {
-    "W1": Target("items_per_s", 2.0),
+    "W1": Target("items_per_s", 3.0),
     "W2": Target("mb_per_s", 0.9),
     "W3": Target("p50_us", 1.2, higher_is_better=False),
     "W3f": Target("p50_us", 1.2, higher_is_better=False),
     "W4": Target("calls_per_s", 0.8),
-    "W5": Target("items_per_s", 2.0),
+    "W5": Target("items_per_s", 3.0),
 }
 
 

@@ -121,3 +121,16 @@ def test_a_child_is_stopped_when_the_run_fails() -> None:
         assert child.info == {"ready": 1}
         raise RuntimeError("boom")
     assert child.proc.returncode == 0  # it saw stdin close and exited by itself
+
+
+def test_the_stream_targets_are_the_issues_three_times_raw() -> None:
+    # Issue 14 asks W1 and W5 for at least 3x raw websockets; 2.9x must not read as met.
+    raw = [{"items_per_s": 100, "seconds": 1.0}]
+    for workload in ("W1", "W5"):
+        _, under = summarise(
+            workload, {"loop": "asyncio"}, raw, [{"items_per_s": 290, "seconds": 1.0}]
+        )
+        _, over = summarise(
+            workload, {"loop": "asyncio"}, raw, [{"items_per_s": 300, "seconds": 1.0}]
+        )
+        assert under["target_met"] is False and over["target_met"] is True
