@@ -22,6 +22,7 @@ import anyio
 import pytest
 
 import rpcstream
+from benchmarks.link import LinkParams, open_link
 from rpcstream import demo
 from rpcstream.handshake import StaticFile
 from tests.browser import CHROMIUM, Chromium, Page, cdp_session, launch, png_info
@@ -36,6 +37,7 @@ BLANK = StaticFile("text/html; charset=utf-8", b"<!doctype html><title>rpcstream
 # They never send a request, and leaving serve() waits for every connection still
 # in its opening handshake until open_timeout (10 s by default): keep it short.
 SERVE: dict[str, Any] = {"open_timeout": 2.0}
+LINK = LinkParams(rtt=0.020, rate=100e6)  # 20 ms, 800 Mbit/s (benchmarks/link.py)
 
 
 @pytest.fixture(scope="module")
@@ -317,12 +319,13 @@ async def test_streams_in_order_with_credit_flow_control(page: Page, state: Stat
         for await (const x of trickyStream) tricky.push(x);
         let taken = 0;
         for await (const x of peer.stream("forever")) if (++taken === 5) break;
-        return { n, inOrder, maxBuffered: big.maxBuffered, tricky };
+        return { n, inOrder, maxBuffered: big.maxBuffered, window: big.windowItems, tricky };
         """,
         timeout=40,
     )
     assert (out["n"], out["inOrder"]) == (10000, True)
-    assert out["maxBuffered"] <= 256  # the default window
+    # Never more than the window, which may have grown for this fast reader.
+    assert out["maxBuffered"] <= out["window"]
     assert out["tricky"] == [tricky_item(i) for i in range(3000)]
     await state.wait("forever closed")  # breaking out of for-await sent StreamCancel
 
@@ -347,11 +350,87 @@ async def test_streams_in_order_with_credit_flow_control(page: Page, state: Stat
         """
         const items = [];
         for await (const x of slow) items.push(x);
-        return { ok: items.every((x, i) => x === i), n: items.length, max: slow.maxBuffered };
+        return {
+          ok: items.every((x, i) => x === i), n: items.length,
+          withinWindow: slow.maxBuffered <= slow.windowItems,
+        };
         """,
     )
-    assert rest == {"ok": True, "n": 1000, "max": 10}
+    assert rest == {"ok": True, "n": 1000, "withinWindow": True}
     assert state.produced == 1000
+
+
+async def test_windows_grow_across_a_long_link_for_a_page_that_keeps_up(
+    chromium: Chromium, server: rpcstream.Server
+) -> None:
+    # The page, its module and its WebSocket all come through a 20 ms link: a
+    # 256-item window would cap a stream at 256 items per round trip.
+    async with (
+        open_link(LINK, [("127.0.0.1", server.port)]) as link,
+        cdp_session(chromium.ws_url) as cdp,
+    ):
+        tab = await cdp.new_page()
+        await tab.goto(f"http://127.0.0.1:{link.ports[0]}/")
+        out = await js(
+            tab,
+            """
+            const peer = await rs.connect("/");
+            const fast = peer.stream("count", [20000]);
+            let n = 0, inOrder = true;
+            for await (const x of fast) { if (x !== n) inOrder = false; n++; }
+            // A page slower than the link: items always wait, so its window stays.
+            const slow = peer.stream("count", [60], {}, { windowItems: 16 });
+            let m = 0;
+            for await (const x of slow) {
+              if (x === m) m++;
+              await new Promise((resolve) => setTimeout(resolve, 10));
+            }
+            const rtt = peer._streams.rtt.seconds;
+            peer.close();
+            return {
+              n, inOrder, fast: [fast.windowItems, fast.maxBuffered],
+              m, slow: [slow.windowItems, slow.maxBuffered], rtt,
+            };
+            """,
+            timeout=60,
+        )
+        await tab.close()
+    assert (out["n"], out["inOrder"], out["m"]) == (20000, True, 60)
+    window, most = out["fast"]
+    assert window > 256 and most <= window, out["fast"]
+    assert out["slow"][0] == 16 and out["slow"][1] <= 16, out["slow"]
+    # Measured from credit, a round trip is never shorter than the link's.
+    assert out["rtt"] is not None and out["rtt"] >= LINK.rtt, out["rtt"]
+
+
+async def test_byte_windows_draw_from_one_receive_budget(page: Page) -> None:
+    out = await js(
+        page,
+        """
+        // 64 KiB for 8 streams: a floor of 4 KiB each, and 32 KiB of pool.
+        const peer = await rs.connect("/", { maxStreams: 8, maxReceiveBuffer: 65536 });
+        const first = peer.stream("count", [3]);
+        const second = peer.stream("count", [3]); // both open at once: slots are free
+        const opened = [first.windowBytes, second.windowBytes];
+        const items = [];
+        for await (const x of first) items.push(x);
+        const third = peer.stream("count", [3]); // the first one's share is back
+        for await (const x of third) items.push(x);
+        for await (const x of second) items.push(x);
+        // Options the peer refuses reject connect() (they used to leave it waiting).
+        const refused = [];
+        for (const bad of [{ maxStreams: 8, maxReceiveBuffer: 15 }, { windowItems: 0 }]) {
+          try { await rs.connect("/", bad); refused.push(null); }
+          catch (error) { refused.push(error.name); }
+        }
+        peer.close();
+        return { opened, third: third.windowBytes, items, refused };
+        """,
+    )
+    assert out["opened"] == [4096 + 32768, 4096]
+    assert out["third"] == 4096 + 32768
+    assert out["items"] == [0, 1, 2] * 3
+    assert out["refused"] == ["RangeError", "RangeError"]
 
 
 async def cut(server: rpcstream.Server) -> int:

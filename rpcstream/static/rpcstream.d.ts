@@ -167,10 +167,16 @@ export interface ConnectOptions {
   token?: string;
   /** The methods the server may call on this page. */
   router?: Router;
-  /** Credit each stream this side receives grants (default 256 items). */
+  /** Credit each stream this side receives grants at first (default 256 items); it grows while it holds a fast stream back. */
   windowItems?: number;
   /** ... and in payload bytes (default 262144). */
   windowBytes?: number;
+  /** How far a stream's item window may grow (16384). */
+  maxWindowItems?: number;
+  /** How far a stream's byte window may grow (16 MiB). */
+  maxWindowBytes?: number;
+  /** The bytes all streams this side receives may hold at once (32 MiB). */
+  maxReceiveBuffer?: number;
   /** Calls from the server running at once beyond which more are refused (256). */
   maxConcurrentHandlers?: number;
   /**
@@ -223,7 +229,9 @@ export interface StreamOptions {
 export declare class IncomingStream<T = any> implements AsyncIterableIterator<T> {
   readonly peer: Peer;
   readonly streamId: number;
+  /** Its item window now (it grows while it holds a fast stream back). */
   readonly windowItems: number;
+  /** Its byte window now. */
   readonly windowBytes: number;
   /** Items received and not yet taken (never more than the window plus one). */
   readonly buffered: number;

@@ -36,10 +36,18 @@ export class Peer extends EventTarget {
     this.windowBytes = options.windowBytes ?? 256 * 1024;
     this.maxConcurrentHandlers = options.maxConcurrentHandlers ?? DEFAULT_MAX_CONCURRENT_HANDLERS;
     this.maxStreams = options.maxStreams ?? 4096;
+    // How far the windows of the streams this page receives may grow, and the
+    // budget all of them draw from (windows.js; Python's defaults).
+    this.maxWindowItems = options.maxWindowItems ?? 16384;
+    this.maxWindowBytes = options.maxWindowBytes ?? 16 * 1024 * 1024;
+    this.maxReceiveBuffer = options.maxReceiveBuffer ?? 32 * 1024 * 1024;
     this.maxBufferedAmount = options.maxBufferedAmount ?? 1024 * 1024;
     this.exposeErrors = options.exposeErrors ?? false;
     if (!(this.windowItems >= 1 && this.windowBytes >= 1)) {
       throw new RangeError("stream windows must allow at least one item and one byte");
+    }
+    if (!(this.maxReceiveBuffer >= 2 * this.maxStreams)) {
+      throw new RangeError("maxReceiveBuffer must allow two bytes per stream (maxStreams)");
     }
     this._ws = ws;
     this._nextCallId = 1;
@@ -515,9 +523,11 @@ function remaining(timeout, started, waited) {
  * `url` may be ws(s)://, http(s):// or relative to the page. Options: `token`
  * (sent as ?access_token=), `router` (the methods the server may call: an
  * object or a Map of name -> async function or async generator function),
- * `windowItems`, `windowBytes`, `maxConcurrentHandlers`, `maxStreams`,
+ * `windowItems`, `windowBytes`, `maxWindowItems`, `maxWindowBytes`,
+ * `maxReceiveBuffer`, `maxConcurrentHandlers`, `maxStreams`,
  * `maxBufferedAmount`, `pingInterval`/`pingTimeout` (heartbeat, seconds;
- * null turns it off), `openTimeout` (seconds), `signal`.
+ * null turns it off), `openTimeout` (seconds), `signal`. Options it refuses
+ * reject with a RangeError.
  */
 export function connect(url, options = {}) {
   const { token, openTimeout = 10, signal } = options;
@@ -556,9 +566,16 @@ export function connect(url, options = {}) {
         fail(new ConnectionClosed(1002, `server did not accept ${SUBPROTOCOL}`));
         return;
       }
+      let peer;
+      try {
+        peer = new Peer(ws, { ...options, url: shown });
+      } catch (error) {
+        fail(error); // options it refuses (a RangeError): a rejection, not a hang
+        return;
+      }
       clearTimeout(timer);
       signal?.removeEventListener("abort", onAbort);
-      resolve(new Peer(ws, { ...options, url: shown }));
+      resolve(peer);
     };
   });
 }

@@ -10,6 +10,7 @@ import {
 import { encodable, encodeValue, utf8Length } from "./codec.js";
 import { FrameTag, MAX_CREDIT } from "./protocol.js";
 import { isAsyncIterable, raceAbort, sleep } from "./util.js";
+import { Pace, RoundTrip, grown, now, shrunk } from "./windows.js";
 
 const { CREDIT, STREAM_CANCEL, STREAM_DATA, STREAM_END, STREAM_ERROR } = FrameTag;
 
@@ -20,7 +21,9 @@ const { CREDIT, STREAM_CANCEL, STREAM_DATA, STREAM_END, STREAM_ERROR } = FrameTa
  * The receiver opens the stream with a window of credit and re-grants what its
  * consumer has taken once half a window is consumed (protocol.md, section 7).
  * So the buffer never holds more than the window plus one item: a page that
- * reads slowly holds the sender back instead of growing memory. Breaking out of
+ * reads slowly holds the sender back instead of growing memory. The window
+ * grows while it is what holds a fast stream back, as Python's (windows.js):
+ * `windowItems` and `windowBytes` are what it holds now. Breaking out of
  * `for await` (which calls return()) tells the sender to stop.
  */
 export class IncomingStream {
@@ -39,7 +42,10 @@ export class IncomingStream {
     this._items = []; // [value, size] pairs, oldest first
     this._head = 0; // index of the oldest item in _items
     this._creditItems = this.windowItems; // what the sender may still send, as we see it
-    this._creditBytes = this.windowBytes;
+    this._creditBytes = this.windowBytes; // set again when it opens (the budget may cut it)
+    this._wantedBytes = this.windowBytes; // its own byte window, which the budget may cut
+    this._grown = 0; // bytes of window above the floor, drawn from the connection's pool
+    this._pace = new Pace(0); // how its items come, for its windows' growth
     this._consumedItems = 0; // taken since the last Credit we sent
     this._consumedBytes = 0;
     this._done = false; // no more frames will be accepted (ended, failed, closed)
@@ -88,6 +94,7 @@ export class IncomingStream {
     for (;;) {
       if (!this._open) return { value: undefined, done: true };
       if (this.buffered > 0) return { value: this._take(), done: false };
+      if (!this._done) this._pace.waiting(now());
       if (this._done) {
         const error = this._error;
         this.close();
@@ -111,12 +118,7 @@ export class IncomingStream {
       this._consumedBytes += size;
       if (this._consumedItems * 2 >= this.windowItems ||
           this._consumedBytes * 2 >= this.windowBytes) {
-        this._creditItems += this._consumedItems;
-        this._creditBytes += this._consumedBytes;
-        this.peer._queueControl(
-          `[${CREDIT},${this.streamId},${this._consumedItems},${this._consumedBytes}]`,
-        );
-        this._consumedItems = this._consumedBytes = 0;
+        this.peer._streams.grant(this);
       }
     }
     return value;
@@ -174,9 +176,11 @@ export class IncomingStream {
       ), true);
       return;
     }
+    if (this._pace.probeAt !== null) this._pace.arrived(now(), size, this.peer._streams.rtt);
     this._creditItems -= 1;
     this._creditBytes -= size;
     this._items.push([value, size]);
+    if (this.buffered === 1) this._pace.came(now());
     if (this.buffered > this.maxBuffered) this.maxBuffered = this.buffered;
     this._wake();
   }
@@ -326,6 +330,12 @@ export class StreamTable {
     this._ended = new Set(); // server-allocated ids of outgoing streams that ended
     this._endedOrder = [];
     this._nextId = 1; // the connecting side allocates odd stream ids
+    this.rtt = new RoundTrip(); // measured from credit (windows.js)
+    // The receive budget, as Python's StreamTable: a floor for each possible
+    // stream, the rest a pool that windows above their floors draw from.
+    const budget = peer.maxReceiveBuffer;
+    this.floorBytes = Math.max(1, Math.min(peer.windowBytes, Math.floor(budget / (2 * peer.maxStreams))));
+    this.poolLeft = budget - this.floorBytes * peer.maxStreams;
   }
 
   /** How many streams are open, both directions. */
@@ -359,14 +369,61 @@ export class StreamTable {
     this.peer._checkOpen();
     this.checkNew(stream.streamId);
     this.incoming.set(stream.streamId, stream);
+    stream.windowBytes = Math.min(stream._wantedBytes, this.floorBytes);
+    this._draw(stream, stream._wantedBytes - stream.windowBytes);
+    stream._creditBytes = stream.windowBytes;
+    stream._pace.grantedAt = now();
     this.peer._queueControl(
       `[${CREDIT},${stream.streamId},${stream.windowItems},${stream.windowBytes}]`,
     );
   }
 
+  /** Grant back what `stream`'s consumer took; grow the windows that hold it back. */
+  grant(stream) {
+    const t = now();
+    const pace = stream._pace;
+    const consumedItems = stream._consumedItems;
+    const consumedBytes = stream._consumedBytes;
+    let grantBytes = consumedBytes;
+    let grantItems = consumedItems;
+    const perRtt = pace.growth(t, this.rtt.seconds);
+    if (perRtt !== null) { // the window holds the stream back: it grows
+      const peer = this.peer;
+      if (consumedBytes * 2 >= stream.windowBytes) {
+        const want = grown(stream.windowBytes, consumedBytes, perRtt, peer.maxWindowBytes);
+        grantBytes += this._draw(stream, want - stream.windowBytes);
+      }
+      if (consumedItems * 2 >= stream.windowItems) {
+        const want = grown(stream.windowItems, consumedItems, perRtt, peer.maxWindowItems);
+        grantItems += want - stream.windowItems;
+        stream.windowItems = want;
+      }
+    }
+    if (stream.windowBytes < stream._wantedBytes) { // cut by the budget: grow back
+      grantBytes += this._draw(stream, stream._wantedBytes - stream.windowBytes);
+    } else if (pace.lags(t, this.rtt.seconds)) { // a consumer that lags: narrow it back
+      grantBytes += this._draw(stream, -shrunk(stream.windowBytes, stream._wantedBytes, grantBytes));
+    }
+    pace.granted(t, stream._creditBytes, stream._creditItems);
+    stream._creditItems += grantItems;
+    stream._creditBytes += grantBytes;
+    this.peer._queueControl(`[${CREDIT},${stream.streamId},${grantItems},${grantBytes}]`);
+    stream._consumedItems = stream._consumedBytes = 0;
+  }
+
+  /** Widen a stream's byte window by up to `want` bytes from the pool (narrow it if negative). */
+  _draw(stream, want) {
+    const extra = Math.min(want, this.poolLeft);
+    stream.windowBytes += extra;
+    stream._grown += extra;
+    this.poolLeft -= extra;
+    return extra;
+  }
+
   closeIncoming(stream) {
     if (this.incoming.get(stream.streamId) !== stream) return;
     this.incoming.delete(stream.streamId);
+    this.poolLeft += stream._grown;
     if (!stream._done) this.peer._queueControl(`[${STREAM_CANCEL},${stream.streamId}]`);
   }
 
