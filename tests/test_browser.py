@@ -448,8 +448,12 @@ async def test_run_subscription_resumes_exactly_through_server_side_cuts(
     run_id = await js(
         page,
         """
-        const client = new rs.RunClient(location.origin.replace(/^http/, "ws") + "/",
-                                        { backoffBase: 0.05 });
+        // Windows that may not grow (maxWindow*): at each cut the server must
+        // still hold events back, however fast this page reads.
+        const client = new rs.RunClient(
+          location.origin.replace(/^http/, "ws") + "/",
+          { backoffBase: 0.05, maxWindowItems: 8, maxWindowBytes: 262144 },
+        );
         window.client = client;
         window.states = [];
         client.onstatechange = (e) => states.push(e.detail.state);
@@ -465,11 +469,17 @@ async def test_run_subscription_resumes_exactly_through_server_side_cuts(
         let waiters = [];
         window.whenId = (id) => ids.length >= id ? Promise.resolve(ids.length)
           : new Promise((resolve) => waiters.push([id, resolve]));
+        // The page stops reading at event 200 until the test lets it go on, so
+        // the second cut finds events the server still holds back.
+        let release;
+        const held = new Promise((resolve) => (release = resolve));
+        window.release = release;
         window.done = (async () => {
           for await (const event of sub) {
             ids.push(event.id);
             for (const [id, resolve] of waiters) if (event.id >= id) resolve(event.id);
             waiters = waiters.filter(([id]) => event.id < id);
+            if (event.id === 200) await held;
           }
           return ids;
         })();
@@ -483,7 +493,8 @@ async def test_run_subscription_resumes_exactly_through_server_side_cuts(
     await js(page, "return await whenId(120);")
     state.gate.set()
     await js(page, "return await whenId(200);")
-    assert await cut(server) == 1  # while events flow
+    assert await cut(server) == 1  # while the server holds events back
+    await js(page, "release();")
     ids = await js(page, "return await done;")
     assert ids == list(range(1, n + 3))  # started, n ticks, complete: no gap, no duplicate
     info = await js(
@@ -491,7 +502,7 @@ async def test_run_subscription_resumes_exactly_through_server_side_cuts(
         "return { connections: client.connections, states, resumedAfter, "
         "lastEventId: sub.lastEventId, resumes: sub.resumes };",
     )
-    assert info["connections"] == 3 and info["resumes"] == 2
+    assert info["connections"] == 3 and info["resumes"] == 2, info
     assert info["lastEventId"] == n + 2
     assert len(info["resumedAfter"]) == 2 and info["resumedAfter"][0] >= 50
     assert info["states"][:2] == ["connecting", "open"]
