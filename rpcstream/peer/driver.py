@@ -78,6 +78,12 @@ log = logging.getLogger("rpcstream.peer")
 _NOT_READING = "too many answers queued: the peer does not read"
 
 # What a waiter waits for, with the id it is keyed by: the kinds of the Waiters table.
+# A burst's frames (the answers to a message of many calls, the next calls of
+# many woken callers) leave in pieces of this many, not all in one message: the
+# other side starts on the first piece while this side makes the next, where one
+# message would have the two sides take turns (W4 ran at 0.56-0.69x raw websockets
+# with each side idle half the time; with pieces of 8 to 32, 0.96-1.57x).
+BURST_PIECE: Final = 16
 ANSWER: Final = 0  # a caller waits for the answer to its call id (wake: set an event)
 HANDLER: Final = 1  # a handler runs for the peer's call id (wake: cancel its scope)
 READABLE: Final = 2  # a consumer waits for items of an incoming stream id (set)
@@ -273,8 +279,7 @@ class Driver:
         """Close: fail pending work, flush what is queued, run the closing handshake,
         each within ``close_timeout``."""
         if self._close_done is not None:
-            # Someone is closing already (with their code): wait for them rather
-            # than racing a second close handshake against their flush.
+            # Someone is closing already: wait for them, not race a second handshake.
             with anyio.CancelScope(shield=True), anyio.move_on_after(2 * self.close_timeout):
                 await self._close_done.wait()
             return
@@ -384,26 +389,26 @@ class Driver:
             self._read_ended.set()
 
     def _receive(self, messages: list[bytes]) -> bool:
-        """Act on messages that arrived together; whatever they make us send
-        leaves as one message. ``False`` when the other side broke the limit on
-        queued answers."""
-        proto, dispatch = self.proto, self._dispatch
+        """Act on messages that arrived together; what they make us send leaves in
+        pieces of BURST_PIECE frames. ``False`` when the peer broke max_queued_bytes."""
+        proto, dispatch, outbox = self.proto, self._dispatch, self.proto.outbox
         count = 0
-        outer = self._quiet
-        self._quiet = True
+        outer, self._quiet = self._quiet, True
         try:
             for message in messages:
                 events = proto.receive_message(message)
                 count += len(events)
                 for event in events:
                     dispatch(event)
+                    if outbox.frames_queued() >= BURST_PIECE:
+                        self._flush()  # a piece leaves: the other side starts on it
         finally:
             self._quiet = outer
-        if proto.outbox.queued_bytes > self.max_queued_bytes:
+        if outbox.queued_bytes > self.max_queued_bytes:
             return False
         if count > 1:
             # A burst: the callers and handlers it woke answer in the next
-            # iteration; their frames wait for the writer and leave together.
+            # iteration; their frames wait for the writer, or a piece's worth.
             self._coalesce = True
             self._wakeup.set()
         self._flush()
@@ -473,7 +478,8 @@ class Driver:
         outbox, transport = self.proto.outbox, self.transport
         if not outbox.has_data():
             return
-        if not self._inflight and not self._coalesce and transport.can_send_now():
+        piece = not self._coalesce or outbox.frames_queued() >= BURST_PIECE
+        if not self._inflight and piece and transport.can_send_now():
             try:
                 message = outbox.data_to_send()
                 assert message is not None

@@ -78,6 +78,10 @@ class Outbox:
         """Whether :meth:`data_to_send` would return anything."""
         return bool(self._control or self._data)
 
+    def frames_queued(self) -> int:
+        """How many frames are queued (a burst's sender sends a piece at a time)."""
+        return len(self._control) + len(self._data)
+
     def data_to_send(self) -> bytes | None:
         """Take the next message to send: every queued control frame, then stream data
         up to ``max_message_bytes``. ``None`` when nothing is queued."""
