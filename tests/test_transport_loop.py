@@ -13,7 +13,7 @@ import pytest
 
 import rpcstream
 from rpcstream.transport import is_trio
-from rpcstream.transport.loop import NextTurn, TrioNextTurn, next_turn, trio_next_turn
+from rpcstream.transport.loop import NextTurn, Signal, TrioNextTurn, next_turn, trio_next_turn
 
 pytestmark = pytest.mark.anyio
 
@@ -193,3 +193,36 @@ async def test_on_trio_one_task_runs_each_batch_in_order_and_contexts(
     turn.add(again.set, contextvars.copy_context())
     with anyio.fail_after(5):
         await again.wait()
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_a_signal_wakes_its_waiter_whenever_it_is_set_and_a_cancelled_wait_stays_quiet() -> (
+    None
+):
+    # What callers wait on for answers, and streams for items and credit (asyncio).
+    early = Signal()
+    early.set()
+    await early.wait()  # set before the wait: returns at once
+    assert early.is_set()
+
+    later = Signal()
+    woken: list[bool] = []
+
+    async def waiter() -> None:
+        await later.wait()
+        woken.append(later.is_set())
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(waiter)
+        await anyio.wait_all_tasks_blocked()
+        assert woken == []  # still waiting
+        later.set()
+        later.set()  # a second set changes nothing
+    assert woken == [True]
+
+    abandoned = Signal()
+    with anyio.move_on_after(0.01) as scope:
+        await abandoned.wait()  # nobody sets it: the deadline ends the wait
+    assert scope.cancelled_caught and not abandoned.is_set()
+    abandoned.set()  # after its waiter left: no error, nothing to wake
+    assert abandoned.is_set()

@@ -24,6 +24,7 @@ __all__ = [
     "EagerTasks",
     "NextTurn",
     "NurseryTasks",
+    "Signal",
     "TrioNextTurn",
     "is_trio",
     "next_turn",
@@ -60,6 +61,37 @@ async def open_handler_tasks(stack: contextlib.AsyncExitStack) -> EagerTasks | N
     return await stack.enter_async_context(NurseryTasks.open())
 
 
+class Signal:
+    """An event with at most one waiter, on asyncio: what a caller waits on for its
+    answer and a stream for credit or items. ``anyio.Event()`` looks up the running
+    library to be made and wraps an ``asyncio.Event`` with its list of waiters; one
+    future does for one waiter. ``set`` may come before, during or after ``wait``."""
+
+    __slots__ = ("_future", "_set")
+
+    def __init__(self) -> None:
+        self._future: asyncio.Future[None] | None = None
+        self._set = False
+
+    def set(self) -> None:
+        """Wake the waiter, if any; later waits return at once."""
+        if not self._set:
+            self._set = True
+            future = self._future
+            if future is not None and not future.done():
+                future.set_result(None)
+
+    def is_set(self) -> bool:
+        """Whether :meth:`set` was called."""
+        return self._set
+
+    async def wait(self) -> None:
+        """Wait until :meth:`set` is called (cancellable, as any await)."""
+        if not self._set:
+            self._future = asyncio.get_running_loop().create_future()
+            await self._future
+
+
 class EagerTasks:
     """Handler tasks on asyncio, started outside anyio's task groups because a
     handler task is the largest cost of a call (``benchmarks/bench_instructions``:
@@ -80,7 +112,7 @@ class EagerTasks:
     """
 
     # What each call makes one of (a caller's answer event, a handler's scope).
-    new_event: Callable[[], Any] = anyio.Event
+    new_event: Callable[[], Any] = Signal
     new_scope: Callable[[], Any] = anyio.CancelScope
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
