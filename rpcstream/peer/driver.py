@@ -77,13 +77,14 @@ log = logging.getLogger("rpcstream.peer")
 
 _NOT_READING = "too many answers queued: the peer does not read"
 
-# What a waiter waits for, with the id it is keyed by: the kinds of the Waiters table.
 # A burst's frames (the answers to a message of many calls, the next calls of
 # many woken callers) leave in pieces of this many, not all in one message: the
 # other side starts on the first piece while this side makes the next, where one
 # message would have the two sides take turns (W4 ran at 0.56-0.69x raw websockets
 # with each side idle half the time; with pieces of 8 to 32, 0.96-1.57x).
 BURST_PIECE: Final = 16
+
+# What a waiter waits for, with the id it is keyed by: the kinds of the Waiters table.
 ANSWER: Final = 0  # a caller waits for the answer to its call id (wake: set an event)
 HANDLER: Final = 1  # a handler runs for the peer's call id (wake: cancel its scope)
 READABLE: Final = 2  # a consumer waits for items of an incoming stream id (set)
