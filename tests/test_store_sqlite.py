@@ -16,6 +16,7 @@ import pytest
 # this must run before the suite is imported.
 from rpcstream.errors import RunExpired, RunFinished, RunNotFound
 from rpcstream.store import sqlite as sqlite_module
+from rpcstream.store import sqlite_file
 from rpcstream.store.sqlite import SQLiteStore
 from rpcstream.testing.store_suite import EventStoreConformance, FakeClock, StoreFactory
 
@@ -329,15 +330,15 @@ async def test_a_failed_commit_loses_the_queued_appends_and_the_next_append_says
         await store.create_run("r", "flow")
         assert (await store.append("r", "token", b"ok")).id == 1
         await store._appends.flush()
-        write_group = SQLiteStore._write_group
+        write_group = sqlite_file.write_group
 
-        def broken(self: SQLiteStore, *args: object) -> None:
+        def broken(*args: object) -> None:
             raise sqlite3.OperationalError("disk I/O error")
 
-        monkeypatch.setattr(SQLiteStore, "_write_group", broken)
+        monkeypatch.setattr(sqlite_file, "write_group", broken)
         assert (await store.append("r", "token", b"lost")).id == 2  # queued, then lost
         await store._appends.flush()
-        monkeypatch.setattr(SQLiteStore, "_write_group", write_group)
+        monkeypatch.setattr(sqlite_file, "write_group", write_group)
         with pytest.raises(sqlite3.OperationalError, match="disk I/O error"):
             await store.append("r", "token", b"refused")  # told once...
         assert (await store.append("r", "token", b"again")).id == 2  # ...then on again
@@ -363,3 +364,77 @@ async def test_a_terminal_append_cancelled_while_queued_leaves_the_run_running(d
         assert (await store.append("r", "token", b"2")).id == 2
         await store.append("r", "complete", b"null", terminal=True)
         assert [e.type for e in await store.read("r", 0)] == ["token", "token", "complete"]
+
+
+# -- commits that trust the heads (schema version 2) ------------------------------------------
+
+
+def _row(db: Path, run_id: str) -> tuple[str, int]:
+    conn = sqlite3.connect(db)
+    try:
+        row = conn.execute("SELECT status, last_id FROM runs WHERE run_id = ?", (run_id,))
+        status, last_id = row.fetchone()
+        return status, last_id
+    finally:
+        conn.close()
+
+
+@pytest.mark.anyio
+async def test_a_commit_of_pipelined_appends_writes_events_not_rows_until_the_run_ends(
+    db: Path,
+) -> None:
+    clock = FakeClock()
+    async with SQLiteStore(db, clock=clock, expire_after=10) as store:
+        await store.create_run("r", "flow")
+        for i in range(5):
+            await store.append("r", "progress", b"%d" % i)
+        await store._appends.flush()
+        assert _row(db, "r") == ("running", 0)  # the row untouched: the events hold the id
+        assert (await store.info("r")).last_id == 5
+        await store.append("r", "complete", b"null", terminal=True)
+        assert _row(db, "r") == ("complete", 6)  # the end brings the row up to date
+        clock.advance(10)
+        assert await store.sweep() == 1
+    assert _count(db, "events") == 0
+    assert _row(db, "r") == ("expired", 6)  # the tombstone keeps the last id
+
+
+@pytest.mark.anyio
+async def test_a_file_of_schema_version_1_is_read_and_appended_to(db: Path) -> None:
+    conn = sqlite3.connect(db, isolation_level=None)
+    conn.executescript(sqlite_file.SCHEMA)
+    conn.execute("INSERT INTO runs VALUES ('old', 'flow', NULL, 'running', 0, NULL, NULL, 2, 1)")
+    conn.executemany(
+        "INSERT INTO events VALUES ('old', ?, 'progress', ?, 0)", [(1, b"1"), (2, b"2")]
+    )
+    conn.execute("PRAGMA user_version = 1")
+    conn.close()
+    async with SQLiteStore(db) as store:
+        assert (await store.info("old")).last_id == 2
+        assert (await store.append("old", "progress", b"3")).id == 3
+        assert [e.data for e in await store.read("old", 0)] == [b"1", b"2", b"3"]
+    conn = sqlite3.connect(db)
+    assert conn.execute("PRAGMA user_version").fetchone() == (2,)
+    conn.close()
+
+
+@pytest.mark.anyio
+async def test_another_writer_of_the_file_costs_only_its_run_the_appends_it_raced(
+    db: Path,
+) -> None:
+    async with SQLiteStore(db) as store, SQLiteStore(db) as other:
+        for run_id in ("x", "y"):
+            await store.create_run(run_id, "flow")
+            await store.append(run_id, "progress", b"1")
+        await store._appends.flush()
+        assert (await other.append("x", "progress", b"other")).id == 2  # store's head: 1
+        await other._appends.flush()
+        async with store._lock:  # both appends wait for one group
+            assert (await store.append("x", "progress", b"raced")).id == 2
+            assert (await store.append("y", "progress", b"2")).id == 2
+        await store._appends.flush()
+        assert [e.data for e in await store.read("y", 0)] == [b"1", b"2"]
+        with pytest.raises(RuntimeError, match="event 2 was lost"):
+            await store.append("x", "progress", b"refused")  # told once...
+        assert (await store.append("x", "progress", b"3")).id == 3  # ...then on from the file
+        assert [e.data for e in await store.read("x", 0)] == [b"1", b"other", b"3"]

@@ -11,9 +11,13 @@ between threads at once.
 
 Appends use *group commit* (:mod:`rpcstream.store.commit`): concurrent
 appends queue, and one committer takes the lock, takes every pending request
-and writes them all in ONE transaction, allocating ids inside it (so they are
-contiguous per run however many tasks append), then publishes the new events
-to live followers and wakes the waiters. An append cancelled while queued is
+and writes them all in ONE transaction, then publishes the new events to live
+followers and wakes the waiters. A pipelined append has its id from the run's
+*head* (kept here, one per run appended to), and its commit trusts the head;
+an append that waits has its id allocated inside the transaction; either way
+ids are contiguous per run however many tasks append. What the file holds and
+how a group is written into it (trusted or checked) is
+:mod:`rpcstream.store.sqlite_file`. An append cancelled while queued is
 withdrawn; once its group is taken the transaction runs to its end, shielded
 (bounded by SQLite's busy timeout), so an append cancelled then may still be
 stored.
@@ -35,126 +39,34 @@ import sqlite3
 import time
 from collections.abc import Callable
 from itertools import starmap
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import anyio
 
 from ..errors import StoreUnavailable
 from .base import RUNNING, EventStore, RunInfo, StoredEvent
-from .commit import GroupCommit, Request, Take, checkpoint
-from .live import Wakeup
+from .commit import GroupCommit, Take, checkpoint
+from .sqlite_file import (
+    EXPIRED,
+    LAST_ID,
+    SCHEMA,
+    SCHEMA_VERSION,
+    SELECT_EVENTS,
+    Head,
+    Pending,
+    commit_group,
+    read_state,
+    rollback,
+)
 
 __all__ = ["SQLiteStore"]
 
 _T = TypeVar("_T")
 
-# The status of a tombstone row; never shown in a RunInfo (the run raises RunExpired).
-_EXPIRED = "expired"
-_SCHEMA_VERSION = 1
-_SCHEMA = f"""
-CREATE TABLE IF NOT EXISTS runs (
-    run_id   TEXT PRIMARY KEY,
-    flow     TEXT NOT NULL,
-    owner    TEXT,
-    status   TEXT NOT NULL,
-    created  REAL NOT NULL,
-    finished REAL,
-    expires  REAL,
-    last_id  INTEGER NOT NULL,
-    first_id INTEGER NOT NULL
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS events (
-    run_id TEXT NOT NULL,
-    id     INTEGER NOT NULL,
-    type   TEXT NOT NULL,
-    data   BLOB NOT NULL,
-    ts     REAL NOT NULL,
-    PRIMARY KEY (run_id, id)
-) WITHOUT ROWID;
--- Finished runs by expiry, for sweep; tombstones by age, to cap their number.
-CREATE INDEX IF NOT EXISTS runs_due ON runs (expires)
-    WHERE expires IS NOT NULL AND status != '{_EXPIRED}';
-CREATE INDEX IF NOT EXISTS runs_tombstones ON runs (expires) WHERE status = '{_EXPIRED}';
-"""
-_SELECT_STATE = "SELECT status, expires, last_id, first_id FROM runs WHERE run_id = ?"
-_SELECT_EVENTS = (
-    "SELECT id, type, data, ts FROM events WHERE run_id = ? AND id > ? ORDER BY id LIMIT ?"
-)
-_INSERT_EVENT = "INSERT INTO events (run_id, id, type, data, ts) VALUES (?, ?, ?, ?, ?)"
-_UPDATE_RUN = (
-    "UPDATE runs SET status = ?, finished = ?, expires = ?, last_id = ?, first_id = ?"
-    " WHERE run_id = ?"
-)
 # Runs expired per sweep transaction, so appends can get in between.
 _SWEEP_CHUNK = 500
 # Run heads kept for pipelined appends (those with appends in flight always stay).
 _MAX_HEADS = 4096
-
-
-class _Pending(Request):
-    """One append waiting for its group's commit."""
-
-    __slots__ = ("data", "event", "expected", "expires", "head", "run_id", "terminal", "type")
-
-    def __init__(
-        self,
-        run_id: str,
-        type: str,
-        data: bytes,
-        terminal: bool,
-        head: _Head | None = None,
-        expected: StoredEvent | None = None,
-    ) -> None:
-        # Request's fields, set here rather than by super().__init__(): one call
-        # less per append.
-        self.size = len(data)
-        self.key = None  # one write at a time (max_writes=1): no key needed
-        self.taken = self.done = False
-        self.error: BaseException | None = None
-        self.run_id = run_id
-        self.type = type
-        self.data = data
-        self.terminal = terminal
-        self.event: StoredEvent | None = None
-        self.expires: float | None = None
-        self.head = head
-        """The run's head when the append was pipelined (its id assigned at once)."""
-        self.expected = expected
-        """The event as its caller was given it: the commit must store exactly that."""
-
-
-class _Head:
-    """What the store knows of a run it appends to: enough to assign ids at once.
-
-    Only this store object appends to its file, so the head stays true; the
-    commit still allocates ids from the file and checks they are the ones given.
-    """
-
-    __slots__ = ("drained", "expires", "inflight", "last_id", "status")
-
-    def __init__(self, status: str, expires: float | None, last_id: int) -> None:
-        self.status = status
-        self.expires = expires
-        self.last_id = last_id
-        self.inflight = 0
-        """Pipelined appends not committed yet."""
-        self.drained = Wakeup()
-        """Notified whenever ``inflight`` falls back to 0 (its event is made only
-        for a reader that waits, not for every batch of appends)."""
-
-
-class _RunState:
-    """A run's row while a group transaction updates it."""
-
-    __slots__ = ("changed", "expires", "finished", "first_id", "last_id", "status")
-
-    def __init__(self, status: str, expires: float | None, last_id: int, first_id: int) -> None:
-        self.status = status
-        self.expires = expires
-        self.last_id = last_id
-        self.first_id = first_id
-        self.finished: float | None = None
-        self.changed = False
 
 
 class SQLiteStore(EventStore):
@@ -196,7 +108,7 @@ class SQLiteStore(EventStore):
         self.max_pending = max_pending
         self.max_pending_bytes = max_pending_bytes
         self.pipelined = pipelined
-        self._heads: dict[str, _Head] = {}
+        self._heads: dict[str, Head] = {}
         # Why pipelined appends of a run were lost, raised by its next append (once).
         self._lost: dict[str, BaseException] = {}
         self._conn: sqlite3.Connection | None = None
@@ -221,12 +133,15 @@ class SQLiteStore(EventStore):
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("PRAGMA synchronous = NORMAL")
             (version,) = conn.execute("PRAGMA user_version").fetchone()
-            if version not in (0, _SCHEMA_VERSION):
+            # A file of version 1 is one of version 2 whose rows are all up to
+            # date (see LAST_ID). Version 2 stops older code opening the file:
+            # it would read a running run's last_id from its row alone.
+            if version not in (0, 1, SCHEMA_VERSION):
                 raise RuntimeError(
-                    f"{self.path}: schema version {version}, expected {_SCHEMA_VERSION}"
+                    f"{self.path}: schema version {version}, expected {SCHEMA_VERSION}"
                 )
-            conn.executescript(_SCHEMA)
-            conn.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
+            conn.executescript(SCHEMA)
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         except BaseException:
             conn.close()
             raise
@@ -291,13 +206,13 @@ class SQLiteStore(EventStore):
 
         def info(conn: sqlite3.Connection) -> RunInfo:
             row = conn.execute(
-                "SELECT flow, owner, status, created, finished, last_id, first_id, expires"
+                f"SELECT flow, owner, status, created, finished, {LAST_ID}, first_id, expires"
                 " FROM runs WHERE run_id = ?",
                 (run_id,),
             ).fetchone()
             if row is None:
                 raise self._not_found(run_id)
-            if row[2] == _EXPIRED or (row[7] is not None and now >= row[7]):
+            if row[2] == EXPIRED or (row[7] is not None and now >= row[7]):
                 raise self._expired(run_id)
             return RunInfo(run_id, *row)
 
@@ -308,11 +223,11 @@ class SQLiteStore(EventStore):
         now = self.clock()
 
         def read(conn: sqlite3.Connection) -> list[StoredEvent]:
-            state = self._state(conn, run_id, now)
+            state = read_state(conn, run_id, now)
             self._check_trimmed(run_id, after, state.first_id, state.last_id)
             if after >= state.last_id:
                 return []
-            rows = conn.execute(_SELECT_EVENTS, (run_id, after, limit))
+            rows = conn.execute(SELECT_EVENTS, (run_id, after, limit))
             return list(starmap(StoredEvent, rows))
 
         return await self._run(read)
@@ -340,35 +255,25 @@ class SQLiteStore(EventStore):
         try:
             due = conn.execute(
                 "SELECT run_id FROM runs WHERE expires IS NOT NULL"
-                f" AND status != '{_EXPIRED}' AND expires <= ? LIMIT {_SWEEP_CHUNK}",
+                f" AND status != '{EXPIRED}' AND expires <= ? LIMIT {_SWEEP_CHUNK}",
                 (now,),
             ).fetchall()
             conn.executemany("DELETE FROM events WHERE run_id = ?", due)
-            conn.executemany(f"UPDATE runs SET status = '{_EXPIRED}' WHERE run_id = ?", due)
+            conn.executemany(f"UPDATE runs SET status = '{EXPIRED}' WHERE run_id = ?", due)
             conn.execute("COMMIT")
         except BaseException:
-            _rollback(conn)
+            rollback(conn)
             raise
         return len(due)
 
     def _drop_old_tombstones(self, conn: sqlite3.Connection) -> None:
-        (count,) = conn.execute(f"SELECT count(*) FROM runs WHERE status = '{_EXPIRED}'").fetchone()
+        (count,) = conn.execute(f"SELECT count(*) FROM runs WHERE status = '{EXPIRED}'").fetchone()
         if count > self.max_tombstones:
             conn.execute(
                 "DELETE FROM runs WHERE run_id IN (SELECT run_id FROM runs"
-                f" WHERE status = '{_EXPIRED}' ORDER BY expires LIMIT ?)",
+                f" WHERE status = '{EXPIRED}' ORDER BY expires LIMIT ?)",
                 (count - self.max_tombstones,),
             )
-
-    def _state(self, conn: sqlite3.Connection, run_id: str, now: float) -> _RunState:
-        """The run's row, or the error that says why there is none."""
-        row = conn.execute(_SELECT_STATE, (run_id,)).fetchone()
-        if row is None:
-            raise self._not_found(run_id)
-        state = _RunState(*row)
-        if state.status == _EXPIRED or (state.expires is not None and now >= state.expires):
-            raise self._expired(run_id)
-        return state
 
     # -- group commit -----------------------------------------------------------
 
@@ -376,7 +281,7 @@ class SQLiteStore(EventStore):
         if self._conn is None:  # no coroutine call on the hot path
             await self._ensure_open()
         if not self.pipelined:
-            request = _Pending(run_id, type, data, terminal)
+            request = Pending(run_id, type, data, terminal)
             await self._appends.submit(request)
             assert request.event is not None
             return request.event
@@ -400,7 +305,7 @@ class SQLiteStore(EventStore):
             raise self._finished(run_id)
         head.last_id += 1
         event = StoredEvent(head.last_id, type, data, now)
-        request = _Pending(run_id, type, data, terminal, head, event)
+        request = Pending(run_id, type, data, terminal, head, event)
         head.inflight += 1
         if not terminal:
             self._appends.put_nowait(request)
@@ -416,12 +321,12 @@ class SQLiteStore(EventStore):
             raise
         return event
 
-    async def _load_head(self, run_id: str) -> _Head:
+    async def _load_head(self, run_id: str) -> Head:
         now = self.clock()
 
-        def load(conn: sqlite3.Connection) -> _Head:
-            state = self._state(conn, run_id, now)
-            return _Head(state.status, state.expires, state.last_id)
+        def load(conn: sqlite3.Connection) -> Head:
+            state = read_state(conn, run_id, now)
+            return Head(state.status, state.expires, state.last_id)
 
         loaded = await self._run(load)
         # Another append may have loaded it meanwhile (and assigned ids): keep that one.
@@ -432,7 +337,7 @@ class SQLiteStore(EventStore):
                     del self._heads[key]
         return head
 
-    def _settle(self, request: _Pending) -> None:
+    def _settle(self, request: Pending) -> None:
         """A pipelined append has its outcome: count it off, and on failure forget the head."""
         head = request.head
         if head is None:
@@ -455,7 +360,7 @@ class SQLiteStore(EventStore):
         if head is not None and head.inflight:
             await head.drained.wake.wait()
 
-    async def _write_appends(self, take: Take[_Pending]) -> None:
+    async def _write_appends(self, take: Take[Pending]) -> None:
         """Write a group of appends in one transaction (the GroupCommit's ``write``)."""
         async with self._lock:
             group = take()
@@ -470,85 +375,19 @@ class SQLiteStore(EventStore):
                         request.fail(anyio.ClosedResourceError())
                         self._settle(request)
                     return
-                await anyio.to_thread.run_sync(self._commit_group, conn, group, now)
+                await anyio.to_thread.run_sync(
+                    commit_group, conn, group, now, self.expire_after, self.max_events
+                )
             self._finish_group(group)
 
-    def _commit_group(self, conn: sqlite3.Connection, group: list[_Pending], now: float) -> None:
-        """Write a group of appends in one transaction (in a worker thread)."""
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                self._write_group(conn, group, now)
-                conn.execute("COMMIT")
-            except BaseException:
-                _rollback(conn)
-                raise
-        except BaseException as exc:
-            # Nothing of the group was written; each append raises the database's error.
-            for request in group:
-                request.event = None
-                request.expires = None
-                request.error = exc
-
-    def _write_group(self, conn: sqlite3.Connection, group: list[_Pending], now: float) -> None:
-        states: dict[str, _RunState | BaseException] = {}
-        rows: list[tuple[Any, ...]] = []
-        for request in group:
-            run_id = request.run_id
-            state = states.get(run_id)
-            if state is None:
-                try:
-                    state = self._state(conn, run_id, now)
-                except LookupError as exc:  # RunNotFound, RunExpired
-                    state = exc
-                states[run_id] = state
-            if isinstance(state, BaseException):
-                request.error = state
-                continue
-            if state.status != RUNNING:
-                request.error = self._finished(run_id)
-                continue
-            expected = request.expected
-            if expected is not None and expected.id != state.last_id + 1:
-                # Appends queued before it were lost: it cannot keep the id it was given.
-                request.error = RuntimeError(
-                    f"run {run_id!r}: event {expected.id} was lost with earlier appends"
-                )
-                continue
-            state.last_id += 1
-            state.changed = True
-            # A pipelined append keeps the event (and time) its caller was given.
-            if (event := expected) is None:
-                event = StoredEvent(state.last_id, request.type, request.data, now)
-            at = event.timestamp
-            rows.append((run_id, event.id, event.type, event.data, at))
-            request.event = event
-            if request.terminal:
-                state.status = request.type
-                state.finished = at
-                state.expires = request.expires = at + self.expire_after
-        conn.executemany(_INSERT_EVENT, rows)
-        updates: list[tuple[Any, ...]] = []
-        max_events = self.max_events
-        for run_id, state in states.items():
-            if isinstance(state, BaseException) or not state.changed:
-                continue
-            if max_events is not None and state.last_id - state.first_id + 1 > max_events:
-                state.first_id = state.last_id - max_events + 1
-                conn.execute(
-                    "DELETE FROM events WHERE run_id = ? AND id < ?", (run_id, state.first_id)
-                )
-            updates.append(
-                (state.status, state.finished, state.expires, state.last_id, state.first_id, run_id)
-            )
-        conn.executemany(_UPDATE_RUN, updates)
-
-    def _finish_group(self, group: list[_Pending]) -> None:
+    def _finish_group(self, group: list[Pending]) -> None:
         """Publish a committed group in id order and mark it done."""
         by_run: dict[str, list[StoredEvent]] = {}
         expires: dict[str, float] = {}
         for request in group:
             request.done = True
+            if request.event is not None and request.head is not None:
+                request.head.committed = request.event.id
             self._settle(request)
             if request.event is not None:
                 by_run.setdefault(request.run_id, []).append(request.event)
@@ -556,8 +395,3 @@ class SQLiteStore(EventStore):
                     expires[request.run_id] = request.expires
         for run_id, events in by_run.items():
             self._publish(run_id, events, expires.get(run_id))
-
-
-def _rollback(conn: sqlite3.Connection) -> None:
-    if conn.in_transaction:
-        conn.execute("ROLLBACK")
