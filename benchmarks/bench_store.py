@@ -12,6 +12,11 @@ Measurements, for each store and event loop:
   (until all are committed: SQLite's appends are pipelined, and return before it).
 * ``append_concurrent_runs``: ``--runs`` tasks each append ``--events-per-run`` events
   to their own run, all at once (the figure is total events per second).
+* ``append_paced_runs``: ``--paced-runs`` tasks each append to their own run at
+  ``--paced-rate`` events/s for ``--paced-seconds`` (as flows that emit tokens or
+  progress do: many runs, a little at a time), starting at random moments of the
+  first period. Its figure is the CPU per append, not the rate (fixed by the pace);
+  ``--commit-delay`` sets SQLite's (default: the store's own), for an A/B.
 * ``build_replay_run``: ``--writers`` tasks append ``--replay-events`` events to ONE run
   concurrently (how the replay run is built; for SQLite it is built once and reused).
 * ``replay``: one follower reads the finished ``--replay-events`` run from the start.
@@ -28,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import sys
 import tempfile
 import time
@@ -150,6 +156,44 @@ async def append_concurrent_runs(
     )
 
 
+async def append_paced_runs(
+    store: EventStore, name: str, backend: str, runs: int, rate: float, seconds: float
+) -> None:
+    ids = [f"paced-{index}" for index in range(runs)]
+    for run_id in ids:
+        await store.create_run(run_id, "bench")
+    each = max(1, round(rate * seconds))
+    period = 1 / rate
+    rng = random.Random(1)
+
+    async def write(run_id: str, offset: float) -> None:
+        due = anyio.current_time() + offset
+        for _ in range(each):
+            await anyio.sleep(max(0.0, due - anyio.current_time()))
+            await store.append(run_id, "token", PAYLOAD)
+            due += period
+
+    before = counters(store)
+    cpu = CPU()
+    start = time.perf_counter()
+    async with anyio.create_task_group() as tg:
+        for run_id in ids:
+            tg.start_soon(write, run_id, rng.random() * period)
+    await settle(store)
+    took = time.perf_counter() - start
+    emit(
+        "append_paced_runs",
+        name,
+        backend,
+        runs * each,
+        took,
+        runs=runs,
+        rate=rate,
+        **cpu.per(runs * each),
+        **group_stats(store, before),
+    )
+
+
 async def build_replay_run(
     store: EventStore, name: str, backend: str, events: int, writers: int
 ) -> None:
@@ -197,6 +241,11 @@ async def bench_store(
     async with make("append") as store:
         await append_one_run(store, name, backend, args.events)
         await append_concurrent_runs(store, name, backend, args.runs, args.events_per_run)
+    if args.paced_runs:
+        async with make("paced") as store:
+            await append_paced_runs(
+                store, name, backend, args.paced_runs, args.paced_rate, args.paced_seconds
+            )
     async with make("replay") as store:
         # A SQLite replay run left by an earlier event loop is reused: building it is slow.
         try:
@@ -217,11 +266,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--events-per-run", type=int, default=500, help="appends per run")
     parser.add_argument("--replay-events", type=int, default=1_000_000, help="replay run size")
     parser.add_argument("--writers", type=int, default=64, help="tasks building the replay run")
+    parser.add_argument("--paced-runs", type=int, default=500, help="paced runs (0: none)")
+    parser.add_argument("--paced-rate", type=float, default=20.0, help="events/s per paced run")
+    parser.add_argument("--paced-seconds", type=float, default=5.0, help="pacing time")
+    parser.add_argument("--commit-delay", type=float, default=None, help="SQLite's, in s")
     parser.add_argument("--dir", type=Path, default=None, help="where SQLite files go")
     args = parser.parse_args(argv)
     if args.quick:
         args.events, args.runs, args.events_per_run = 2000, 10, 100
         args.replay_events, args.writers = 5000, 8
+        args.paced_runs, args.paced_seconds = 20, 0.5
 
     directory = args.dir or Path(tempfile.mkdtemp(prefix="bench-store-"))
     directory.mkdir(parents=True, exist_ok=True)
@@ -236,10 +290,12 @@ def main(argv: list[str] | None = None) -> int:
 
                 def make(purpose: str) -> EventStore:
                     path = directory / f"{purpose}.sqlite"
-                    if purpose == "append":
+                    if purpose != "replay":
                         for suffix in ("", "-wal", "-shm"):
                             Path(f"{path}{suffix}").unlink(missing_ok=True)
-                    return SQLiteStore(path)
+                    if args.commit_delay is None:
+                        return SQLiteStore(path)
+                    return SQLiteStore(path, commit_delay=args.commit_delay)
 
             else:
                 parser.error(f"unknown store {name!r}")

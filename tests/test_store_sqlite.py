@@ -438,3 +438,46 @@ async def test_another_writer_of_the_file_costs_only_its_run_the_appends_it_race
             await store.append("x", "progress", b"refused")  # told once...
         assert (await store.append("x", "progress", b"3")).id == 3  # ...then on from the file
         assert [e.data for e in await store.read("x", 0)] == [b"1", b"other", b"3"]
+
+
+# -- commit_delay ------------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_under_load_a_commit_waits_for_a_full_group_and_a_commit_after_a_quiet_spell_does_not(
+    db: Path,
+) -> None:
+    # An hour's delay: a commit that waited it out would fail the test's deadline.
+    async with SQLiteStore(db, commit_delay=3600) as store:
+        await store.create_run("r", "flow")
+        with anyio.fail_after(10):
+            await store.append("r", "token", b"0")  # no commit before it: at once
+            await store._appends.flush()
+            groups = store._appends.groups
+            # Right after a commit: the next one waits, until 64 appends are queued.
+            for i in range(1, 64):
+                await store.append("r", "token", b"%d" % i)
+            assert store._appends.groups == groups  # waiting, 63 queued
+            await store.append("r", "token", b"64")
+            await store._appends.flush()
+        assert store._appends.groups == groups + 1  # all 64 in one group
+        assert [e.id for e in await store.read("r", 0)] == list(range(1, 66))
+
+
+@pytest.mark.anyio
+async def test_a_terminal_append_waiting_out_the_commit_delay_can_be_cancelled(db: Path) -> None:
+    async with SQLiteStore(db, commit_delay=3600) as store:
+        await store.create_run("r", "flow")
+        await store.append("r", "token", b"1")
+        await store._appends.flush()
+        with anyio.move_on_after(0.05) as scope:  # the commit waits its hour
+            await store.append("r", "complete", b"null", terminal=True)
+        assert scope.cancelled_caught
+        assert store._lingering is None
+        assert (await store.info("r")).status == "running"  # withdrawn: never written
+
+
+def test_commit_delay_must_not_be_negative(db: Path) -> None:
+    for bad in (-1.0, float("nan")):
+        with pytest.raises(ValueError, match="commit_delay must not be negative"):
+            SQLiteStore(db, commit_delay=bad)
