@@ -330,15 +330,15 @@ async def test_a_failed_commit_loses_the_queued_appends_and_the_next_append_says
         await store.create_run("r", "flow")
         assert (await store.append("r", "token", b"ok")).id == 1
         await store._appends.flush()
-        write_group = sqlite_file.write_group
+        write = sqlite_file.GroupWriter.write
 
         def broken(*args: object) -> None:
             raise sqlite3.OperationalError("disk I/O error")
 
-        monkeypatch.setattr(sqlite_file, "write_group", broken)
+        monkeypatch.setattr(sqlite_file.GroupWriter, "write", broken)
         assert (await store.append("r", "token", b"lost")).id == 2  # queued, then lost
         await store._appends.flush()
-        monkeypatch.setattr(sqlite_file, "write_group", write_group)
+        monkeypatch.setattr(sqlite_file.GroupWriter, "write", write)
         with pytest.raises(sqlite3.OperationalError, match="disk I/O error"):
             await store.append("r", "token", b"refused")  # told once...
         assert (await store.append("r", "token", b"again")).id == 2  # ...then on again

@@ -53,9 +53,9 @@ from .sqlite_file import (
     SCHEMA,
     SCHEMA_VERSION,
     SELECT_EVENTS,
+    GroupWriter,
     Head,
     Pending,
-    commit_group,
     read_state,
     rollback,
 )
@@ -417,9 +417,9 @@ class SQLiteStore(EventStore):
                         request.fail(anyio.ClosedResourceError())
                         self._settle(request)
                     return
-                await anyio.to_thread.run_sync(
-                    commit_group, conn, group, now, self.expire_after, self.max_events
-                )
+                # Per commit, from the store's own settings (their one owner).
+                writer = GroupWriter(self.expire_after, self.max_events)
+                await anyio.to_thread.run_sync(writer.commit, conn, group, now)
             self._last_commit = anyio.current_time()
             self._finish_group(group)
 

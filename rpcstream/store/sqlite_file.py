@@ -18,13 +18,12 @@ __all__ = [
     "SCHEMA",
     "SCHEMA_VERSION",
     "SELECT_EVENTS",
+    "GroupWriter",
     "Head",
     "Pending",
     "RunState",
-    "commit_group",
     "read_state",
     "rollback",
-    "write_group",
 ]
 
 # The status of a tombstone row; never shown in a RunInfo (the run raises RunExpired).
@@ -161,145 +160,134 @@ def read_state(conn: sqlite3.Connection, run_id: str, now: float) -> RunState:
     return state
 
 
-def commit_group(
-    conn: sqlite3.Connection,
-    group: list[Pending],
-    now: float,
-    expire_after: float,
-    max_events: int | None,
-) -> None:
-    """Write a group of appends in one transaction (in a worker thread)."""
-    try:
-        conn.execute("BEGIN IMMEDIATE")
+class GroupWriter:
+    """How a group of appends becomes one transaction: what of the store's settings
+    the commit needs, and the commit itself, called in the store's worker thread."""
+
+    __slots__ = ("expire_after", "max_events")
+
+    def __init__(self, expire_after: float, max_events: int | None) -> None:
+        self.expire_after = expire_after
+        self.max_events = max_events
+
+    def commit(self, conn: sqlite3.Connection, group: list[Pending], now: float) -> None:
+        """Write a group of appends in one transaction, giving each its outcome."""
         try:
-            write_group(conn, group, now, expire_after, max_events)
-            conn.execute("COMMIT")
-        except BaseException:
-            rollback(conn)
-            raise
-    except BaseException as exc:
-        # Nothing of the group was written; each append raises the database's error.
-        for request in group:
-            request.event = None
-            request.expires = None
-            request.error = exc
-
-
-def write_group(
-    conn: sqlite3.Connection,
-    group: list[Pending],
-    now: float,
-    expire_after: float,
-    max_events: int | None,
-) -> None:
-    """Write the group (inside its transaction): trusted if it can be, else checked."""
-    if _write_trusted(conn, group, expire_after, max_events):
-        return
-    # Back to the start of the transaction, and every request as it was taken.
-    conn.execute("ROLLBACK")
-    conn.execute("BEGIN IMMEDIATE")
-    for request in group:
-        request.event = request.error = request.expires = None
-    _write_checked(conn, group, now, expire_after, max_events)
-
-
-def _write_trusted(
-    conn: sqlite3.Connection, group: list[Pending], expire_after: float, max_events: int | None
-) -> bool:
-    """Write a group of pipelined appends from their heads: their events, and
-    the row of a run that ends. One statement for the events, none per run
-    (a ``SELECT`` and an ``UPDATE`` of each run's row cost about as much
-    again: docs/benchmarks_runs.md, "Tenth session"). False, with the
-    transaction half written, when the file disagrees with a head, or the
-    group needs what only the checked path does (trimming, unpipelined
-    appends)."""
-    if max_events is not None:
-        return False
-    committed: dict[str, int] = {}  # per run: the newest id written so far
-    rows: list[tuple[Any, ...]] = []
-    ends: list[tuple[Any, ...]] = []
-    for request in group:
-        head, event = request.head, request.expected
-        if head is None or event is None:
-            return False
-        run_id = request.run_id
-        last = committed.get(run_id)
-        if last is None:
-            last = head.committed
-        if event.id != last + 1:
-            # Appends queued before it were lost: it cannot keep the id it was given.
-            request.error = RuntimeError(
-                f"run {run_id!r}: event {event.id} was lost with earlier appends"
-            )
-            continue
-        committed[run_id] = event.id
-        rows.append((run_id, event.id, event.type, event.data, event.timestamp))
-        request.event = event
-        if request.terminal:
-            request.expires = event.timestamp + expire_after
-            ends.append((event.type, event.timestamp, request.expires, event.id, run_id))
-    if rows and conn.executemany(INSERT_EVENT_UNCHECKED, rows).rowcount != len(rows):
-        return False
-    # Each ending run's row, still running: else another writer ended it.
-    return all(conn.execute(END_RUN, end).rowcount == 1 for end in ends)
-
-
-def _write_checked(
-    conn: sqlite3.Connection,
-    group: list[Pending],
-    now: float,
-    expire_after: float,
-    max_events: int | None,
-) -> None:
-    """Write a group as the file says: each run's row read, checked and updated."""
-    states: dict[str, RunState | BaseException] = {}
-    rows: list[tuple[Any, ...]] = []
-    for request in group:
-        run_id = request.run_id
-        state = states.get(run_id)
-        if state is None:
+            conn.execute("BEGIN IMMEDIATE")
             try:
-                state = read_state(conn, run_id, now)
-            except LookupError as exc:  # RunNotFound, RunExpired
-                state = exc
-            states[run_id] = state
-        if isinstance(state, BaseException):
-            request.error = state
-            continue
-        if state.status != RUNNING:
-            request.error = EventStore._finished(run_id)
-            continue
-        expected = request.expected
-        if expected is not None and expected.id != state.last_id + 1:
-            # Appends queued before it were lost: it cannot keep the id it was given.
-            request.error = RuntimeError(
-                f"run {run_id!r}: event {expected.id} was lost with earlier appends"
+                self.write(conn, group, now)
+                conn.execute("COMMIT")
+            except BaseException:
+                rollback(conn)
+                raise
+        except BaseException as exc:
+            # Nothing of the group was written; each append raises the database's error.
+            for request in group:
+                request.event = None
+                request.expires = None
+                request.error = exc
+
+    def write(self, conn: sqlite3.Connection, group: list[Pending], now: float) -> None:
+        """Write the group (inside its transaction): trusted if it can be, else checked."""
+        if self._write_trusted(conn, group):
+            return
+        # Back to the start of the transaction, and every request as it was taken.
+        conn.execute("ROLLBACK")
+        conn.execute("BEGIN IMMEDIATE")
+        for request in group:
+            request.event = request.error = request.expires = None
+        self._write_checked(conn, group, now)
+
+    def _write_trusted(self, conn: sqlite3.Connection, group: list[Pending]) -> bool:
+        """Write a group of pipelined appends from their heads: their events, and
+        the row of a run that ends. One statement for the events, none per run
+        (a ``SELECT`` and an ``UPDATE`` of each run's row cost about as much
+        again: docs/benchmarks_runs.md, "Tenth session"). False, with the
+        transaction half written, when the file disagrees with a head, or the
+        group needs what only the checked path does (trimming, unpipelined
+        appends)."""
+        if self.max_events is not None:
+            return False
+        committed: dict[str, int] = {}  # per run: the newest id written so far
+        rows: list[tuple[Any, ...]] = []
+        ends: list[tuple[Any, ...]] = []
+        for request in group:
+            head, event = request.head, request.expected
+            if head is None or event is None:
+                return False
+            run_id = request.run_id
+            last = committed.get(run_id)
+            if last is None:
+                last = head.committed
+            if event.id != last + 1:
+                request.error = _lost(run_id, event.id)
+                continue
+            committed[run_id] = event.id
+            rows.append((run_id, event.id, event.type, event.data, event.timestamp))
+            request.event = event
+            if request.terminal:
+                request.expires = event.timestamp + self.expire_after
+                ends.append((event.type, event.timestamp, request.expires, event.id, run_id))
+        if rows and conn.executemany(INSERT_EVENT_UNCHECKED, rows).rowcount != len(rows):
+            return False
+        # Each ending run's row, still running: else another writer ended it.
+        return all(conn.execute(END_RUN, end).rowcount == 1 for end in ends)
+
+    def _write_checked(self, conn: sqlite3.Connection, group: list[Pending], now: float) -> None:
+        """Write a group as the file says: each run's row read, checked and updated."""
+        states: dict[str, RunState | BaseException] = {}
+        rows: list[tuple[Any, ...]] = []
+        for request in group:
+            run_id = request.run_id
+            state = states.get(run_id)
+            if state is None:
+                try:
+                    state = read_state(conn, run_id, now)
+                except LookupError as exc:  # RunNotFound, RunExpired
+                    state = exc
+                states[run_id] = state
+            if isinstance(state, BaseException):
+                request.error = state
+                continue
+            if state.status != RUNNING:
+                request.error = EventStore._finished(run_id)
+                continue
+            expected = request.expected
+            if expected is not None and expected.id != state.last_id + 1:
+                request.error = _lost(run_id, expected.id)
+                continue
+            state.last_id += 1
+            state.changed = True
+            # A pipelined append keeps the event (and time) its caller was given.
+            if (event := expected) is None:
+                event = StoredEvent(state.last_id, request.type, request.data, now)
+            at = event.timestamp
+            rows.append((run_id, event.id, event.type, event.data, at))
+            request.event = event
+            if request.terminal:
+                state.status = request.type
+                state.finished = at
+                state.expires = request.expires = at + self.expire_after
+        conn.executemany(INSERT_EVENT, rows)
+        updates: list[tuple[Any, ...]] = []
+        max_events = self.max_events
+        for run_id, state in states.items():
+            if isinstance(state, BaseException) or not state.changed:
+                continue
+            if max_events is not None and state.last_id - state.first_id + 1 > max_events:
+                state.first_id = state.last_id - max_events + 1
+                conn.execute(
+                    "DELETE FROM events WHERE run_id = ? AND id < ?", (run_id, state.first_id)
+                )
+            updates.append(
+                (state.status, state.finished, state.expires, state.last_id, state.first_id, run_id)
             )
-            continue
-        state.last_id += 1
-        state.changed = True
-        # A pipelined append keeps the event (and time) its caller was given.
-        if (event := expected) is None:
-            event = StoredEvent(state.last_id, request.type, request.data, now)
-        at = event.timestamp
-        rows.append((run_id, event.id, event.type, event.data, at))
-        request.event = event
-        if request.terminal:
-            state.status = request.type
-            state.finished = at
-            state.expires = request.expires = at + expire_after
-    conn.executemany(INSERT_EVENT, rows)
-    updates: list[tuple[Any, ...]] = []
-    for run_id, state in states.items():
-        if isinstance(state, BaseException) or not state.changed:
-            continue
-        if max_events is not None and state.last_id - state.first_id + 1 > max_events:
-            state.first_id = state.last_id - max_events + 1
-            conn.execute("DELETE FROM events WHERE run_id = ? AND id < ?", (run_id, state.first_id))
-        updates.append(
-            (state.status, state.finished, state.expires, state.last_id, state.first_id, run_id)
-        )
-    conn.executemany(UPDATE_RUN, updates)
+        conn.executemany(UPDATE_RUN, updates)
+
+
+def _lost(run_id: str, event_id: int) -> RuntimeError:
+    # Appends queued before it were lost: it cannot keep the id it was given.
+    return RuntimeError(f"run {run_id!r}: event {event_id} was lost with earlier appends")
 
 
 def rollback(conn: sqlite3.Connection) -> None:
