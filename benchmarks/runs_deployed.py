@@ -39,7 +39,10 @@ between the two nodes. asyncio only (``RedisStore`` is).
 Every subscription checks its ids (contiguous from 1, ending with the terminal
 event): ``verified``. Latency (``p50_us``, ``p99_us``, ``max_us``) is client receipt
 minus the ``time.monotonic()`` the flow took just before appending each tick.
-``messages_per_delivery`` counts the WebSocket messages the clients received.
+``messages_per_delivery`` counts the WebSocket messages the clients received;
+``store_commits`` and ``appends_per_commit`` (SQLite and Redis, the store of the node
+the runs were started on) how the server grouped the appends: a few per commit, or
+hundreds because each commit waits for the last one's deliveries.
 ``busy`` is each process's CPU time over the measured wall time: a client near
 1.0 would be the bottleneck (the subscribers are spread over ``--client-procs``
 processes so that none is). The machine's cores are shared: say so with figures.
@@ -247,10 +250,14 @@ async def paced(
             ready = await client.line()
             assert ready.get("ready"), ready
         cpu = [proc_cpu_s(node.child.process.pid) or 0.0 for node in nodes]
+        commits = await control.call("bench.commits")
         go = time.monotonic()
         await control.call("bench.go")
         results = [(node, await client.line()) for node, client in clients]
         wall = time.monotonic() - go
+        if commits is not None:  # the control node's store: where the runs append
+            now = await control.call("bench.commits")
+            commits = [now[0] - commits[0], now[1] - commits[1]]
         cpu = [
             (proc_cpu_s(node.child.process.pid) or 0.0) - before
             for node, before in zip(nodes, cpu, strict=True)
@@ -268,6 +275,9 @@ async def paced(
         **client_figures(flat, wall, sum(cpu), [x for v in latencies.values() for x in v]),
     }
     figures["busy"] = {**servers_busy(nodes, cpu, wall), **figures["busy"]}
+    if commits is not None and commits[0]:
+        figures["store_commits"] = commits[0]
+        figures["appends_per_commit"] = round(commits[1] / commits[0], 1)
     if len(nodes) > 1:  # where the subscribers were: the flow's node, or another
         figures["by_node"] = {name: percentiles(samples) for name, samples in latencies.items()}
     return figures

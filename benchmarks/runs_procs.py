@@ -74,7 +74,15 @@ def make_server(store: Any) -> rpcstream.RunServer:
         await runs.store.append(run_id, "complete", b"null", terminal=True)
         return run_id
 
-    for method in (arm, go, arrived, finished, replay_run):
+    async def commits() -> list[int] | None:
+        """The store's group commits and the appends in them so far (SQLite, Redis),
+        which say whether the server commits a few appends at a time or hundreds."""
+        group_commit = getattr(runs.store, "_appends", None)
+        if group_commit is None:
+            return None
+        return [group_commit.groups, group_commit.requests]
+
+    for method in (arm, go, arrived, finished, replay_run, commits):
         router.add(method, f"bench.{method.__name__}")
     runs = rpcstream.RunServer(store, router=router)
 
