@@ -465,16 +465,22 @@ async def test_under_load_a_commit_waits_for_a_full_group_and_a_commit_after_a_q
 
 
 @pytest.mark.anyio
-async def test_a_terminal_append_waiting_out_the_commit_delay_can_be_cancelled(db: Path) -> None:
-    async with SQLiteStore(db, commit_delay=3600) as store:
-        await store.create_run("r", "flow")
-        await store.append("r", "token", b"1")
-        await store._appends.flush()
-        with anyio.move_on_after(0.05) as scope:  # the commit waits its hour
-            await store.append("r", "complete", b"null", terminal=True)
-        assert scope.cancelled_caught
-        assert store._lingering is None
-        assert (await store.info("r")).status == "running"  # withdrawn: never written
+async def test_a_commit_someone_waits_for_does_not_wait_out_the_commit_delay(db: Path) -> None:
+    async with SQLiteStore(db, commit_delay=3600) as store:  # an hour: see above
+        for run_id in ("a", "b"):
+            await store.create_run(run_id, "flow")
+        with anyio.fail_after(10):
+            await store.append("a", "token", b"1")
+            await store._appends.flush()
+            # A pipelined append: its commit waits (the last one just ended)...
+            await store.append("a", "token", b"2")
+            # ...until a read of the run's own writes needs it.
+            assert [e.id for e in await store.read("a", 0)] == [1, 2]
+            await store.append("b", "token", b"1")
+            # A terminal append waits for its commit: that commit does not wait.
+            await store.append("b", "complete", b"null", terminal=True)
+            assert (await store.info("b")).status == "complete"
+            assert store._lingering is None and store._awaited == 0
 
 
 def test_commit_delay_must_not_be_negative(db: Path) -> None:

@@ -34,11 +34,12 @@ several processes while others follow it.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from itertools import starmap
 from typing import TypeVar
 
@@ -90,16 +91,17 @@ class SQLiteStore(EventStore):
     appends are lost, and the next append to the run raises the error once.
     ``pipelined=False``: every append returns only once committed.
 
-    ``commit_delay`` (seconds): under load, a commit waits until that long has
-    passed since the previous one ended, or until 64 appends are queued, so that
-    more appends share it; a commit with none before it in that time starts at
-    once. A commit's cost is mostly per transaction (a worker-thread round trip,
-    and a B-tree page written for each run it touches), so with many runs
-    appending a little at a time this is what keeps the cost per append down:
-    500 runs x 20 events/s cost the store 52-54 us of CPU per append with the
-    default, 81-86 without (docs/benchmarks_runs.md, "Tenth session"). Followers
-    see an event, and an append that waits for its commit returns, up to that
-    much later. 0 commits at once.
+    ``commit_delay`` (seconds): under load, a commit of pipelined appends waits
+    until that long has passed since the previous one ended, or until 64 appends
+    are queued, so that more appends share it; a commit with none before it in
+    that time starts at once, and so does one that someone waits for (a terminal
+    or unpipelined append, a read of the run's own writes). A commit's cost is
+    mostly per transaction (a worker-thread round trip, and a B-tree page written
+    for each run it touches), so with many runs appending a little at a time
+    this is what keeps the cost per append down: 500 runs x 20 events/s cost the
+    store 58-63 us of CPU per append with the default, 89-96 without
+    (docs/benchmarks_runs.md, "Tenth session"). Followers see an event up to
+    that much later. 0 commits at once.
     """
 
     def __init__(
@@ -130,6 +132,7 @@ class SQLiteStore(EventStore):
         # waiting out commit_delay waits on: set once _FULL_GROUP appends are queued.
         self._last_commit = -math.inf
         self._lingering: anyio.Event | None = None
+        self._awaited = 0  # callers waiting for a commit now (_awaited_commit)
         self._heads: dict[str, Head] = {}
         # Why pipelined appends of a run were lost, raised by its next append (once).
         self._lost: dict[str, BaseException] = {}
@@ -304,8 +307,8 @@ class SQLiteStore(EventStore):
             await self._ensure_open()
         if not self.pipelined:
             request = Pending(run_id, type, data, terminal)
-            self._queued(1)
-            await self._appends.submit(request)
+            with self._awaited_commit():
+                await self._appends.submit(request)
             assert request.event is not None
             return request.event
         lost = self._lost.pop(run_id, None) if self._lost else None
@@ -332,12 +335,12 @@ class SQLiteStore(EventStore):
         head.inflight += 1
         if not terminal:
             self._appends.put_nowait(request)
-            self._queued(0)
+            self._queued()
             return event
         head.status, head.expires = type, now + self.expire_after
         try:
-            self._queued(1)
-            await self._appends.submit(request)
+            with self._awaited_commit():
+                await self._appends.submit(request)
         except BaseException:
             if not request.taken:  # withdrawn: the run goes on, as if never asked
                 head.status, head.expires = RUNNING, None
@@ -383,19 +386,32 @@ class SQLiteStore(EventStore):
         """Wait until the run's pipelined appends are committed (read your writes)."""
         head = self._heads.get(run_id)
         if head is not None and head.inflight:
-            await head.drained.wake.wait()
+            with self._awaited_commit():
+                await head.drained.wake.wait()
 
-    def _queued(self, more: int) -> None:
-        """An append is queued (or is about to be: ``more``): end a commit's wait
-        once the group is worth committing."""
+    def _queued(self) -> None:
+        """A pipelined append is queued: end a commit's wait once the group is
+        worth committing."""
         lingering = self._lingering
-        if lingering is not None and self._appends.pending + more >= _FULL_GROUP:
+        if lingering is not None and self._appends.pending >= _FULL_GROUP:
             lingering.set()
+
+    @contextlib.contextmanager
+    def _awaited_commit(self) -> Iterator[None]:
+        """Someone waits for a commit (an append that waits, a read of its own
+        writes): meanwhile no commit waits out ``commit_delay``."""
+        self._awaited += 1
+        if self._lingering is not None:
+            self._lingering.set()
+        try:
+            yield
+        finally:
+            self._awaited -= 1
 
     async def _write_appends(self, take: Take[Pending]) -> None:
         """Write a group of appends in one transaction (the GroupCommit's ``write``)."""
         wait = self.commit_delay - (anyio.current_time() - self._last_commit)
-        if wait > 0 and self._appends.pending < _FULL_GROUP:
+        if wait > 0 and not self._awaited and self._appends.pending < _FULL_GROUP:
             # Under load: let more appends join this group (see commit_delay).
             # Cancelled here, the committer has taken nothing: the next one commits.
             self._lingering = anyio.Event()
