@@ -42,7 +42,11 @@ minus the ``time.monotonic()`` the flow took just before appending each tick.
 ``messages_per_delivery`` counts the WebSocket messages the clients received;
 ``store_commits`` and ``appends_per_commit`` (SQLite and Redis, the store of the node
 the runs were started on) how the server grouped the appends: a few per commit, or
-hundreds because each commit waits for the last one's deliveries.
+hundreds because each commit waits for the last one's deliveries; ``gc_full`` the
+full collections of the cyclic garbage collector in the server while it ran (count,
+longest and total ms): each stops the event loop for as long as visiting every
+tracked object takes, which with hundreds of connections open is tens to hundreds of
+milliseconds (docs/benchmarks_runs.md, "Tenth session").
 ``busy`` is each process's CPU time over the measured wall time: a client near
 1.0 would be the bottleneck (the subscribers are spread over ``--client-procs``
 processes so that none is). The machine's cores are shared: say so with figures.
@@ -251,10 +255,12 @@ async def paced(
             assert ready.get("ready"), ready
         cpu = [proc_cpu_s(node.child.process.pid) or 0.0 for node in nodes]
         commits = await control.call("bench.commits")
+        await control.call("bench.gc_pauses")  # from here on
         go = time.monotonic()
         await control.call("bench.go")
         results = [(node, await client.line()) for node, client in clients]
         wall = time.monotonic() - go
+        full_gcs = await control.call("bench.gc_pauses")
         if commits is not None:  # the control node's store: where the runs append
             now = await control.call("bench.commits")
             commits = [now[0] - commits[0], now[1] - commits[1]]
@@ -275,6 +281,7 @@ async def paced(
         **client_figures(flat, wall, sum(cpu), [x for v in latencies.values() for x in v]),
     }
     figures["busy"] = {**servers_busy(nodes, cpu, wall), **figures["busy"]}
+    figures["gc_full"] = {"count": full_gcs[0], "max_ms": full_gcs[1], "total_ms": full_gcs[2]}
     if commits is not None and commits[0]:
         figures["store_commits"] = commits[0]
         figures["appends_per_commit"] = round(commits[1] / commits[0], 1)

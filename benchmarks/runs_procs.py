@@ -19,6 +19,7 @@ before ``ctx.client.send``.
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import os
 import random
@@ -45,6 +46,34 @@ class Gate:
     def __init__(self, expected: int = 0) -> None:
         self.barrier = Barrier(expected)
         """``expected``: the ``emit`` flows, which count themselves in and out of it."""
+
+
+class _GCPauses:
+    """Times the cyclic garbage collector's full collections (``gc.callbacks``)."""
+
+    def __init__(self) -> None:
+        self.full, self.longest, self.total, self._start = 0, 0.0, 0.0, 0.0
+        gc.callbacks.append(self._on_collection)
+
+    def _on_collection(self, phase: str, info: dict[str, Any]) -> None:
+        if info["generation"] != 2:
+            return
+        if phase == "start":
+            self._start = time.perf_counter()
+            return
+        took = time.perf_counter() - self._start
+        self.full += 1
+        self.longest = max(self.longest, took)
+        self.total += took
+
+    def take(self) -> list[float]:
+        """``[count, longest ms, total ms]`` since the last take; starts over."""
+        figures = [self.full, round(self.longest * 1000, 1), round(self.total * 1000, 1)]
+        self.full, self.longest, self.total = 0, 0.0, 0.0
+        return figures
+
+
+_gc = _GCPauses()
 
 
 def make_server(store: Any) -> rpcstream.RunServer:
@@ -74,6 +103,12 @@ def make_server(store: Any) -> rpcstream.RunServer:
         await runs.store.append(run_id, "complete", b"null", terminal=True)
         return run_id
 
+    async def gc_pauses() -> list[float]:
+        """Full (generation 2) collections of the cyclic garbage collector in this
+        process since the last call: how many, the longest and the sum in ms. Each
+        stops the event loop for as long as it takes to visit every tracked object."""
+        return _gc.take()
+
     async def commits() -> list[int] | None:
         """The store's group commits and the appends in them so far (SQLite, Redis),
         which say whether the server commits a few appends at a time or hundreds."""
@@ -82,7 +117,7 @@ def make_server(store: Any) -> rpcstream.RunServer:
             return None
         return [group_commit.groups, group_commit.requests]
 
-    for method in (arm, go, arrived, finished, replay_run, commits):
+    for method in (arm, go, arrived, finished, replay_run, commits, gc_pauses):
         router.add(method, f"bench.{method.__name__}")
     runs = rpcstream.RunServer(store, router=router)
 

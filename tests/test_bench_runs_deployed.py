@@ -61,6 +61,8 @@ def test_every_workload_runs_in_separate_processes_and_is_verified() -> None:
             assert {"p50_us", "p99_us", "messages_per_delivery"} <= set(r)
             assert r["deliveries"] == r["subscribers"] * r["events_per_run"]
         if r["workload"] == "runs":
+            gcs = r["gc_full"]
+            assert gcs["count"] >= 0 and gcs["max_ms"] <= gcs["total_ms"]
             # SQLite's group commits: each paced event appended, in at least one commit.
             if r["store"] == "sqlite":
                 assert 1 <= r["store_commits"] <= r["runs"] * r["events_per_run"]
