@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any
 
@@ -62,6 +63,23 @@ async def test_subscribers_on_one_codec_share_the_same_bytes_and_each_codec_enco
         for s in subs:
             await s.aclose()
         assert fan.hubs == {} and fan.subscribers("r") == 0
+
+
+async def test_the_events_a_hub_keeps_are_not_tracked_by_the_garbage_collector() -> None:
+    # A full collection visits every tracked object and stops the loop meanwhile:
+    # what a hub keeps per event must not add to them (see _Entry).
+    async with fanout() as (store, fan):
+        await begin_run(store, "r", "f")
+        sub = await subscribe(fan, store, "r", 1, batch=True)
+        for i in range(3):
+            await store.append("r", "tick", encode_data({"n": i}))
+        assert len(await anext(sub)) >= 1
+        (hub,) = fan.hubs.values()
+        assert len(hub.entries) == 3 and all(e.encoded or e.alone for e in hub.entries)
+        for entry in hub.entries:
+            tracked = [gc.is_tracked(x) for x in (entry, entry.event, entry.encoded, entry.alone)]
+            assert tracked == [False] * 4, tracked
+        await sub.aclose()
 
 
 async def test_a_lagging_subscriber_catches_up_from_the_store_while_the_hub_stays_bounded() -> None:

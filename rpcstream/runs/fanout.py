@@ -128,16 +128,20 @@ def wire_event(event: StoredEvent, info: RunInfo, binary: bool) -> RunEvent:
     return RunEvent(event.id, event.type, data, iso_time(event.timestamp), info.run_id, info.flow)
 
 
-class _Entry:
+class _Entry(msgspec.Struct, gc=False):
     """One event in a hub, with its encodings so far (codec name -> bytes), and
-    as a batch of one (the item a parked ``batch`` subscriber is sent)."""
+    as a batch of one (the item a parked ``batch`` subscriber is sent).
 
-    __slots__ = ("alone", "encoded", "event")
+    Not tracked by the cyclic garbage collector (``gc=False``): it holds only
+    data (an event, bytes by codec name), so it can be in no cycle. Hubs keep up
+    to ``HUB_SIZE`` of them per run, and as tracked objects they were what made
+    the heap grow while runs went on: each quarter of growth costs a full
+    collection, which with 500 connections open paused the server for 130-170 ms
+    (docs/benchmarks_runs.md, "Tenth session")."""
 
-    def __init__(self, event: StoredEvent) -> None:
-        self.event = event
-        self.encoded: dict[str, msgspec.Raw] = {}
-        self.alone: dict[str, msgspec.Raw] = {}
+    event: StoredEvent
+    encoded: dict[str, msgspec.Raw] = {}
+    alone: dict[str, msgspec.Raw] = {}
 
 
 class _Parked:
