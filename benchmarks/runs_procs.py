@@ -73,13 +73,11 @@ class _GCPauses:
         return figures
 
 
-_gc = _GCPauses()
-
-
 def make_server(store: Any) -> rpcstream.RunServer:
     """The RunServer the benchmark serves: flows ``paced`` and ``emit``, ``bench.*`` methods."""
     gate = Gate()
     router = rpcstream.Router()
+    pauses = _GCPauses()  # in the server only: what bench.gc_pauses reports
 
     async def arm(expected: int = 0) -> None:
         gate.barrier = Barrier(expected)
@@ -107,7 +105,7 @@ def make_server(store: Any) -> rpcstream.RunServer:
         """Full (generation 2) collections of the cyclic garbage collector in this
         process since the last call: how many, the longest and the sum in ms. Each
         stops the event loop for as long as it takes to visit every tracked object."""
-        return _gc.take()
+        return pauses.take()
 
     async def commits() -> list[int] | None:
         """The store's group commits and the appends in them so far (SQLite, Redis),

@@ -188,14 +188,18 @@ class GroupWriter:
                 request.error = exc
 
     def write(self, conn: sqlite3.Connection, group: list[Pending], now: float) -> None:
-        """Write the group (inside its transaction): trusted if it can be, else checked."""
-        if self._write_trusted(conn, group):
-            return
-        # Back to the start of the transaction, and every request as it was taken.
-        conn.execute("ROLLBACK")
-        conn.execute("BEGIN IMMEDIATE")
-        for request in group:
-            request.event = request.error = request.expires = None
+        """Write the group (inside its transaction): trusted if it can be, else checked.
+
+        Trusted only when every append was pipelined (its event given out from a
+        head) and nothing is trimmed (which needs each run's row)."""
+        if self.max_events is None and all(r.expected is not None for r in group):
+            if self._write_trusted(conn, group):
+                return
+            # Back to the start of the transaction, and every request as it was taken.
+            conn.execute("ROLLBACK")
+            conn.execute("BEGIN IMMEDIATE")
+            for request in group:
+                request.event = request.error = request.expires = None
         self._write_checked(conn, group, now)
 
     def _write_trusted(self, conn: sqlite3.Connection, group: list[Pending]) -> bool:
@@ -203,18 +207,13 @@ class GroupWriter:
         the row of a run that ends. One statement for the events, none per run
         (a ``SELECT`` and an ``UPDATE`` of each run's row cost about as much
         again: docs/benchmarks_runs.md, "Tenth session"). False, with the
-        transaction half written, when the file disagrees with a head, or the
-        group needs what only the checked path does (trimming, unpipelined
-        appends)."""
-        if self.max_events is not None:
-            return False
+        transaction half written, when the file disagrees with a head."""
         committed: dict[str, int] = {}  # per run: the newest id written so far
         rows: list[tuple[Any, ...]] = []
         ends: list[tuple[Any, ...]] = []
         for request in group:
             head, event = request.head, request.expected
-            if head is None or event is None:
-                return False
+            assert head is not None and event is not None  # pipelined: see write()
             run_id = request.run_id
             last = committed.get(run_id)
             if last is None:
