@@ -170,9 +170,10 @@ def test_stores_import_only_errors_the_run_vocabulary_anyio_msgspec_and_the_stdl
     # store that uses it still never reaches the server or the peer; nor does
     # observe.hooks (how stores report appends and failures), for the same reason.
     # trio is imported only when running on it, to start the group commit's drainer.
+    # _tasks (the events and task groups every layer shares) imports only anyio.
     allowed = {
         "anyio", "msgspec", "trio", "errors", "base", "commit", "live", "runs.events",
-        "observe.hooks", "sqlite_file",
+        "observe.hooks", "sqlite_file", "_tasks",
     }  # fmt: skip
     store_dir = Path(__file__).parent.parent / "rpcstream" / "store"
     modules = ("base.py", "commit.py", "live.py", "memory.py", "sqlite.py", "sqlite_file.py")

@@ -106,7 +106,7 @@ async def test_an_event_fanned_out_to_many_connections_is_written_in_one_turn() 
 
     def counting_add(self: Any, callback: Any, context: Any) -> None:
         real_add(self, callback, context)
-        batches.append(len(self._pending))
+        batches.append(len(self._pending[0]))  # (callbacks, contexts)
 
     got = 0
     all_got = anyio.Event()

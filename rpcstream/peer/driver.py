@@ -46,7 +46,7 @@ import anyio
 import sniffio
 from anyio.abc import TaskGroup
 
-from .._tasks import task_group
+from .._tasks import FlagLike, new_flag, task_group
 from ..errors import ConnectionClosed, LocalProtocolError
 from ..messages import Call, Cancel, Codec, Error, Fault, Result
 from ..observe import hooks
@@ -179,19 +179,19 @@ class Driver:
         # Writer mechanics: the writer waits on _wakeup; _quiet means queueing a
         # frame need not wake it (whoever set it sends next, see send_now);
         # _coalesce makes frames wait for the writer, to leave together.
-        self._wakeup = anyio.Event()
-        self._quiet = False
-        self._coalesce = False
+        self._wakeup = new_flag()
+        self._quiet = self._coalesce = False
         self._soon = False  # a _flush_soon callback is due: queueing need not wake anyone
+        self._flush_soon_callback = self._flush_soon  # once, not an object a wake-up
         self._inflight = 0  # bytes of the message the writer is sending
         self._write_error: Exception | None = None  # a direct write failed: the writer ends
-        self._drained: anyio.Event | None = None  # senders waiting for the buffer to drain
-        self._flushed: anyio.Event | None = None  # closing waits for the writer to go idle
+        self._drained: FlagLike | None = None  # senders waiting for the buffer to drain
+        self._flushed: FlagLike | None = None  # closing waits for the writer to go idle
         # Reader mechanics, where the transport delivers messages itself.
-        self._read_ended = anyio.Event()
+        self._read_ended = new_flag()
         self._read_stop: str | BaseException | None = None
-        self._closed = anyio.Event()  # the protocol closed: wait_closed() returns
-        self._close_done: anyio.Event | None = None  # aclose() ran to its end
+        self._closed = new_flag()  # the protocol closed: wait_closed() returns
+        self._close_done: FlagLike | None = None  # aclose() ran to its end
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -227,9 +227,9 @@ class Driver:
         self._tg.start_soon(self._counted, func, args)
 
     def spawn_eager(self, func: Callable[..., Any], *args: Any) -> None:
-        """As :meth:`spawn`, for handlers, for less (see transport/loop.py): its
-        owner cancels it through a cancel scope of its own (nothing else does
-        before the driver stops). Counted in ``tasks`` by the handlers' count."""
+        """As :meth:`spawn`, for handlers, for less (see transport/loop.py): its owner
+        cancels it through a cancel scope of its own (nothing else does before the
+        driver stops). Counted in ``tasks`` by the handlers' count."""
         assert self._handlers is not None
         self._handlers.start(func, *args)
 
@@ -284,7 +284,7 @@ class Driver:
             with anyio.CancelScope(shield=True), anyio.move_on_after(2 * self.close_timeout):
                 await self._close_done.wait()
             return
-        self._close_done = done = anyio.Event()
+        self._close_done = done = new_flag()
         try:
             if self.state is Lifecycle.OPEN:
                 self.state = Lifecycle.CLOSING
@@ -295,7 +295,7 @@ class Driver:
                 while (self.proto.has_data() or self._inflight) and self.state is (
                     Lifecycle.CLOSING
                 ):
-                    self._flushed = anyio.Event()
+                    self._flushed = new_flag()
                     self._wakeup.set()
                     await self._flushed.wait()
             with anyio.CancelScope(shield=True), anyio.move_on_after(self.close_timeout):
@@ -339,7 +339,7 @@ class Driver:
             if not self.proto.has_data() and not self._inflight:
                 return  # only the transport holds bytes: its own send() waits for them
             if self._drained is None:
-                self._drained = anyio.Event()
+                self._drained = new_flag()
             await self._drained.wait()
 
     # -- reading -----------------------------------------------------------------------
@@ -447,7 +447,7 @@ class Driver:
         # Not at once: more frames may follow in this turn (a sender with items
         # ready), to leave together. A callback in the loop's next turn, where the
         # transport offers one, writes them for less than waking the writer costs.
-        if self.transport.run_soon(self._flush_soon):
+        if self.transport.run_soon(self._flush_soon_callback):
             self._soon = True
         else:
             self._wakeup.set()
@@ -515,7 +515,7 @@ class Driver:
                         self._flushed.set()
                     # Even once closed, stay until the task group ends us, so that
                     # aclose()'s final flush still has a writer.
-                    self._wakeup = anyio.Event()
+                    self._wakeup = new_flag()
                     await self._wakeup.wait()
                     continue
                 self._coalesce = False  # something leaves: a later burst may coalesce

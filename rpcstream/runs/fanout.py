@@ -70,6 +70,7 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 import anyio
 import msgspec
 
+from .._tasks import new_flag
 from ..observe.hooks import events_delivered as delivered
 from ..store.base import RUNNING, EventStore, RunInfo, StoredEvent
 from ..store.live import Wakeup
@@ -153,7 +154,7 @@ class _Parked:
         self.position = position
         self.send = send
         self.name, self.binary, self.batch = name, binary, batch
-        self.woken = anyio.Event()
+        self.woken = new_flag()
 
 
 class Hub(Wakeup):

@@ -45,6 +45,7 @@ from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from .. import models
+from .._tasks import new_flag
 from ..errors import (
     EventValidationError,
     InvalidParams,
@@ -222,7 +223,7 @@ class Run:
         self.inbox_receive = receive
         self.ending = False
         """The flow is over; its terminal event is being recorded (maybe retried)."""
-        self.retry_now = anyio.Event()
+        self.retry_now = new_flag()
         """Set by ``runs.cancel`` while ``ending``: try recording the end again at once."""
 
 
@@ -425,7 +426,7 @@ class FlowHost:
             with anyio.move_on_after(min(delay, left)):
                 await run.retry_now.wait()
             if run.retry_now.is_set():
-                run.retry_now = anyio.Event()
+                run.retry_now = new_flag()
             delay = min(delay * 2, self.end_retry_delay_max)
 
     def _remember_unended(self, run_id: str, terminal: str, encoded: bytes) -> None:

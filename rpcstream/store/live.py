@@ -14,8 +14,7 @@ from collections.abc import Callable, Iterable
 from itertools import islice
 from typing import TYPE_CHECKING
 
-import anyio
-
+from .._tasks import FlagLike, new_flag
 from ..runs.events import TERMINAL_TYPES
 
 if TYPE_CHECKING:
@@ -33,27 +32,28 @@ class Tap:
     def __init__(self, position: int, push: Callable[[StoredEvent], object]) -> None:
         self.position = position
         self.push = push
-        self.stopped = anyio.Event()
+        self.stopped = new_flag()
         self.ended = False
         self.error: Exception | None = None
 
 
 class Wakeup:
-    """What waiters take before they look, and a notify sets: one ``anyio.Event``
-    at a time, made only when someone asks for it (a notify nobody waits for makes
-    none). Followers of a store's run and subscriptions of a fan-out hub use it."""
+    """What waiters take before they look, and a notify sets: one event
+    (:func:`~rpcstream._tasks.new_flag`) at a time, made only when someone asks
+    for it (a notify nobody waits for makes none). Followers of a store's run and
+    subscriptions of a fan-out hub use it."""
 
     __slots__ = ("_wake",)
 
     def __init__(self) -> None:
-        self._wake: anyio.Event | None = None
+        self._wake: FlagLike | None = None
 
     @property
-    def wake(self) -> anyio.Event:
+    def wake(self) -> FlagLike:
         """The event the next :meth:`notify` sets (take it before looking)."""
         wake = self._wake
         if wake is None:
-            wake = self._wake = anyio.Event()
+            wake = self._wake = new_flag()
         return wake
 
     def notify(self) -> None:

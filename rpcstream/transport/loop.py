@@ -235,27 +235,35 @@ class NextTurn:
     ``call_soon`` per turn, not one per connection. Each callback runs in the
     context it was given, in the order given; one that raises is reported to the
     loop's exception handler, as a failing ``call_soon`` callback is, and the rest
-    still run. One per loop (:func:`next_turn`)."""
+    still run. One per loop (:func:`next_turn`).
+
+    A turn's callbacks and contexts are kept in two lists, not as a list of pairs:
+    a fan-out queues one per connection, and a pair is an object the cyclic
+    garbage collector tracks. Made by the thousand in one turn, they outlive the
+    collections of the youngest generation that the same turn sets off, and each
+    one promoted brings the next full collection nearer (docs/benchmarks_runs.md,
+    "Eleventh session")."""
 
     __slots__ = ("_loop", "_pending")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
-        self._pending: list[tuple[Callable[[], None], contextvars.Context]] | None = None
+        self._pending: tuple[list[Callable[[], None]], list[contextvars.Context]] | None = None
 
     def add(self, callback: Callable[[], None], context: contextvars.Context) -> None:
         """Run ``callback`` in ``context`` in the loop's next turn."""
         pending = self._pending
         if pending is None:
-            pending = self._pending = []
+            pending = self._pending = ([], [])
             self._loop.call_soon(self._run, pending, context=_BARE)
-        pending.append((callback, context))
+        pending[0].append(callback)
+        pending[1].append(context)
 
-    def _run(self, pending: list[tuple[Callable[[], None], contextvars.Context]]) -> None:
-        # What is added while these run is for the turn after (a fresh list).
+    def _run(self, pending: tuple[list[Callable[[], None]], list[contextvars.Context]]) -> None:
+        # What is added while these run is for the turn after (fresh lists).
         if self._pending is pending:
             self._pending = None
-        for callback, context in pending:
+        for callback, context in zip(*pending, strict=True):
             try:
                 context.run(callback)
             except (SystemExit, KeyboardInterrupt):
@@ -290,20 +298,21 @@ class TrioNextTurn:
     __slots__ = ("_pending", "_sleeping")
 
     def __init__(self) -> None:
-        self._pending: list[tuple[Callable[[], None], contextvars.Context]] | None = None
+        self._pending: tuple[list[Callable[[], None]], list[contextvars.Context]] | None = None
         self._sleeping: Any = None  # the task, while it waits for work
 
     def add(self, callback: Callable[[], None], context: contextvars.Context) -> None:
         """Run ``callback`` in ``context`` in the run's next batch of tasks."""
         pending = self._pending
         if pending is None:
-            pending = self._pending = []
+            pending = self._pending = ([], [])
             task, self._sleeping = self._sleeping, None
             if task is not None:
                 import trio
 
                 trio.lowlevel.reschedule(task)
-        pending.append((callback, context))
+        pending[0].append(callback)
+        pending[1].append(context)
 
     async def run(self) -> None:
         """The system task: run each batch, sleep while there is none."""
@@ -316,7 +325,7 @@ class TrioNextTurn:
             else:
                 await trio.lowlevel.checkpoint()
             pending, self._pending = self._pending, None
-            for callback, context in pending or ():
+            for callback, context in zip(*(pending or ((), ())), strict=True):
                 try:
                     context.run(callback)
                 except Exception:  # a system task's exception would end the whole run
