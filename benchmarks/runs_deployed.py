@@ -164,11 +164,14 @@ async def spawn(
     args: list[str], loop: str, code: Path | None = None, nice: int = 0
 ) -> AsyncIterator[Child]:
     """Start ``python -m benchmarks.runs_procs ARGS`` (under ``nice -n NICE`` when
-    given); close its stdin and wait on the way out."""
+    given), with rpcstream from ``code`` when given; close its stdin and wait on the
+    way out."""
     env = dict(os.environ)
     paths = [str(code)] if code is not None else []
     env["PYTHONPATH"] = os.pathsep.join([*paths, str(ROOT), env.get("PYTHONPATH", "")])
-    argv = [sys.executable, "-m", "benchmarks.runs_procs", *args, "--loop", loop]
+    # -P: ``-m`` would put the working directory (ROOT) first on sys.path, ahead of
+    # PYTHONPATH, and ROOT's rpcstream would shadow ``code``'s.
+    argv = [sys.executable, "-P", "-m", "benchmarks.runs_procs", *args, "--loop", loop]
     if nice:
         argv = ["nice", "-n", str(nice), *argv]
     process = await anyio.open_process(argv, env=env, cwd=ROOT, stderr=None)
@@ -231,6 +234,7 @@ async def paced(
     node), ``subscriptions`` spread over them on EACH node; returns the printed figures."""
     s: Sizes = args.sizes
     await control.call("bench.arm")
+    before = (await control.call("bench.census"))["tracked"]
     n = max(1, int(rate * s.seconds))
     run_ids = [
         (await control.call("runs.start", "paced", {"n": n, "rate": rate}))["run_id"]
@@ -253,6 +257,7 @@ async def paced(
         for _, client in clients:
             ready = await client.line()
             assert ready.get("ready"), ready
+        census = await control.call("bench.census", args.census)
         cpu = [proc_cpu_s(node.child.process.pid) or 0.0 for node in nodes]
         commits = await control.call("bench.commits")
         await control.call("bench.gc_pauses")  # from here on
@@ -282,6 +287,15 @@ async def paced(
     }
     figures["busy"] = {**servers_busy(nodes, cpu, wall), **figures["busy"]}
     figures["gc_full"] = {"count": full_gcs[0], "max_ms": full_gcs[1], "total_ms": full_gcs[2]}
+    # What each connection to the control node (and its share of the runs) adds to
+    # what a full collection visits, counted once every subscription had its first event.
+    on_control = -(-subscriptions // per_connection)
+    figures["tracked_per_connection"] = round((census["tracked"] - before) / on_control, 1)
+    figures["server_gc"] = {"threshold": census["threshold"], "frozen": census["frozen"]}
+    for key in ("types", "coroutines", "tasks"):
+        if key in census:  # --census N: the N most common, per connection
+            figures[f"census_{key}"] = [[name, round(count / on_control, 2)]
+                                        for name, count in census[key]]  # fmt: skip
     if commits is not None and commits[0]:
         figures["store_commits"] = commits[0]
         figures["appends_per_commit"] = round(commits[1] / commits[0], 1)
@@ -554,9 +568,16 @@ async def run_store(store: str, args: argparse.Namespace, directory: Path) -> No
             nodes = []
             for name in "ab"[:count]:
                 child = await stack.enter_async_context(
-                    spawn(["--serve", spec], args.loop, args.server_code)
+                    spawn(["--serve", spec, "--gc", args.server_gc], args.loop, args.server_code)
                 )
-                nodes.append(Node(name, child, (await child.line())["url"]))
+                started = await child.line()
+                package = Path(started["package"])
+                if (
+                    args.server_code is not None
+                    and args.server_code.resolve() not in package.parents
+                ):
+                    raise SystemExit(f"the server runs {package}, not --server-code's")
+                nodes.append(Node(name, child, started["url"]))
             controls = [await stack.enter_async_context(rpcstream.connect(n.url)) for n in nodes]
             head = {
                 "bench": "runs_deployed",
@@ -564,6 +585,7 @@ async def run_store(store: str, args: argparse.Namespace, directory: Path) -> No
                 "store": store,
                 "nodes": count,
                 "code": "server-code" if args.server_code else "this",
+                "server_package": str(package),
                 "batch": args.batch,
             }
             base_appends, base_latency = store_baselines(store, spec, directory, args)
@@ -644,6 +666,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="run the client processes under `nice -n N`: the server gets a core first",
     )
     parser.add_argument("--no-batch", dest="batch", action="store_false")
+    parser.add_argument(
+        "--census",
+        type=int,
+        default=0,
+        metavar="N",
+        help="`runs` lines list the server's N most common tracked types, coroutines "
+        "and task stacks (asyncio), per connection",
+    )
+    parser.add_argument(
+        "--server-gc",
+        default="",
+        metavar="POLICY",
+        help="the server's collector policy: threshold=N, freeze, or both, comma-separated "
+        "(an application's choice, docs/operations.md; default: the interpreter's)",
+    )
     args = parser.parse_args(argv)
     sizes = TINY if args.tiny else QUICK if args.quick else FULL
     changes: Figures = {}

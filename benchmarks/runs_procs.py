@@ -1,10 +1,12 @@
 """The children of ``bench_runs --deployed``: a RunServer alone in its process, and clients.
 
-* ``--serve STORE``: a RunServer (every setting at its default) on ``memory``,
-  ``sqlite:PATH`` or ``redis://...`` with the benchmark's flows (``paced``: ticks at a
-  rate; ``emit``: sends as fast as it can) and the methods the parent drives it with
-  (``bench.arm``, ``bench.go``, ``bench.arrived``, ``bench.finished``,
-  ``bench.replay_run``). Prints ``{"url", "pid"}`` and serves until its stdin closes.
+* ``--serve STORE [--gc POLICY]``: a RunServer (every setting at its default) on
+  ``memory``, ``sqlite:PATH`` or ``redis://...`` with the benchmark's flows (``paced``:
+  ticks at a rate; ``emit``: sends as fast as it can) and the methods the parent drives
+  it with (``bench.arm``, ``bench.go``, ``bench.arrived``, ``bench.finished``,
+  ``bench.replay_run``) or reads figures through (``bench.gc_pauses``,
+  ``bench.commits``, ``bench.census``). Prints ``{"url", "pid", "package"}`` and serves
+  until its stdin closes. ``--gc``: the process's collector policy (:func:`collector_policy`).
 * ``--client SPEC``: opens its share of the connections, subscribes, prints
   ``{"ready": true}`` once every subscription has its run's ``started`` event, reads
   every subscription to its terminal event, checks the ids (contiguous from 1, one
@@ -18,6 +20,7 @@ before ``ctx.client.send``.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import gc
 import json
@@ -25,10 +28,12 @@ import os
 import random
 import sys
 import time
+import types as types_
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
+import sniffio
 
 import rpcstream
 
@@ -73,6 +78,22 @@ class _GCPauses:
         return figures
 
 
+def _task_stacks() -> collections.Counter[str]:
+    """What each task of the loop (asyncio) is waiting in: its chain of coroutines."""
+    import asyncio
+
+    if sniffio.current_async_library() != "asyncio":
+        return collections.Counter()
+    stacks: collections.Counter[str] = collections.Counter()
+    for task in asyncio.all_tasks():
+        names, coro = [], task.get_coro()
+        while coro is not None and hasattr(coro, "cr_code"):
+            names.append(coro.cr_code.co_qualname)
+            coro = coro.cr_await
+        stacks[" > ".join(names)] += 1
+    return stacks
+
+
 def make_server(store: Any) -> rpcstream.RunServer:
     """The RunServer the benchmark serves: flows ``paced`` and ``emit``, ``bench.*`` methods."""
     gate = Gate()
@@ -107,6 +128,24 @@ def make_server(store: Any) -> rpcstream.RunServer:
         stops the event loop for as long as it takes to visit every tracked object."""
         return pauses.take()
 
+    async def census(top: int = 0) -> Figures:
+        """The objects the cyclic collector tracks in this process (what a full
+        collection visits), and with ``top`` the most common types and the
+        coroutines among them by name."""
+        objects = gc.get_objects()
+        figures: Figures = {"tracked": len(objects), "threshold": gc.get_threshold()[0],
+                            "frozen": gc.get_freeze_count()}  # fmt: skip
+        if top:
+            by_type = collections.Counter(type(o).__qualname__ for o in objects)
+            coros = collections.Counter(
+                o.cr_code.co_qualname for o in objects if type(o) is types_.CoroutineType
+            )
+            figures["types"] = by_type.most_common(top)
+            figures["coroutines"] = coros.most_common(top)
+            figures["tasks"] = _task_stacks().most_common(top)
+        del objects
+        return figures
+
     async def commits() -> list[int] | None:
         """The store's group commits and the appends in them so far (SQLite, Redis),
         which say whether the server commits a few appends at a time or hundreds."""
@@ -115,7 +154,7 @@ def make_server(store: Any) -> rpcstream.RunServer:
             return None
         return [group_commit.groups, group_commit.requests]
 
-    for method in (arm, go, arrived, finished, replay_run, commits, gc_pauses):
+    for method in (arm, go, arrived, finished, replay_run, commits, gc_pauses, census):
         router.add(method, f"bench.{method.__name__}")
     runs = rpcstream.RunServer(store, router=router)
 
@@ -147,8 +186,27 @@ def make_store(spec: str) -> Any:
     return from_spec(spec)
 
 
-async def serve_child(store: str) -> None:
-    """Child: serve until stdin closes; print ``{"url", "pid"}`` first."""
+def collector_policy(spec: str) -> None:
+    """Set this process's cyclic garbage collector as ``spec`` says, before it
+    serves: comma-separated ``threshold=N`` (the youngest generation's threshold;
+    the interpreter's default is 700) and ``freeze`` (``gc.freeze()``: what was
+    made at start-up is never visited again). What an application may choose for
+    its server process (docs/operations.md); the library sets neither."""
+    for part in filter(None, spec.split(",")):
+        name, _, value = part.partition("=")
+        if name == "threshold":
+            gc.set_threshold(int(value), *gc.get_threshold()[1:])
+        elif name == "freeze":
+            gc.collect()
+            gc.freeze()
+        else:
+            raise SystemExit(f"unknown collector policy {part!r}")
+
+
+async def serve_child(store: str, gc_policy: str = "") -> None:
+    """Child: serve until stdin closes; print ``{"url", "pid", "package"}`` first;
+    ``gc_policy`` for :func:`collector_policy`."""
+    collector_policy(gc_policy)
     runs = make_server(make_store(store))
     profile = os.environ.get("RUNS_BENCH_PROFILE")  # a path: cProfile the server into it
     profiler = None
@@ -159,7 +217,9 @@ async def serve_child(store: str) -> None:
         # process spent preempted to whatever it was running (mostly socket.send).
         profiler = cProfile.Profile(time.process_time)
     async with rpcstream.serve(runs, "127.0.0.1", 0) as server:
-        emit({"url": server.url, "pid": os.getpid()})
+        # Which rpcstream this is: runs_deployed checks that --server-code took.
+        package = os.path.dirname(rpcstream.__file__)
+        emit({"url": server.url, "pid": os.getpid(), "package": package})
         if profiler is not None:
             profiler.enable()
         await anyio.to_thread.run_sync(sys.stdin.read, abandon_on_cancel=True)
@@ -324,10 +384,11 @@ def child_main(argv: list[str]) -> int:
     """``--serve STORE``, ``--client SPEC`` / ``--replay SPEC``, or the raw baseline's
     ``--raw-serve`` / ``--raw-client SPEC`` (:mod:`benchmarks.runs_raw`), with ``--loop``."""
     loop = argv[argv.index("--loop") + 1] if "--loop" in argv else "asyncio"
+    gc_policy = argv[argv.index("--gc") + 1] if "--gc" in argv else ""
     role, value = argv[0], argv[1] if len(argv) > 1 else ""
     work: Callable[[], Awaitable[None]]
     if role == "--serve":
-        work = lambda: serve_child(value)  # noqa: E731
+        work = lambda: serve_child(value, gc_policy)  # noqa: E731
     elif role == "--client":
         work = lambda: client_child(json.loads(value))  # noqa: E731
     elif role == "--replay":

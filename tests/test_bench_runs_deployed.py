@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -63,12 +65,44 @@ def test_every_workload_runs_in_separate_processes_and_is_verified() -> None:
         if r["workload"] == "runs":
             gcs = r["gc_full"]
             assert gcs["count"] >= 0 and gcs["max_ms"] <= gcs["total_ms"]
+            # A connection with one subscription, and its run, are dozens of objects
+            # at least: a count that missed the server's connections would be near 0.
+            assert r["tracked_per_connection"] > 20, r
             # SQLite's group commits: each paced event appended, in at least one commit.
             if r["store"] == "sqlite":
                 assert 1 <= r["store_commits"] <= r["runs"] * r["events_per_run"]
                 assert r["appends_per_commit"] >= 1
             else:
                 assert "store_commits" not in r  # the memory store has no group commit
+
+
+@pytest.mark.timeout(120)
+def test_the_census_and_a_collector_policy_reach_the_server() -> None:
+    lines = _run(
+        "--stores", "memory", "--workloads", "runs", "--census", "3",
+        "--server-gc", "threshold=5000,freeze",
+    )  # fmt: skip
+    (r,) = lines[1:]
+    assert r["verified"] is True, r
+    # The policy was set in the server process, not here: it reports its own.
+    assert r["server_gc"]["threshold"] == 5000 and r["server_gc"]["frozen"] > 1000, r
+    for key in ("census_types", "census_coroutines", "census_tasks"):
+        assert 1 <= len(r[key]) <= 3 and all(count > 0 for _, count in r[key]), r
+    # The default: the interpreter's own threshold, nothing frozen.
+    (default,) = _run("--stores", "memory", "--workloads", "runs")[1:]
+    assert default["server_gc"] == {"threshold": gc.get_threshold()[0], "frozen": 0}, default
+
+
+@pytest.mark.timeout(120)
+def test_server_code_runs_the_server_on_that_copy(tmp_path: Path) -> None:
+    # An A/B runs the server on another commit's package: it must not be this
+    # checkout's (which python -m would put first on sys.path).
+    shutil.copytree(ROOT / "rpcstream", tmp_path / "rpcstream")
+    (r,) = _run("--stores", "memory", "--workloads", "runs", "--server-code", str(tmp_path))[1:]
+    assert r["verified"] is True and r["code"] == "server-code", r
+    assert Path(r["server_package"]) == tmp_path / "rpcstream", r
+    (this,) = _run("--stores", "memory", "--workloads", "runs")[1:]
+    assert Path(this["server_package"]) == ROOT / "rpcstream", this
 
 
 def _check_appends(r: dict[str, Any]) -> None:
