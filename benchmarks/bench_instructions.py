@@ -45,6 +45,7 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -67,6 +68,8 @@ CASES = (  # (workload, implementation): the first of each workload is the basel
     ("spawn", "anyio"),
 )
 PAYLOAD = {"i": 0, "tok": "hello world"}
+
+_ROOT = str(Path(__file__).resolve().parent.parent)  # the repository
 
 
 # -- the children: each does WARMUP + n operations ----------------------------------------
@@ -144,12 +147,15 @@ def count(workload: str, impl: str, loop: str, n: int) -> int:
         "--tool=callgrind",
         "--callgrind-out-file=/dev/null",
         sys.executable,
+        "-P",  # PYTHONPATH, not the working directory, says which rpcstream/ runs
         "-m",
         "benchmarks.bench_instructions",
         "--child",
         f"{workload}:{impl}:{loop}:{n}",
     ]
     env = {**os.environ, "PYTHONHASHSEED": "0"}  # same dict layouts in both runs
+    # benchmarks/ after whatever PYTHONPATH names first (-P: not found by the cwd)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [env.get("PYTHONPATH"), _ROOT]))
     done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
     found = _COLLECTED.search(done.stderr)
     if done.returncode != 0 or found is None:

@@ -23,7 +23,7 @@ over the deliveries it adds::
 
     python -m benchmarks.fanout_instructions                    # asyncio, 100 connections
     python -m benchmarks.fanout_instructions --loop all --connections 50 --events 20
-    PYTHONPATH=/tmp/other:. python -m benchmarks.fanout_instructions   # another rpcstream/
+    PYTHONPATH=/tmp/other:. python -P -m benchmarks.fanout_instructions   # another rpcstream/
 
 Caution: the counts still move by 10-30% between repeats of the same code (see
 docs/benchmarks_runs.md, "Fifth session"): repeat each figure before comparing two.
@@ -67,6 +67,8 @@ WARMUP = 5  # events before counting starts, in both runs of a pair
 IMPLS = ("raw", "rpcstream")
 RUNS_IMPLS = ("runs_raw", "runs_rpcstream")  # --impls runs_raw,runs_rpcstream
 _TOTALS = re.compile(r"^(?:summary|totals):\s*(\d+)", re.MULTILINE)
+
+_ROOT = str(Path(__file__).resolve().parent.parent)  # the repository
 
 
 class Clients:
@@ -283,10 +285,14 @@ def count(impl: str, loop: str, connections: int, events: int) -> int:
     with tempfile.TemporaryDirectory(prefix="fanout-callgrind-") as directory:
         out = Path(directory) / "callgrind.out"
         command = ["valgrind", "--tool=callgrind", "--separate-threads=yes"]
-        command += [f"--callgrind-out-file={out}", sys.executable, "-m"]
+        # -P: with -m, the working directory would come first on sys.path, ahead of
+        # PYTHONPATH, and hide another rpcstream/ named there (see the docstring).
+        command += [f"--callgrind-out-file={out}", sys.executable, "-P", "-m"]
         command += ["benchmarks.fanout_instructions", "--child"]
         command.append(f"{impl}:{loop}:{connections}:{events}")
         env = {**os.environ, "PYTHONHASHSEED": "0"}  # same dict layouts in both runs
+        # benchmarks/ after whatever PYTHONPATH names first (-P: not found by the cwd)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [env.get("PYTHONPATH"), _ROOT]))
         done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
         main_thread = Path(f"{out}-01")
         if done.returncode != 0 or not main_thread.exists():
