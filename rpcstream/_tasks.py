@@ -54,8 +54,8 @@ class Flag:
     a coroutine: three objects for the cyclic garbage collector while idle, seven
     while a task waits. A server holds several per connection, most of them waited
     on for the connection's whole life, and every full collection visits them all
-    (docs/benchmarks_runs.md, "Eleventh session"). A Flag is one object while idle,
-    and a waiter adds one future, awaited directly (no coroutine).
+    (docs/benchmarks_runs.md, "Tenth session": the garbage collector). A Flag is
+    one object while idle, and a waiter adds one future, awaited directly.
 
     Cancelling a waiter cancels only its own future. Waiters that were cancelled
     stay in the list, done, until it has doubled since it was last pruned: the list

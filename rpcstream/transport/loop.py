@@ -242,7 +242,7 @@ class NextTurn:
     garbage collector tracks. Made by the thousand in one turn, they outlive the
     collections of the youngest generation that the same turn sets off, and each
     one promoted brings the next full collection nearer (docs/benchmarks_runs.md,
-    "Eleventh session")."""
+    "Tenth session": the garbage collector)."""
 
     __slots__ = ("_loop", "_pending")
 
